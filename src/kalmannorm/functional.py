@@ -1,0 +1,259 @@
+"""Pure tensor math of Batch/Group Kalman Normalization.
+
+Every function here is stateless: the layers in :mod:`kalmannorm.layers` hold parameters and
+buffers and call these. Notation follows Wang et al., "Batch Kalman Normalization" (Eq. 5 and
+Algorithm 1): for layer k and one statistics group,
+
+    prior      mu^{k|k-1}  = A mu^{k-1|k-1}
+               Sigma^{k|k-1} = A Sigma^{k-1|k-1} A^T + R
+    posterior  mu^{k|k}    = p mu^{k|k-1} + q xbar
+               Sigma^{k|k} = p Sigma^{k|k-1} + q S + p q (xbar - mu^{k|k-1})(xbar - mu^{k|k-1})^T
+
+with p = 1 - q. Statistics tensors are shaped ``(G, C)`` (G statistics groups, C channels) and
+full covariances ``(G, C, C)``. Gains are per channel, shape ``(C,)``, or per group and channel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def num_stat_groups(batch_size: int, stat_batch_size: int | None) -> int:
+    """Number of statistics groups G = N / s; ``None`` means one group holding the whole batch."""
+    if stat_batch_size is None:
+        return 1
+    if stat_batch_size < 1:
+        raise ValueError(f"stat_batch_size must be a positive integer, got {stat_batch_size}")
+    if batch_size % stat_batch_size != 0:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by stat_batch_size={stat_batch_size}: "
+            f"use a batch size that is a multiple of {stat_batch_size}, or a stat_batch_size "
+            f"that divides {batch_size}"
+        )
+    return batch_size // stat_batch_size
+
+
+def split_groups(x: Tensor, stat_batch_size: int | None) -> Tensor:
+    """View ``x`` (N, C, *spatial) as (G, s, C, *spatial); works for any memory format."""
+    groups = num_stat_groups(x.shape[0], stat_batch_size)
+    return x.unflatten(0, (groups, x.shape[0] // groups))
+
+
+def reduction_dims(grouped: Tensor) -> tuple[int, ...]:
+    """Dims of a (G, s, C, *spatial) tensor that statistics reduce over: samples and positions."""
+    return (1, *range(3, grouped.dim()))
+
+
+def group_moments(x: Tensor, stat_batch_size: int | None) -> tuple[Tensor, Tensor, int]:
+    """Batch mean xbar and biased variance diag(S) per statistics group, in one pass.
+
+    xbar = (1/m) sum_i x_i and S_cc = (1/m) sum_i (x_ic - xbar_c)^2 over the m = s * prod(spatial)
+    values of channel c in a group. Returns ``(mean (G, C), var (G, C), m)``. Low-precision inputs
+    accumulate in float32.
+    """
+    grouped = split_groups(x, stat_batch_size)
+    count = grouped.shape[1] * math.prod(grouped.shape[3:])
+    if grouped.dtype in (torch.float16, torch.bfloat16):
+        grouped = grouped.float()
+    var, mean = torch.var_mean(grouped, dim=reduction_dims(grouped), correction=0)
+    return mean, var, count
+
+
+def group_covariance(x: Tensor, stat_batch_size: int | None) -> tuple[Tensor, Tensor, int]:
+    """Batch mean xbar (G, C) and full covariance S (G, C, C) per statistics group.
+
+    S = (1/m) sum_i (x_i - xbar)(x_i - xbar)^T over samples and spatial positions of the group.
+    """
+    grouped = split_groups(x, stat_batch_size)
+    if grouped.dtype in (torch.float16, torch.bfloat16):
+        grouped = grouped.float()
+    g, s, c = grouped.shape[:3]
+    # (G, C, s * positions): channels first, every value of a channel in one row.
+    rows = grouped.movedim(2, 1).reshape(g, c, -1)
+    count = rows.shape[-1]
+    mean = rows.mean(dim=-1)
+    centred = rows - mean.unsqueeze(-1)
+    cov = centred @ centred.transpose(1, 2) / count
+    return mean, cov, count
+
+
+def predict_prior(
+    upstream_mean: Tensor,
+    upstream_var: Tensor,
+    transition: Tensor,
+    noise: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Diagonal prior: mu^{k|k-1} = A mu^{k-1|k-1}, diag(Sigma^{k|k-1}) = (A o A) sigma^2 + R.
+
+    For a diagonal upstream covariance, diag(A Sigma A^T) = (A o A) sigma^2 exactly. An upstream
+    full covariance (G, C', C') is also accepted: then diag(A Sigma A^T)_c = sum_j (A Sigma)_cj A_cj.
+    """
+    prior_mean = upstream_mean @ transition.T
+    if upstream_var.dim() == upstream_mean.dim() + 1:
+        prior_var = ((transition @ upstream_var) * transition).sum(-1)
+    else:
+        prior_var = upstream_var @ (transition * transition).T
+    return prior_mean, prior_var + noise
+
+
+def predict_prior_full(
+    upstream_mean: Tensor,
+    upstream_cov: Tensor,
+    transition: Tensor,
+    noise: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Full prior: mu^{k|k-1} = A mu^{k-1|k-1}, Sigma^{k|k-1} = A Sigma^{k-1|k-1} A^T + diag(R).
+
+    A diagonal upstream (G, C') is treated as diag_embed of its variances.
+    """
+    if upstream_cov.dim() == upstream_mean.dim():
+        upstream_cov = torch.diag_embed(upstream_cov)
+    prior_mean = upstream_mean @ transition.T
+    prior_cov = transition @ upstream_cov @ transition.T + torch.diag(noise)
+    return prior_mean, prior_cov
+
+
+def kalman_update(
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    prior_mean: Tensor,
+    prior_var: Tensor,
+    gain: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Eq. (5), diagonal: fuse the prior with the batch statistics through the gain q.
+
+    mu^{k|k} = p mu^{k|k-1} + q xbar;  sigma^2_{k|k} = p sigma^2_{k|k-1} + q S + p q (xbar - mu^{k|k-1})^2.
+    """
+    keep = 1.0 - gain
+    innovation = batch_mean - prior_mean
+    mean = keep * prior_mean + gain * batch_mean
+    var = keep * prior_var + gain * batch_var + keep * gain * innovation.square()
+    return mean, var
+
+
+def kalman_update_full(
+    batch_mean: Tensor,
+    batch_cov: Tensor,
+    prior_mean: Tensor,
+    prior_cov: Tensor,
+    gain: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Eq. (5) with full covariances and a per-channel gain q (C,).
+
+    Per-channel gains enter the matrix equation as the symmetric weights
+    P_ij = sqrt(p_i p_j), Q_ij = sqrt(q_i q_j), (PQ)_ij = sqrt(p_i q_i p_j q_j) (Hadamard products),
+    so that Sigma^{k|k} = P o Sigma^{k|k-1} + Q o S + (PQ) o (d d^T), d = xbar - mu^{k|k-1}.
+    For a scalar gain this is Eq. (5) exactly; the diagonal always equals :func:`kalman_update`;
+    Hadamard products of positive semi-definite matrices keep Sigma^{k|k} positive semi-definite.
+    """
+    keep = 1.0 - gain
+    innovation = batch_mean - prior_mean
+    mean = keep * prior_mean + gain * batch_mean
+    root_keep = keep.sqrt()
+    root_gain = gain.sqrt()
+    root_both = root_keep * root_gain
+    weights_prior = root_keep.unsqueeze(-1) * root_keep.unsqueeze(-2)
+    weights_batch = root_gain.unsqueeze(-1) * root_gain.unsqueeze(-2)
+    scaled_innovation = root_both * innovation
+    cov = (
+        weights_prior * prior_cov
+        + weights_batch * batch_cov
+        + scaled_innovation.unsqueeze(-1) * scaled_innovation.unsqueeze(-2)
+    )
+    return mean, cov
+
+
+def relu_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and variance of ReLU(z) for z ~ N(mean, var), elementwise, in closed form.
+
+    With s = sqrt(var), a = mean / s, Phi/phi the standard normal cdf/pdf:
+    E[relu z] = mean Phi(a) + s phi(a);  E[(relu z)^2] = (mean^2 + var) Phi(a) + mean s phi(a).
+    """
+    std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+    ratio = mean / std
+    cdf = 0.5 * (1.0 + torch.erf(ratio / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * ratio.square()) / math.sqrt(2.0 * math.pi)
+    first = mean * cdf + std * pdf
+    second = (mean.square() + var) * cdf + mean * std * pdf
+    return first, (second - first.square()).clamp_min(0.0)
+
+
+def channel_weights(weight: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """Collapse a conv/linear weight (C_out, C_in/groups, *kernel) to channel-to-channel maps.
+
+    Returns ``(W_sum, W_sq)`` of shape (C_out, C_in): the sum of the kernel taps and the sum of
+    their squares, block-diagonal over convolution groups.
+    """
+    taps = weight.flatten(2) if weight.dim() > 2 else weight.unsqueeze(-1)
+    summed, squared = taps.sum(-1), taps.square().sum(-1)
+    if groups == 1:
+        return summed, squared
+    return (
+        torch.block_diag(*summed.chunk(groups, dim=0)),
+        torch.block_diag(*squared.chunk(groups, dim=0)),
+    )
+
+
+def linear_moments(
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Moments of a conv/linear output whose inputs are independent with the given moments.
+
+    mean_out = W_sum mean + b;  var_out = W_sq var, where the sums run over input channels and
+    kernel taps (border padding ignored). This is the expectation of what pushing i.i.d. Gaussian
+    samples through the layer estimates, without the sampling noise.
+    """
+    summed, squared = channel_weights(weight, groups)
+    out_mean = mean @ summed.T
+    if bias is not None:
+        out_mean = out_mean + bias
+    return out_mean, var @ squared.T
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """y = (x - mu) / sqrt(sigma^2 + eps) * gamma + beta with per-group statistics.
+
+    ``mean``/``var`` are (G, C) for x of shape (N, C, *spatial) with N = G * s, or (C,) for one
+    set of statistics (eval mode). Computed as one fused multiply-add x * scale + shift.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    spatial = (1,) * (x.dim() - 2)
+    if mean.dim() == 1:
+        return torch.addcmul(
+            shift.to(x.dtype).view(-1, *spatial), x, scale.to(x.dtype).view(-1, *spatial)
+        )
+    groups = mean.shape[0]
+    grouped = x.unflatten(0, (groups, x.shape[0] // groups))
+    out = torch.addcmul(
+        shift.to(x.dtype).view(groups, 1, -1, *spatial),
+        grouped,
+        scale.to(x.dtype).view(groups, 1, -1, *spatial),
+    )
+    return out.flatten(0, 1)
+
+
+def exponential_average(running: Tensor, value: Tensor, momentum: float) -> None:
+    """Moving average in place: running <- (1 - alpha) running + alpha value.
+
+    (Algorithm 1 prints mu := mu + alpha (mu - mu_hat), a sign slip that diverges.)
+    """
+    running.lerp_(value.to(running.dtype), momentum)

@@ -1,0 +1,342 @@
+"""What every Kalman normalization layer shares: its learned prior, its gain and its chain link.
+
+A Kalman layer estimates statistics of ``stat_width`` units (channels for BKN, channel groups for
+GKN) per statistics group. It takes the posterior of its upstream layer in the chain, predicts a
+prior from it, fuses the prior with its own batch statistics through the gain q (Eq. 5), and hands
+its posterior on. Two ways to predict the prior:
+
+``prior="learned"`` (the paper)
+    mu^{k|k-1} = A mu^{k-1|k-1}, sigma^2_{k|k-1} = (A o A) sigma^2_{k-1|k-1} + R, with the
+    transition A (``transition``, C_k x C_{k-1}), the noise R = softplus(``noise_raw``) >= 0 and the
+    gain q = sigmoid(``gain_logit``) in (0, 1) learned by the task loss.
+
+``prior="propagate"`` (the authors' public code)
+    The upstream posterior moments are pushed through ReLU and the convolution/linear layer that
+    feeds this norm, analytically (:func:`kalmannorm.functional.relu_moments` and
+    :func:`~kalmannorm.functional.linear_moments`), with a fixed gain (q = 0.1, i.e. weight
+    p = 0.9 on the prior) and the authors' guard: a statistics group whose mean prior/batch
+    variance ratio reaches ``guard`` (100) uses its batch statistics alone. The authors sample a
+    Gaussian map and convolve it; the analytic moments are what that sample estimates, without its
+    noise and at a fraction of the cost. Unlike their code, statistics groups never mix channels
+    and moving averages use every group.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as torch_f
+
+from kalmannorm import functional as F
+from kalmannorm.chain import Posterior
+
+if TYPE_CHECKING:
+    from kalmannorm.chain import KalmanChain
+
+#: Initial gain q of a learned prior. Chosen by experiment, see docs/design.md.
+DEFAULT_GAIN = 0.9
+#: Initial process noise R (the paper's unit-variance u^k).
+DEFAULT_NOISE = 1.0
+#: Fixed gain of the authors' variant: p = 0.9 on the prior.
+PROPAGATE_GAIN = 0.1
+#: The authors' guard on mean(prior_var / batch_var).
+PROPAGATE_GUARD = 100.0
+
+PRIORS = ("learned", "propagate")
+_KALMAN_KEYS = ("gain_logit", "gain_value", "noise_raw", "transition")
+
+
+class KalmanStatistics(NamedTuple):
+    """Statistics of a layer's last batch-statistics forward, detached. Shapes (G, width).
+
+    ``prior_*`` are ``None`` for a layer without upstream; ``gain`` is the gain actually applied
+    (1 where the guard rejected the prior). Variances are the diagonals of full covariances.
+    """
+
+    batch_mean: Tensor
+    batch_var: Tensor
+    prior_mean: Tensor | None
+    prior_var: Tensor | None
+    posterior_mean: Tensor
+    posterior_var: Tensor
+    gain: Tensor
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def _softplus_inverse(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class KalmanNormBase(nn.Module):
+    """Mixin holding the Kalman prior, the gain and the chain link; subclasses call
+    :meth:`_init_kalman` from their ``__init__`` and :meth:`kalman_posterior` from ``forward``.
+    """
+
+    stat_width: int
+    chain: KalmanChain | None
+    tracing: bool
+
+    def _init_kalman(
+        self,
+        stat_width: int,
+        *,
+        prior: str,
+        gain: float | None,
+        learn_gain: bool | None,
+        noise: float,
+        guard: float | None,
+        covariance: str,
+        check_finite: bool,
+        factory_kwargs: dict,
+    ) -> None:
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        if covariance not in ("diag", "full"):
+            raise ValueError(f"covariance must be 'diag' or 'full', got {covariance!r}")
+        if prior == "propagate" and covariance == "full":
+            raise ValueError("prior='propagate' tracks variances only: use covariance='diag'")
+        propagate = prior == "propagate"
+        gain = (PROPAGATE_GAIN if propagate else DEFAULT_GAIN) if gain is None else gain
+        learn_gain = (not propagate) if learn_gain is None else learn_gain
+        if not 0.0 <= gain <= 1.0:
+            raise ValueError(f"gain q must lie in [0, 1], got {gain}")
+        if learn_gain and not 0.0 < gain < 1.0:
+            raise ValueError(
+                f"a learned gain is sigmoid-parametrised and must start inside (0, 1), got {gain}; "
+                f"pass learn_gain=False to fix it at {gain}"
+            )
+        if noise <= 0:
+            raise ValueError(f"noise R must be positive, got {noise}")
+        self.stat_width = stat_width
+        self.prior = prior
+        self.covariance = covariance
+        self.initial_gain = gain
+        self.learn_gain = learn_gain
+        self.initial_noise = noise
+        self.guard = (PROPAGATE_GUARD if propagate else None) if guard is None else guard
+        self.check_finite = check_finite
+        self.tracing = False
+        self.chain = None
+        self.chain_index = -1
+        self.chain_name = ""
+        self.last_statistics: KalmanStatistics | None = None
+        self._factory_kwargs = factory_kwargs
+        self._drop_kalman_parameters()
+
+    def _drop_kalman_parameters(self) -> None:
+        """A layer without upstream is plain BatchNorm/GroupNorm and holds no Kalman parameters
+        (so no parameter goes unused, which distributed data parallel would reject)."""
+        self.register_parameter("gain_logit", None)
+        self.register_buffer("gain_value", None)
+        self.register_parameter("noise_raw", None)
+        self.register_parameter("transition", None)
+
+    def _create_kalman_parameters(self, upstream_width: int) -> None:
+        """Gain q, noise R and transition A (C_k x C_{k-1}, zeros) for a layer with an upstream."""
+        kwargs = self._factory_kwargs
+        if self.weight is not None:
+            kwargs = {"device": self.weight.device, "dtype": self.weight.dtype}
+        shape = (self.stat_width,)
+        if self.learn_gain:
+            self.gain_logit = nn.Parameter(torch.full(shape, _logit(self.initial_gain), **kwargs))
+        else:
+            self.register_buffer("gain_value", torch.full(shape, self.initial_gain, **kwargs))
+        if self.prior == "learned":
+            self.noise_raw = nn.Parameter(
+                torch.full(shape, _softplus_inverse(self.initial_noise), **kwargs)
+            )
+            self.transition = nn.Parameter(torch.zeros(self.stat_width, upstream_width, **kwargs))
+
+    # -- parameters in their constrained form -------------------------------------------------
+
+    @property
+    def gain(self) -> Tensor:
+        """The gain q^k in [0, 1], per unit (``None`` without upstream)."""
+        if self.gain_logit is not None:
+            return torch.sigmoid(self.gain_logit)
+        return self.gain_value
+
+    @property
+    def noise(self) -> Tensor | None:
+        """The process noise R >= 0 (diagonal), per unit; ``None`` for the propagated prior."""
+        return None if self.noise_raw is None else torch_f.softplus(self.noise_raw)
+
+    @property
+    def display_name(self) -> str:
+        return f"{type(self).__name__} '{self.chain_name}'" if self.chain_name else type(self).__name__
+
+    # -- chain membership ---------------------------------------------------------------------
+
+    def join_chain(self, chain: KalmanChain, index: int, name: str) -> None:
+        """Become layer ``index`` of ``chain``, with Kalman parameters sized to its upstream.
+
+        Relinking to an upstream of the same width keeps the learned parameters.
+        """
+        self.chain, self.chain_index, self.chain_name = chain, index, name
+        if index == 0:
+            self._drop_kalman_parameters()
+            return
+        width = chain.layers[index - 1].stat_width
+        if self.prior == "propagate":
+            self._check_propagation(chain, index)
+        keeps = self.prior == "propagate" or (
+            self.transition is not None and self.transition.shape[1] == width
+        )
+        if self.gain is None or not keeps:
+            self._create_kalman_parameters(width)
+
+    def leave_chain(self) -> None:
+        self.chain, self.chain_index, self.chain_name = None, -1, ""
+        self._drop_kalman_parameters()
+
+    def _check_propagation(self, chain: KalmanChain, index: int) -> None:
+        feeding = chain.preceding[index]
+        width = chain.layers[index - 1].stat_width
+        fed = getattr(feeding, "in_channels", getattr(feeding, "in_features", None))
+        if feeding is None or fed != width:
+            warnings.warn(
+                f"{self.display_name}: prior='propagate' needs the convolution/linear layer that "
+                f"feeds it to take the upstream layer's {width} channels (found "
+                f"{type(feeding).__name__ if feeding is not None else 'none'} with {fed} inputs); "
+                f"this layer uses its batch statistics alone.",
+                stacklevel=3,
+            )
+
+    def _propagation_source(self) -> nn.Module | None:
+        if self.chain is None or self.chain_index <= 0:
+            return None
+        feeding = self.chain.preceding[self.chain_index]
+        width = self.chain.layers[self.chain_index - 1].stat_width
+        fed = getattr(feeding, "in_channels", getattr(feeding, "in_features", None))
+        return feeding if fed == width else None
+
+    # -- the Kalman step ----------------------------------------------------------------------
+
+    def _predict(self, upstream: Posterior) -> tuple[Tensor, Tensor] | None:
+        """Prior (mean, var or cov) of this layer from the upstream posterior, or ``None``."""
+        if self.prior == "propagate":
+            feeding = self._propagation_source()
+            if feeding is None:
+                return None
+            up_var = upstream.var
+            if up_var.dim() == upstream.mean.dim() + 1:
+                up_var = up_var.diagonal(dim1=-2, dim2=-1)
+            mean, var = F.relu_moments(upstream.mean, up_var)
+            return F.linear_moments(
+                mean, var, feeding.weight, feeding.bias, getattr(feeding, "groups", 1)
+            )
+        if self.transition is None:
+            return None
+        if self.covariance == "full":
+            return F.predict_prior_full(upstream.mean, upstream.var, self.transition, self.noise)
+        return F.predict_prior(upstream.mean, upstream.var, self.transition, self.noise)
+
+    def kalman_posterior(
+        self, batch_mean: Tensor, batch_var: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Eq. (5) for this layer: returns (posterior mean, posterior var or cov, applied gain).
+
+        Takes the upstream posterior from the chain (checking execution order), hands this
+        layer's posterior on, and records :attr:`last_statistics`.
+        """
+        upstream = self.chain.upstream(self.chain_index) if self.chain is not None else None
+        prior = None
+        if upstream is not None:
+            if upstream.mean.shape[0] not in (1, batch_mean.shape[0]):
+                raise ValueError(
+                    f"{self.display_name} has {batch_mean.shape[0]} statistics groups but its "
+                    f"upstream layer '{self.chain.names[self.chain_index - 1]}' had "
+                    f"{upstream.mean.shape[0]}: layers linked in a chain must see the same batch "
+                    f"split into the same statistics groups."
+                )
+            prior = self._predict(upstream)
+        if prior is None:
+            gain = torch.ones_like(batch_mean)
+            mean, var = batch_mean, batch_var
+        else:
+            prior_mean, prior_var = prior
+            gain = self.gain.to(batch_mean.dtype).expand_as(batch_mean)
+            if self.guard is not None:
+                prior_diag = _diagonal(prior_var, batch_mean)
+                ratio = (prior_diag / _diagonal(batch_var, batch_mean)).mean(-1, keepdim=True)
+                gain = torch.where(ratio < self.guard, gain, torch.ones_like(gain))
+            update = F.kalman_update_full if self.covariance == "full" else F.kalman_update
+            mean, var = update(batch_mean, batch_var, prior_mean, prior_var, gain)
+        if self.chain is not None:
+            self.chain.publish(self.chain_index, Posterior(mean, var))
+        self.last_statistics = KalmanStatistics(
+            batch_mean=batch_mean.detach(),
+            batch_var=_diagonal(batch_var, batch_mean).detach(),
+            prior_mean=None if prior is None else prior[0].detach().expand_as(batch_mean),
+            prior_var=None if prior is None else _diagonal(prior[1], batch_mean).detach(),
+            posterior_mean=mean.detach(),
+            posterior_var=_diagonal(var, batch_mean).detach(),
+            gain=gain.detach(),
+        )
+        return mean, var, gain
+
+    def publish_fixed(self, mean: Tensor, var: Tensor) -> None:
+        """Hand fixed (moving) statistics on to the next layer, without an order check."""
+        if self.chain is not None:
+            self.chain.publish(self.chain_index, Posterior(mean.unsqueeze(0), var.unsqueeze(0)))
+
+    def check_statistics(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """Reject statistics groups of one value and non-finite inputs with a clear message."""
+        if count < 2:
+            raise ValueError(
+                f"{self.display_name}: each statistics group holds a single value per channel, so "
+                f"its variance is undefined. Use a larger stat_batch_size (or batch), inputs with "
+                f"spatial extent, or a per-sample norm such as GroupKalmanNorm."
+            )
+        if self.check_finite and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+                raise FloatingPointError(
+                    f"{self.display_name}: the input contains NaN or Inf (its batch statistics are "
+                    f"not finite). The activations diverged upstream: lower the learning rate, "
+                    f"check the loss scaling and the data; check_finite=False skips this check."
+                )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # A plain BatchNorm checkpoint has no Kalman parameters: keep their initial values.
+        for key in _KALMAN_KEYS:
+            value = getattr(self, key)
+            if value is not None and prefix + key not in state_dict:
+                state_dict[prefix + key] = value.detach()
+        transition = state_dict.get(prefix + "transition")
+        if transition is not None and self.transition is None and self.prior == "learned":
+            error_msgs.append(
+                f"{self.display_name} ({prefix or 'root'}): the checkpoint holds a transition A of "
+                f"shape {tuple(transition.shape)} but this layer is not linked to an upstream "
+                f"layer. Convert and link the model (kalmannorm.convert_norm / link_chain) the same "
+                f"way as the model that was saved, then load."
+            )
+            state_dict.pop(prefix + "transition")
+        for name, value in list(self._parameters.items()) + list(self._buffers.items()):
+            given = state_dict.get(prefix + name)
+            if value is not None and isinstance(given, Tensor) and given.shape != value.shape:
+                error_msgs.append(
+                    f"{self.display_name} ({prefix or 'root'}): '{name}' has shape "
+                    f"{tuple(value.shape)} here but {tuple(given.shape)} in the checkpoint. The "
+                    f"checkpoint comes from a model with other channel counts or another chain: "
+                    f"build the same architecture (and link it the same way) before loading."
+                )
+                state_dict.pop(prefix + name)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _diagonal(var: Tensor, like: Tensor) -> Tensor:
+    """Variances from a diagonal (G, C) or full (G, C, C) second moment."""
+    if var.dim() == like.dim() + 1:
+        return var.diagonal(dim1=-2, dim2=-1)
+    return var

@@ -1,0 +1,165 @@
+"""Batch Kalman Normalization (Wang et al., CVPR 2018), 1d/2d/3d.
+
+Training forward, per statistics group of ``stat_batch_size`` samples (Algorithm 1):
+
+    xbar, S            batch mean and (biased) covariance over samples and positions of the group
+    mu^{k|k}, Sigma^{k|k}  Eq. (5) from the upstream layer's posterior (see layers/base.py)
+    y = (x - mu^{k|k}) / sqrt(diag Sigma^{k|k} + eps) * gamma + beta
+
+Moving averages, used in eval mode, follow the posterior: running_mean <- (1-a) running_mean +
+a mean_g mu^{k|k}_g and running_var <- (1-a) running_var + a mean_g v_g, where v_g is the
+posterior variance with the batch covariance S taken unbiased (m/(m-1) S), i.e.
+v_g = diag Sigma^{k|k}_g + q S_g / (m - 1). With q = 1 and one group this is exactly BatchNorm's
+update. ``eval_statistics="batch"`` evaluates with the posterior of each test statistics group
+instead (the paper's inference option 'A', Table 3).
+
+Parameter and buffer names are BatchNorm's (``weight``, ``bias``, ``running_mean``,
+``running_var``, ``num_batches_tracked``), so a BatchNorm checkpoint loads into a BKN layer; the
+Kalman parameters it lacks keep their initial values.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
+
+from kalmannorm import functional as F
+from kalmannorm.layers.base import KalmanNormBase
+
+EVAL_STATISTICS = ("moving", "batch")
+
+
+class BatchKalmanNorm(KalmanNormBase, _NormBase):
+    """Batch Kalman Normalization over (N, C, *spatial) inputs; use the 1d/2d/3d classes.
+
+    Args:
+        num_features: channels C.
+        eps, momentum, affine, track_running_stats: as in :class:`torch.nn.BatchNorm2d`.
+        stat_batch_size: samples per statistics group (the paper's statistics-batch size); the
+            batch must divide into groups of this size. ``None``: the whole batch is one group.
+        prior: ``"learned"`` (the paper: learned A, R, q) or ``"propagate"`` (the authors' code).
+        gain: initial (or fixed) gain q in [0, 1]; default 0.9 (learned) or 0.1 (propagate).
+        learn_gain: learn q (sigmoid-parametrised); default True for ``"learned"``.
+        noise: initial process noise R > 0 of the learned prior.
+        guard: skip the prior of a group when mean(prior_var / batch_var) reaches this;
+            default ``None`` (learned) or 100 (propagate).
+        covariance: ``"diag"`` tracks variances, ``"full"`` full covariance matrices.
+        eval_statistics: ``"moving"`` (default) or ``"batch"`` statistics in eval mode.
+        check_finite: raise on NaN/Inf inputs (costs one host sync per layer per step).
+    """
+
+    _expected_dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        stat_batch_size: int | None = None,
+        prior: str = "learned",
+        gain: float | None = None,
+        learn_gain: bool | None = None,
+        noise: float = 1.0,
+        guard: float | None = None,
+        covariance: str = "diag",
+        eval_statistics: str = "moving",
+        check_finite: bool = True,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, **factory_kwargs)
+        if stat_batch_size is not None and stat_batch_size < 1:
+            raise ValueError(f"stat_batch_size must be a positive integer, got {stat_batch_size}")
+        if eval_statistics not in EVAL_STATISTICS:
+            raise ValueError(f"eval_statistics must be one of {EVAL_STATISTICS}")
+        self.stat_batch_size = stat_batch_size
+        self.eval_statistics = eval_statistics
+        self._init_kalman(
+            num_features,
+            prior=prior,
+            gain=gain,
+            learn_gain=learn_gain,
+            noise=noise,
+            guard=guard,
+            covariance=covariance,
+            check_finite=check_finite,
+            factory_kwargs=factory_kwargs,
+        )
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in self._expected_dims:
+            shapes = " or ".join(f"{d}D" for d in self._expected_dims)
+            raise ValueError(
+                f"{self.display_name} expects {shapes} input (N, C, ...), got {x.dim()}D input of "
+                f"shape {tuple(x.shape)}. Use the BatchKalmanNorm variant that matches your data "
+                f"(1d for (N, C[, L]), 2d for (N, C, H, W), 3d for (N, C, D, H, W))."
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{self.display_name} was built for {self.num_features} channels but the input "
+                f"has {x.shape[1]} (shape {tuple(x.shape)}): the layer before it changed width; "
+                f"build this norm with num_features={x.shape[1]}."
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, stat_batch_size={self.stat_batch_size}, prior={self.prior}, "
+            f"covariance={self.covariance}"
+        )
+
+    def uses_batch_statistics(self) -> bool:
+        """Whether this forward normalises with (Kalman-filtered) batch statistics."""
+        return self.training or not self.track_running_stats or self.eval_statistics == "batch"
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if self.tracing:
+            return x
+        if not self.uses_batch_statistics():
+            self.publish_fixed(self.running_mean, self.running_var)
+            return F.normalize(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+        if self.covariance == "full":
+            batch_mean, batch_second, count = F.group_covariance(x, self.stat_batch_size)
+            batch_var = batch_second.diagonal(dim1=-2, dim2=-1)
+        else:
+            batch_mean, batch_second, count = F.group_moments(x, self.stat_batch_size)
+            batch_var = batch_second
+        self.check_statistics(batch_mean, batch_var, count)
+        mean, second, gain = self.kalman_posterior(batch_mean, batch_second)
+        var = second.diagonal(dim1=-2, dim2=-1) if self.covariance == "full" else second
+
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mean, var + gain * batch_var / (count - 1))
+        return F.normalize(x, mean, var, self.weight, self.bias, self.eps)
+
+    def _update_running_stats(self, mean: Tensor, unbiased_var: Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked)
+        else:
+            factor = self.momentum
+        F.exponential_average(self.running_mean, mean.detach().mean(0), factor)
+        F.exponential_average(self.running_var, unbiased_var.detach().mean(0), factor)
+
+
+class BatchKalmanNorm1d(BatchKalmanNorm):
+    """BKN over (N, C) or (N, C, L) inputs."""
+
+    _expected_dims = (2, 3)
+
+
+class BatchKalmanNorm2d(BatchKalmanNorm):
+    """BKN over (N, C, H, W) inputs."""
+
+    _expected_dims = (4,)
+
+
+class BatchKalmanNorm3d(BatchKalmanNorm):
+    """BKN over (N, C, D, H, W) inputs."""
+
+    _expected_dims = (5,)

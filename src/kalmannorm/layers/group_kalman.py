@@ -1,0 +1,110 @@
+"""Group Kalman Normalization (Wang et al., NeurIPS 2018: Kalman Normalization, GKN).
+
+Group Normalization's statistics, filtered across layers. For sample n and channel group g of
+layer k (C_k channels in G_k groups, m = (C_k / G_k) * prod(spatial) values):
+
+    xbar_{n,g} = (1/m) sum x,   s^2_{n,g} = (1/m) sum (x - xbar_{n,g})^2
+    prior      mu^{k|k-1}_n = A^k mu^{k-1|k-1}_n,
+               sigma^2_{k|k-1,n} = (A^k o A^k) sigma^2_{k-1|k-1,n} + R^k      (A^k: G_k x G_{k-1})
+    posterior  mu^{k|k}_n = p mu^{k|k-1}_n + q xbar_n
+               sigma^2_{k|k,n} = p sigma^2_{k|k-1,n} + q s^2_n + p q (xbar_n - mu^{k|k-1}_n)^2
+    y_{n,c} = (x_{n,c} - mu^{k|k}_{n,g(c)}) / sqrt(sigma^2_{k|k,n,g(c)} + eps) * gamma_c + beta_c
+
+with q, R per group (learned as in BKN). The statistics are per sample, so training and
+evaluation compute the same thing and there are no moving averages. The first GKN layer of a
+chain is exactly GroupNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kalmannorm import functional as F
+from kalmannorm.layers.base import KalmanNormBase
+
+
+class GroupKalmanNorm(KalmanNormBase):
+    """Group Kalman Normalization over (N, C, *) inputs.
+
+    Args:
+        num_groups: channel groups G (must divide ``num_channels``).
+        num_channels: channels C.
+        eps, affine: as in :class:`torch.nn.GroupNorm`.
+        gain, learn_gain, noise, guard, check_finite: as in :class:`BatchKalmanNorm`.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        gain: float | None = None,
+        learn_gain: bool | None = None,
+        noise: float = 1.0,
+        guard: float | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_groups < 1 or num_channels % num_groups != 0:
+            raise ValueError(
+                f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}); "
+                f"pick a group count that divides {num_channels}"
+            )
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.num_features = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels, **factory_kwargs))
+            self.bias = nn.Parameter(torch.zeros(num_channels, **factory_kwargs))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._init_kalman(
+            num_groups,
+            prior="learned",
+            gain=gain,
+            learn_gain=learn_gain,
+            noise=noise,
+            guard=guard,
+            covariance="diag",
+            check_finite=check_finite,
+            factory_kwargs=factory_kwargs,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(
+                f"{self.display_name} expects input (N, {self.num_channels}, ...), got shape "
+                f"{tuple(x.shape)}; build it with num_channels={x.shape[1] if x.dim() > 1 else '?'}."
+            )
+        if self.tracing:
+            return x
+        # (N, G, C/G, *spatial) -> per-sample group statistics, shape (N, G).
+        grouped = x.unflatten(1, (self.num_groups, self.num_channels // self.num_groups))
+        if grouped.dtype in (torch.float16, torch.bfloat16):
+            grouped = grouped.float()
+        dims = tuple(range(2, grouped.dim()))
+        batch_var, batch_mean = torch.var_mean(grouped, dim=dims, correction=0)
+        count = grouped[0, 0].numel()
+        self.check_statistics(batch_mean, batch_var, count)
+        mean, var, _ = self.kalman_posterior(batch_mean, batch_var)
+        per_channel = self.num_channels // self.num_groups
+        return F.normalize(
+            x,
+            mean.repeat_interleave(per_channel, dim=1),
+            var.repeat_interleave(per_channel, dim=1),
+            self.weight,
+            self.bias,
+            self.eps,
+        )
