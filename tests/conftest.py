@@ -1,0 +1,35 @@
+import pytest
+import torch
+from torch import nn
+
+import kalmannorm
+
+
+def conv_bn_stack(widths=(3, 4, 5, 2), dtype=torch.float64) -> nn.Sequential:
+    """conv-BN pairs with the given channel widths (first entry: input channels)."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).to(dtype)
+
+
+def randomize_kalman(model: nn.Module, seed: int = 0, affine: bool = True) -> None:
+    """Give every Kalman parameter a non-trivial value (A != 0, R != 1, q != default)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, kalmannorm.KalmanNormBase) and layer.gain is not None:
+                if layer.gain_logit is not None:
+                    layer.gain_logit.copy_(torch.randn(layer.gain_logit.shape, generator=g))
+                if layer.noise_raw is not None:
+                    layer.noise_raw.copy_(torch.randn(layer.noise_raw.shape, generator=g))
+                if layer.transition is not None:
+                    layer.transition.copy_(torch.randn(layer.transition.shape, generator=g))
+                if affine and getattr(layer, "weight", None) is not None:
+                    layer.weight.copy_(torch.rand(layer.weight.shape, generator=g) + 0.5)
+                    layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,142 @@
+"""The pure math against direct formulas."""
+
+import math
+
+import pytest
+import torch
+
+from kalmannorm import functional as F
+
+
+def test_group_moments_match_per_group_formula():
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64)
+    mean, var, count = F.group_moments(x, stat_batch_size=2)
+    assert mean.shape == (3, 3) and count == 2 * 4 * 5
+    for g in range(3):
+        chunk = x[2 * g : 2 * g + 2]
+        torch.testing.assert_close(mean[g], chunk.mean(dim=(0, 2, 3)))
+        torch.testing.assert_close(var[g], chunk.var(dim=(0, 2, 3), unbiased=False))
+
+
+def test_group_moments_channels_last_and_half_accumulate_in_float32():
+    x = torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last)
+    mean, var, _ = F.group_moments(x, 2)
+    ref_mean, ref_var, _ = F.group_moments(x.contiguous(), 2)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var)
+    half_mean, half_var, _ = F.group_moments(x.to(torch.bfloat16), 2)
+    assert half_mean.dtype == torch.float32 and half_var.dtype == torch.float32
+
+
+def test_group_covariance_diagonal_is_group_variance():
+    x = torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    mean, cov, count = F.group_covariance(x, 2)
+    _, var, _ = F.group_moments(x, 2)
+    assert cov.shape == (2, 5, 5) and count == 18
+    torch.testing.assert_close(cov.diagonal(dim1=-2, dim2=-1), var)
+    rows = x[:2].transpose(0, 1).reshape(5, -1)
+    torch.testing.assert_close(cov[0], torch.cov(rows, correction=0))
+    torch.testing.assert_close(mean[0], rows.mean(1))
+
+
+@pytest.mark.parametrize("batch, size", [(5, 2), (4, 3)])
+def test_indivisible_batch_is_a_value_error(batch, size):
+    with pytest.raises(ValueError, match="not divisible by stat_batch_size"):
+        F.num_stat_groups(batch, size)
+
+
+def test_kalman_update_is_mixture_moments():
+    """Eq. (5) equals the moments of the two-component mixture p N(prior) + q N(batch)."""
+    prior_mean, prior_var = torch.tensor([0.3]), torch.tensor([2.0])
+    batch_mean, batch_var = torch.tensor([-1.0]), torch.tensor([0.5])
+    q = torch.tensor([0.25])
+    mean, var = F.kalman_update(batch_mean, batch_var, prior_mean, prior_var, q)
+    p = 1 - q
+    second = p * (prior_var + prior_mean**2) + q * (batch_var + batch_mean**2)
+    torch.testing.assert_close(mean, p * prior_mean + q * batch_mean)
+    torch.testing.assert_close(var, second - mean**2)
+
+
+def test_full_update_diagonal_equals_diag_update_and_stays_psd():
+    torch.manual_seed(0)
+    c = 4
+    a, b = torch.randn(2, c, c, dtype=torch.float64), torch.randn(2, c, c, dtype=torch.float64)
+    prior_cov, batch_cov = a @ a.mT, b @ b.mT
+    prior_mean, batch_mean = torch.randn(2, c, dtype=torch.float64), torch.randn(2, c, dtype=torch.float64)
+    q = torch.rand(c, dtype=torch.float64)
+    mean, cov = F.kalman_update_full(batch_mean, batch_cov, prior_mean, prior_cov, q)
+    diag_mean, diag_var = F.kalman_update(
+        batch_mean, batch_cov.diagonal(dim1=-2, dim2=-1), prior_mean, prior_cov.diagonal(dim1=-2, dim2=-1), q
+    )
+    torch.testing.assert_close(mean, diag_mean)
+    torch.testing.assert_close(cov.diagonal(dim1=-2, dim2=-1), diag_var)
+    assert torch.linalg.eigvalsh(cov).min() > -1e-10
+    # A scalar gain reproduces the printed matrix equation exactly.
+    qs = torch.full((c,), 0.3, dtype=torch.float64)
+    _, cov_s = F.kalman_update_full(batch_mean, batch_cov, prior_mean, prior_cov, qs)
+    d = (batch_mean - prior_mean).unsqueeze(-1)
+    printed = 0.7 * prior_cov + 0.3 * batch_cov + 0.21 * d @ d.mT
+    torch.testing.assert_close(cov_s, printed)
+
+
+def test_predict_prior_diag_equals_diag_of_full():
+    torch.manual_seed(1)
+    transition = torch.randn(3, 5, dtype=torch.float64)
+    up_mean, up_var = torch.randn(2, 5, dtype=torch.float64), torch.rand(2, 5, dtype=torch.float64)
+    noise = torch.rand(3, dtype=torch.float64)
+    mean, var = F.predict_prior(up_mean, up_var, transition, noise)
+    full_mean, full_cov = F.predict_prior_full(up_mean, up_var, transition, noise)
+    torch.testing.assert_close(mean, full_mean)
+    torch.testing.assert_close(var, full_cov.diagonal(dim1=-2, dim2=-1))
+    # An upstream full covariance through the diagonal predictor.
+    b = torch.randn(2, 5, 5, dtype=torch.float64)
+    up_cov = b @ b.mT
+    _, var_from_full = F.predict_prior(up_mean, up_cov, transition, noise)
+    _, cov_from_full = F.predict_prior_full(up_mean, up_cov, transition, noise)
+    torch.testing.assert_close(var_from_full, cov_from_full.diagonal(dim1=-2, dim2=-1))
+
+
+def test_relu_moments_match_monte_carlo():
+    torch.manual_seed(0)
+    mean = torch.tensor([-1.0, 0.0, 0.7, 3.0], dtype=torch.float64)
+    var = torch.tensor([0.5, 1.0, 2.0, 0.1], dtype=torch.float64)
+    samples = torch.relu(mean + var.sqrt() * torch.randn(400_000, 4, dtype=torch.float64))
+    m, v = F.relu_moments(mean, var)
+    torch.testing.assert_close(m, samples.mean(0), atol=6e-3, rtol=0)
+    torch.testing.assert_close(v, samples.var(0), atol=1e-2, rtol=0)
+
+
+def test_linear_moments_match_sampled_convolution():
+    """The analytic moments equal what the authors' Gaussian-sample-through-conv estimates."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=0, groups=2).double()
+    mean = torch.tensor([0.5, -0.2, 1.0, 0.0], dtype=torch.float64)
+    var = torch.tensor([1.0, 0.3, 2.0, 0.5], dtype=torch.float64)
+    samples = mean.view(1, 4, 1, 1) + var.sqrt().view(1, 4, 1, 1) * torch.randn(
+        2000, 4, 12, 12, dtype=torch.float64
+    )
+    with torch.no_grad():
+        out = conv(samples)
+    m, v = F.linear_moments(mean, var, conv.weight, conv.bias, groups=2)
+    torch.testing.assert_close(m, out.mean(dim=(0, 2, 3)), atol=5e-3, rtol=0)
+    torch.testing.assert_close(v, out.var(dim=(0, 2, 3)), rtol=2e-2, atol=0)
+
+
+def test_normalize_groups_and_eval_forms():
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    mean, var, _ = F.group_moments(x, 2)
+    w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    y = F.normalize(x, mean, var, w, b, 1e-5)
+    for g in range(2):
+        ref = torch.nn.functional.batch_norm(x[2 * g : 2 * g + 2], None, None, w, b, True, 0.0, 1e-5)
+        torch.testing.assert_close(y[2 * g : 2 * g + 2], ref)
+    y_eval = F.normalize(x, mean[0], var[0], w, b, 1e-5)
+    ref = torch.nn.functional.batch_norm(x, mean[0], var[0], w, b, False, 0.0, 1e-5)
+    torch.testing.assert_close(y_eval, ref)
+
+
+def test_exponential_average_is_convex_combination():
+    running = torch.tensor([1.0, 2.0])
+    F.exponential_average(running, torch.tensor([3.0, 0.0]), 0.25)
+    torch.testing.assert_close(running, torch.tensor([1.5, 1.5]))
+    assert math.isclose(float(running.sum()), 3.0)
