@@ -192,20 +192,22 @@ def run(config: str, seed: int, data: tuple[torch.Tensor, ...], args: argparse.N
     result["final_train_loss"] = statistics.fmean(losses[-steps_per_epoch // 4 :]) if losses else None
 
     model.eval()
+    start = time.perf_counter()
     if result["status"] == "ok":
         result["acc_moving"] = evaluate(model, x_test, y_test, args.test_batch_size)
         if kalman_layers(model):
             kalmannorm.set_eval_statistics(model, "batch")
             result["acc_batch"] = evaluate(model, x_test, y_test, args.test_batch_size)
             kalmannorm.set_eval_statistics(model, "moving")
+    result["eval_s"] = time.perf_counter() - start
     result["gain"] = [
-        None if layer.gain is None else float(layer.gain.mean()) for layer in kalman_layers(model)
+        None if layer.gain is None else float(layer.gain.detach().mean()) for layer in kalman_layers(model)
     ]
     result["noise"] = [
-        None if layer.noise is None else float(layer.noise.mean()) for layer in kalman_layers(model)
+        None if layer.noise is None else float(layer.noise.detach().mean()) for layer in kalman_layers(model)
     ]
     result["transition_rms"] = [
-        None if layer.transition is None else float(layer.transition.square().mean().sqrt())
+        None if layer.transition is None else float(layer.transition.detach().square().mean().sqrt())
         for layer in kalman_layers(model)
     ]
     return result
@@ -293,11 +295,11 @@ def main() -> None:
                 result["args"] = {k: str(v) for k, v in vars(args).items() if k != "configs"}
                 with args.results.open("a") as f:
                     f.write(json.dumps(result) + "\n")
-                acc = result.get("acc_moving")
+                accs = [result.get(k) for k in ("acc_moving", "acc_batch")]
+                moving, batch = (f"{100 * a:.2f}" if a is not None else "-" for a in accs)
                 print(
-                    f"{config:>20} seed {seed}: {result['status']}, "
-                    f"moving {acc if acc is None else f'{100 * acc:.2f}'}, "
-                    f"batch {result.get('acc_batch', '-')}, {result['train_s']:.0f}s",
+                    f"{config:>20} seed {seed}: {result['status']}, moving {moving}, "
+                    f"batch {batch}, train {result['train_s']:.0f}s",
                     flush=True,
                 )
     print(table(load_results(args.results)))

@@ -141,11 +141,15 @@ class KalmanChain:
             root.register_forward_hook(self.reset),
         ]
 
-    def detach(self) -> None:
-        """Unbind the layers (each acts alone again) and remove the hooks."""
+    def remove_hooks(self) -> None:
+        """Stop resetting at the root's forward (the chain is being replaced)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+
+    def detach(self) -> None:
+        """Unbind the layers (each acts alone again, dropping its Kalman parameters)."""
+        self.remove_hooks()
         for layer in self.layers:
             layer.leave_chain()
 
@@ -245,12 +249,13 @@ def link_chain(root: nn.Module, example_input: object = None) -> KalmanChain:
     With ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword
     arguments) the order is traced from one forward pass under ``torch.no_grad``: the Kalman
     layers pass their input through unchanged during the trace, and every buffer of ``root`` is
-    restored afterwards. Without it, module registration order is used. Relinking replaces any
-    chain the layers were in; each layer's transition A^k is (re)shaped to its new upstream.
+    restored afterwards. Without it, module registration order is used. Relinking replaces the
+    chain the layers were in; a layer keeps its learned Kalman parameters when its upstream's width
+    is unchanged, else they are created anew for the new upstream.
     """
     for _, layer in _kalman_layers(root):
         if layer.chain is not None:
-            layer.chain.detach()
+            layer.chain.remove_hooks()
     if example_input is None:
         names, layers, preceding = _registration_order(root)
         source = "registration"

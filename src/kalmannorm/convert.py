@@ -180,15 +180,22 @@ def _copy_state(source: nn.Module, target: nn.Module) -> None:
                     dst.requires_grad_(src.requires_grad)
 
 
-def _swap(module: nn.Module, spec: NormSpec, options: dict) -> nn.Module:
+def _swap(module: nn.Module, spec: NormSpec, options: dict, done: dict[int, nn.Module]) -> nn.Module:
+    """Replace BatchNorms below ``module``; a BatchNorm used in several places stays shared."""
+    if id(module) in done:
+        return done[id(module)]
     source = _describe_source(module)
     if source is not None:
         new = spec.build(source, **options)
         _copy_state(module, new)
         new.train(module.training)
+        done[id(module)] = new
         return new
-    for name, child in module.named_children():
-        replaced = _swap(child, spec, options)
+    done[id(module)] = module
+    for name, child in list(module._modules.items()):  # every slot, shared modules included
+        if child is None:
+            continue
+        replaced = _swap(child, spec, options, done)
         if replaced is not child:
             setattr(module, name, replaced)
     return module
@@ -206,7 +213,7 @@ def convert_norm(
     (a BatchNorm passed as ``module`` itself is returned replaced). ``options`` go to the norm's
     constructor (e.g. ``stat_batch_size=2``).
     """
-    converted = _swap(module, _spec(name), options)
+    converted = _swap(module, _spec(name), options, {})
     if any(isinstance(m, KalmanNormBase) for m in converted.modules()):
         link_chain(converted, example_input)
     return converted
