@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -8,7 +10,7 @@ import kalmannorm
 def conv_bn_stack(widths=(3, 4, 5, 2), dtype=torch.float64) -> nn.Sequential:
     """conv-BN pairs with the given channel widths (first entry: input channels)."""
     layers: list[nn.Module] = []
-    for c_in, c_out in zip(widths[:-1], widths[1:]):
+    for c_in, c_out in itertools.pairwise(widths):
         layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
     return nn.Sequential(*layers[:-1]).to(dtype)
 

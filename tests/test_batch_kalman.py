@@ -106,7 +106,9 @@ def _reference_chain(inputs, layers, eps):
                     var = p * prior_var + q[ch] * svar + p * q[ch] * (xbar - prior_mu) ** 2
                 group_post.append((mu, var))
                 w, b = layer.weight[ch].item(), layer.bias[ch].item()
-                y[g * s : (g + 1) * s, ch] = (x[g * s : (g + 1) * s, ch] - mu) / (var + eps) ** 0.5 * w + b
+                y[g * s : (g + 1) * s, ch] = (x[g * s : (g + 1) * s, ch] - mu) / (
+                    var + eps
+                ) ** 0.5 * w + b
             post.append(group_post)
         outputs.append(y)
         posteriors.append(post)
@@ -131,8 +133,14 @@ def test_three_layer_chain_matches_independent_reference():
     for layer, out, ref_out, post in zip(layers, captured_out, outputs, posteriors):
         torch.testing.assert_close(out, ref_out)
         stats = layer.last_statistics
-        torch.testing.assert_close(stats.posterior_mean, torch.tensor([[m for m, _ in g] for g in post], dtype=torch.float64))
-        torch.testing.assert_close(stats.posterior_var, torch.tensor([[v for _, v in g] for g in post], dtype=torch.float64))
+        torch.testing.assert_close(
+            stats.posterior_mean,
+            torch.tensor([[m for m, _ in g] for g in post], dtype=torch.float64),
+        )
+        torch.testing.assert_close(
+            stats.posterior_var,
+            torch.tensor([[v for _, v in g] for g in post], dtype=torch.float64),
+        )
     assert layers[0].last_statistics.prior_mean is None
     assert layers[2].last_statistics.prior_mean.shape == (2, 2)
 
@@ -145,7 +153,9 @@ def _gradcheck_model(model, x):
     def run(inp, *flat):
         return functional_call(model, dict(zip(names, flat)), (inp,))
 
-    assert torch.autograd.gradcheck(run, (x.requires_grad_(True), *params), eps=1e-6, atol=1e-5, fast_mode=True)
+    assert torch.autograd.gradcheck(
+        run, (x.requires_grad_(True), *params), eps=1e-6, atol=1e-5, fast_mode=True
+    )
     return names
 
 
@@ -170,14 +180,18 @@ def test_gradients_reach_upstream_layers_through_the_prior():
 
 
 def test_gradcheck_propagate_variant():
-    model = kalmannorm.convert_norm(conv_bn_stack((2, 3, 2)), "bkn", stat_batch_size=2, prior="propagate", guard=1e9)
+    model = kalmannorm.convert_norm(
+        conv_bn_stack((2, 3, 2)), "bkn", stat_batch_size=2, prior="propagate", guard=1e9
+    )
     randomize_kalman(model, seed=4)
     _gradcheck_model(model, torch.randn(4, 2, 3, 3, dtype=torch.float64))
     assert model[4].last_statistics.prior_mean is not None
 
 
 def test_propagate_guard_falls_back_to_batch_statistics():
-    model = kalmannorm.convert_norm(conv_bn_stack((2, 3, 2)), "bkn", stat_batch_size=2, prior="propagate")
+    model = kalmannorm.convert_norm(
+        conv_bn_stack((2, 3, 2)), "bkn", stat_batch_size=2, prior="propagate"
+    )
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     model(x)
     stats = model[4].last_statistics
@@ -225,7 +239,12 @@ def test_last_statistics_are_detached_and_do_not_keep_graphs():
 
 
 @pytest.mark.parametrize(
-    "cls, shape", [(BatchKalmanNorm1d, (4, 3)), (BatchKalmanNorm1d, (4, 3, 5)), (BatchKalmanNorm3d, (4, 3, 2, 2, 2))]
+    "cls, shape",
+    [
+        (BatchKalmanNorm1d, (4, 3)),
+        (BatchKalmanNorm1d, (4, 3, 5)),
+        (BatchKalmanNorm3d, (4, 3, 2, 2, 2)),
+    ],
 )
 def test_1d_and_3d_variants_equal_batchnorm(cls, shape):
     ref_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 5: nn.BatchNorm3d}[len(shape)]

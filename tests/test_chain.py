@@ -85,7 +85,10 @@ def test_two_models_have_separate_chains_and_do_not_interfere():
     randomize_kalman(second, seed=1)
     assert kalmannorm.find_chain(first) is not kalmannorm.find_chain(second)
     assert kalmannorm.find_chain(second).layers[1] is second[4]
-    x1, x2 = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    x1, x2 = (
+        torch.randn(4, 3, 3, 3, dtype=torch.float64),
+        torch.randn(4, 3, 3, 3, dtype=torch.float64),
+    )
     alone = first(x1)
     # Run the second model in the middle of the first model's pass.
 
@@ -116,7 +119,7 @@ def test_threads_do_not_share_pass_state():
     def work(i):
         try:
             results[i] = model(inputs[i])
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
@@ -180,7 +183,9 @@ def test_eval_layer_hands_moving_statistics_to_a_training_layer():
 
 
 def test_statistics_group_mismatch_between_linked_layers():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), Doubler(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), Doubler(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    )
     kalmannorm.convert_norm(model, "bkn", stat_batch_size=2)
     with pytest.raises(ValueError, match="same batch split into the same statistics groups"):
         model(torch.randn(4, 3, 2, 2))

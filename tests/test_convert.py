@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import kalmannorm
+from kalmannorm.models import PreActResNet
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -31,7 +32,9 @@ def _round_trip(build, model, x):
 
 def test_resnet50_bkn_forward_backward_eval_state_dict():
     def build():
-        return kalmannorm.convert_norm(torchvision.models.resnet50(weights=None), "bkn", stat_batch_size=2)
+        return kalmannorm.convert_norm(
+            torchvision.models.resnet50(weights=None), "bkn", stat_batch_size=2
+        )
 
     model = build()
     assert sum(isinstance(m, kalmannorm.BatchKalmanNorm2d) for m in model.modules()) == 53
@@ -51,7 +54,9 @@ def test_resnet50_bkn_forward_backward_eval_state_dict():
 def test_resnet50_registration_order_equals_traced_order():
     x = torch.randn(2, 3, 32, 32)
     registered = kalmannorm.convert_norm(torchvision.models.resnet50(weights=None), "bkn")
-    traced = kalmannorm.convert_norm(torchvision.models.resnet50(weights=None), "bkn", example_input=x)
+    traced = kalmannorm.convert_norm(
+        torchvision.models.resnet50(weights=None), "bkn", example_input=x
+    )
     assert kalmannorm.find_chain(registered).names == kalmannorm.find_chain(traced).names
 
 
@@ -115,9 +120,11 @@ def test_checkpoint_of_another_model_is_refused_clearly():
     large = kalmannorm.convert_norm(torchvision.models.resnet34(weights=None), "bkn")
     with pytest.raises(RuntimeError, match="Unexpected key"):
         small.load_state_dict(large.state_dict())
-    wide = kalmannorm.convert_norm(torchvision.models.resnet18(weights=None, width_per_group=128), "bkn")
-    with pytest.raises(RuntimeError, match=r"layer1\.0\.bn1.*other channel counts"):
-        wide.load_state_dict(torchvision.models.resnet18(weights=None).state_dict())
+    wide = kalmannorm.convert_norm(PreActResNet(20, width=32), "bkn")
+    with pytest.raises(
+        RuntimeError, match=r"BatchKalmanNorm2d 'layer1.0.bn1'.*other channel counts"
+    ):
+        wide.load_state_dict(PreActResNet(20, width=16).state_dict())
 
 
 def test_registry_names_and_unknown_name():

@@ -62,11 +62,18 @@ def test_full_update_diagonal_equals_diag_update_and_stays_psd():
     c = 4
     a, b = torch.randn(2, c, c, dtype=torch.float64), torch.randn(2, c, c, dtype=torch.float64)
     prior_cov, batch_cov = a @ a.mT, b @ b.mT
-    prior_mean, batch_mean = torch.randn(2, c, dtype=torch.float64), torch.randn(2, c, dtype=torch.float64)
+    prior_mean, batch_mean = (
+        torch.randn(2, c, dtype=torch.float64),
+        torch.randn(2, c, dtype=torch.float64),
+    )
     q = torch.rand(c, dtype=torch.float64)
     mean, cov = F.kalman_update_full(batch_mean, batch_cov, prior_mean, prior_cov, q)
     diag_mean, diag_var = F.kalman_update(
-        batch_mean, batch_cov.diagonal(dim1=-2, dim2=-1), prior_mean, prior_cov.diagonal(dim1=-2, dim2=-1), q
+        batch_mean,
+        batch_cov.diagonal(dim1=-2, dim2=-1),
+        prior_mean,
+        prior_cov.diagonal(dim1=-2, dim2=-1),
+        q,
     )
     torch.testing.assert_close(mean, diag_mean)
     torch.testing.assert_close(cov.diagonal(dim1=-2, dim2=-1), diag_var)
@@ -128,7 +135,9 @@ def test_normalize_groups_and_eval_forms():
     w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     y = F.normalize(x, mean, var, w, b, 1e-5)
     for g in range(2):
-        ref = torch.nn.functional.batch_norm(x[2 * g : 2 * g + 2], None, None, w, b, True, 0.0, 1e-5)
+        ref = torch.nn.functional.batch_norm(
+            x[2 * g : 2 * g + 2], None, None, w, b, True, 0.0, 1e-5
+        )
         torch.testing.assert_close(y[2 * g : 2 * g + 2], ref)
     y_eval = F.normalize(x, mean[0], var[0], w, b, 1e-5)
     ref = torch.nn.functional.batch_norm(x, mean[0], var[0], w, b, False, 0.0, 1e-5)

@@ -48,7 +48,9 @@ def test_linked_layer_applies_eq5_to_per_sample_group_statistics():
     torch.testing.assert_close(second.posterior_mean, mean)
     torch.testing.assert_close(second.posterior_var, var)
     normalised = (groups - mean.unsqueeze(-1)) / (var.unsqueeze(-1) + 1e-5).sqrt()
-    expected = normalised.reshape_as(x) * model[4].weight.view(1, -1, 1, 1) + model[4].bias.view(1, -1, 1, 1)
+    expected = normalised.reshape_as(x) * model[4].weight.view(1, -1, 1, 1) + model[4].bias.view(
+        1, -1, 1, 1
+    )
     torch.testing.assert_close(out, expected.detach())
 
 

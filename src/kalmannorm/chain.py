@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 
 class Posterior(NamedTuple):
-    """Posterior statistics a layer hands to the next one: mean (G, C); var (G, C) or cov (G, C, C)."""
+    """Posterior a layer hands to the next one: mean (G, C); var (G, C) or cov (G, C, C)."""
 
     mean: Tensor
     var: Tensor

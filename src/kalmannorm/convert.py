@@ -94,7 +94,9 @@ def build_norm(name: str, num_features: int, dims: int = 2, **options) -> nn.Mod
 _BKN_BY_DIMS = {1: BatchKalmanNorm1d, 2: BatchKalmanNorm2d, 3: BatchKalmanNorm3d}
 
 
-@register_norm("bkn", "Batch Kalman Normalization (prior='learned' as in the paper, or 'propagate')")
+@register_norm(
+    "bkn", "Batch Kalman Normalization (prior='learned' as in the paper, or 'propagate')"
+)
 def _build_bkn(source: SourceNorm, **options) -> nn.Module:
     return _BKN_BY_DIMS[source.dims](
         source.num_features,
@@ -180,7 +182,9 @@ def _copy_state(source: nn.Module, target: nn.Module) -> None:
                     dst.requires_grad_(src.requires_grad)
 
 
-def _swap(module: nn.Module, spec: NormSpec, options: dict, done: dict[int, nn.Module]) -> nn.Module:
+def _swap(
+    module: nn.Module, spec: NormSpec, options: dict, done: dict[int, nn.Module]
+) -> nn.Module:
     """Replace BatchNorms below ``module``; a BatchNorm used in several places stays shared."""
     if id(module) in done:
         return done[id(module)]

@@ -70,7 +70,7 @@ def group_covariance(x: Tensor, stat_batch_size: int | None) -> tuple[Tensor, Te
     grouped = split_groups(x, stat_batch_size)
     if grouped.dtype in (torch.float16, torch.bfloat16):
         grouped = grouped.float()
-    g, s, c = grouped.shape[:3]
+    g, c = grouped.shape[0], grouped.shape[2]
     # (G, C, s * positions): channels first, every value of a channel in one row.
     rows = grouped.movedim(2, 1).reshape(g, c, -1)
     count = rows.shape[-1]
@@ -89,7 +89,7 @@ def predict_prior(
     """Diagonal prior: mu^{k|k-1} = A mu^{k-1|k-1}, diag(Sigma^{k|k-1}) = (A o A) sigma^2 + R.
 
     For a diagonal upstream covariance, diag(A Sigma A^T) = (A o A) sigma^2 exactly. An upstream
-    full covariance (G, C', C') is also accepted: then diag(A Sigma A^T)_c = sum_j (A Sigma)_cj A_cj.
+    full covariance (G, C', C') is also accepted: diag(A Sigma A^T)_c = sum_j (A Sigma)_cj A_cj.
     """
     prior_mean = upstream_mean @ transition.T
     if upstream_var.dim() == upstream_mean.dim() + 1:
@@ -125,7 +125,8 @@ def kalman_update(
 ) -> tuple[Tensor, Tensor]:
     """Eq. (5), diagonal: fuse the prior with the batch statistics through the gain q.
 
-    mu^{k|k} = p mu^{k|k-1} + q xbar;  sigma^2_{k|k} = p sigma^2_{k|k-1} + q S + p q (xbar - mu^{k|k-1})^2.
+    mu^{k|k} = p mu^{k|k-1} + q xbar
+    sigma^2_{k|k} = p sigma^2_{k|k-1} + q S + p q (xbar - mu^{k|k-1})^2
     """
     keep = 1.0 - gain
     innovation = batch_mean - prior_mean

@@ -170,7 +170,9 @@ class KalmanNormBase(nn.Module):
 
     @property
     def display_name(self) -> str:
-        return f"{type(self).__name__} '{self.chain_name}'" if self.chain_name else type(self).__name__
+        return (
+            f"{type(self).__name__} '{self.chain_name}'" if self.chain_name else type(self).__name__
+        )
 
     # -- chain membership ---------------------------------------------------------------------
 
@@ -295,13 +297,14 @@ class KalmanNormBase(nn.Module):
                 f"its variance is undefined. Use a larger stat_batch_size (or batch), inputs with "
                 f"spatial extent, or a per-sample norm such as GroupKalmanNorm."
             )
-        if self.check_finite and not torch.compiler.is_compiling():
-            if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-                raise FloatingPointError(
-                    f"{self.display_name}: the input contains NaN or Inf (its batch statistics are "
-                    f"not finite). The activations diverged upstream: lower the learning rate, "
-                    f"check the loss scaling and the data; check_finite=False skips this check."
-                )
+        if not self.check_finite or torch.compiler.is_compiling():
+            return
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+            raise FloatingPointError(
+                f"{self.display_name}: the input contains NaN or Inf (its batch statistics are "
+                f"not finite). The activations diverged upstream: lower the learning rate, "
+                f"check the loss scaling and the data; check_finite=False skips this check."
+            )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -316,8 +319,8 @@ class KalmanNormBase(nn.Module):
             error_msgs.append(
                 f"{self.display_name} ({prefix or 'root'}): the checkpoint holds a transition A of "
                 f"shape {tuple(transition.shape)} but this layer is not linked to an upstream "
-                f"layer. Convert and link the model (kalmannorm.convert_norm / link_chain) the same "
-                f"way as the model that was saved, then load."
+                f"layer. Convert and link the model (kalmannorm.convert_norm / link_chain) the "
+                f"same way as the model that was saved, then load."
             )
             state_dict.pop(prefix + "transition")
         for name, value in list(self._parameters.items()) + list(self._buffers.items()):

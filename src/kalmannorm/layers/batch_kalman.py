@@ -121,7 +121,9 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
             return x
         if not self.uses_batch_statistics():
             self.publish_fixed(self.running_mean, self.running_var)
-            return F.normalize(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+            return F.normalize(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
 
         if self.covariance == "full":
             batch_mean, batch_second, count = F.group_covariance(x, self.stat_batch_size)

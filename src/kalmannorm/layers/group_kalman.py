@@ -86,7 +86,7 @@ class GroupKalmanNorm(KalmanNormBase):
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(
                 f"{self.display_name} expects input (N, {self.num_channels}, ...), got shape "
-                f"{tuple(x.shape)}; build it with num_channels={x.shape[1] if x.dim() > 1 else '?'}."
+                f"{tuple(x.shape)}; build it with the input's channel count as num_channels."
             )
         if self.tracing:
             return x

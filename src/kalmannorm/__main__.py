@@ -1,0 +1,5 @@
+import sys
+
+from kalmannorm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+"""Datasets as tensors or loaders."""
+
+from kalmannorm.data.digits import load_digits_split
+
+__all__ = ["load_digits_split"]
