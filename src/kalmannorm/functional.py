@@ -80,6 +80,11 @@ def group_covariance(x: Tensor, stat_batch_size: int | None) -> tuple[Tensor, Te
     return mean, cov, count
 
 
+def diagonal(cov: Tensor) -> Tensor:
+    """The variances diag(Sigma) of a batch of covariance matrices (G, C, C) -> (G, C)."""
+    return cov.diagonal(dim1=-2, dim2=-1)
+
+
 def predict_prior(
     upstream_mean: Tensor,
     upstream_var: Tensor,

@@ -50,6 +50,16 @@ PRIORS = ("learned", "propagate")
 _KALMAN_KEYS = ("gain_logit", "gain_value", "noise_raw", "transition")
 
 
+class KalmanEstimate(NamedTuple):
+    """Result of one Kalman step, with graph: posterior mean/var (or cov), applied gain, prior."""
+
+    mean: Tensor
+    var: Tensor
+    gain: Tensor
+    prior_mean: Tensor | None
+    prior_var: Tensor | None
+
+
 class KalmanStatistics(NamedTuple):
     """Statistics of a layer's last batch-statistics forward, detached. Shapes (G, width).
 
@@ -76,7 +86,8 @@ def _softplus_inverse(y: float) -> float:
 
 class KalmanNormBase(nn.Module):
     """Mixin holding the Kalman prior, the gain and the chain link; subclasses call
-    :meth:`_init_kalman` from their ``__init__`` and :meth:`kalman_posterior` from ``forward``.
+    :meth:`_init_kalman` from their ``__init__``; ``forward`` runs :meth:`upstream_posterior`,
+    :meth:`estimate` and :meth:`record`.
     """
 
     stat_width: int
@@ -220,69 +231,84 @@ class KalmanNormBase(nn.Module):
         return feeding if fed == width else None
 
     # -- the Kalman step ----------------------------------------------------------------------
+    # One step is: upstream_posterior() (order check), estimate() (pure math on (G, width)
+    # tensors, also recomputed by the fused backward), then record() (hand-over, diagnostics).
 
-    def _predict(self, upstream: Posterior) -> tuple[Tensor, Tensor] | None:
-        """Prior (mean, var or cov) of this layer from the upstream posterior, or ``None``."""
+    def upstream_posterior(self) -> Posterior | None:
+        """This pass's posterior of the upstream layer (``None`` without one); checks the order."""
+        if self.chain is None:
+            return None
+        return self.chain.upstream(self.chain_index)
+
+    def estimate_inputs(self, upstream: Posterior | None) -> tuple[Tensor | None, ...]:
+        """The small tensors :meth:`estimate` depends on besides the batch statistics:
+        (upstream mean, upstream var, gain parameter, *prior parameters)."""
+        if upstream is None:
+            return ()
+        gain = self.gain_logit if self.gain_logit is not None else self.gain_value
         if self.prior == "propagate":
             feeding = self._propagation_source()
             if feeding is None:
-                return None
-            up_var = upstream.var
-            if up_var.dim() == upstream.mean.dim() + 1:
-                up_var = up_var.diagonal(dim1=-2, dim2=-1)
-            mean, var = F.relu_moments(upstream.mean, up_var)
-            return F.linear_moments(
-                mean, var, feeding.weight, feeding.bias, getattr(feeding, "groups", 1)
-            )
-        if self.transition is None:
-            return None
-        if self.covariance == "full":
-            return F.predict_prior_full(upstream.mean, upstream.var, self.transition, self.noise)
-        return F.predict_prior(upstream.mean, upstream.var, self.transition, self.noise)
+                return ()
+            return (upstream.mean, upstream.var, gain, feeding.weight, feeding.bias)
+        return (upstream.mean, upstream.var, gain, self.transition, self.noise_raw)
 
-    def kalman_posterior(
-        self, batch_mean: Tensor, batch_var: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Eq. (5) for this layer: returns (posterior mean, posterior var or cov, applied gain).
+    def estimate(
+        self, batch_mean: Tensor, batch_second: Tensor, *inputs: Tensor | None
+    ) -> KalmanEstimate:
+        """Eq. (5): posterior from the batch statistics and :meth:`estimate_inputs`' tensors.
 
-        Takes the upstream posterior from the chain (checking execution order), hands this
-        layer's posterior on, and records :attr:`last_statistics`.
+        ``batch_second`` is the variance (G, W) or, for ``covariance="full"``, the covariance
+        (G, W, W). Without inputs (no upstream) the posterior is the batch statistics (q = 1).
         """
-        upstream = self.chain.upstream(self.chain_index) if self.chain is not None else None
-        prior = None
-        if upstream is not None:
-            if upstream.mean.shape[0] not in (1, batch_mean.shape[0]):
-                raise ValueError(
-                    f"{self.display_name} has {batch_mean.shape[0]} statistics groups but its "
-                    f"upstream layer '{self.chain.names[self.chain_index - 1]}' had "
-                    f"{upstream.mean.shape[0]}: layers linked in a chain must see the same batch "
-                    f"split into the same statistics groups."
-                )
-            prior = self._predict(upstream)
-        if prior is None:
-            gain = torch.ones_like(batch_mean)
-            mean, var = batch_mean, batch_var
+        if not inputs:
+            return KalmanEstimate(batch_mean, batch_second, torch.ones_like(batch_mean), None, None)
+        up_mean, up_var, gain_param, first, second = inputs
+        if up_mean.shape[0] not in (1, batch_mean.shape[0]):
+            raise ValueError(
+                f"{self.display_name} has {batch_mean.shape[0]} statistics groups but its "
+                f"upstream layer '{self.chain.names[self.chain_index - 1]}' had "
+                f"{up_mean.shape[0]}: layers linked in a chain must see the same batch "
+                f"split into the same statistics groups."
+            )
+        if self.prior == "propagate":
+            if up_var.dim() == up_mean.dim() + 1:
+                up_var = up_var.diagonal(dim1=-2, dim2=-1)
+            relu_mean, relu_var = F.relu_moments(up_mean, up_var)
+            groups = getattr(self._propagation_source(), "groups", 1)
+            prior_mean, prior_var = F.linear_moments(relu_mean, relu_var, first, second, groups)
+        elif self.covariance == "full":
+            prior_mean, prior_var = F.predict_prior_full(
+                up_mean, up_var, first, torch_f.softplus(second)
+            )
         else:
-            prior_mean, prior_var = prior
-            gain = self.gain.to(batch_mean.dtype).expand_as(batch_mean)
-            if self.guard is not None:
-                prior_diag = _diagonal(prior_var, batch_mean)
-                ratio = (prior_diag / _diagonal(batch_var, batch_mean)).mean(-1, keepdim=True)
-                gain = torch.where(ratio < self.guard, gain, torch.ones_like(gain))
-            update = F.kalman_update_full if self.covariance == "full" else F.kalman_update
-            mean, var = update(batch_mean, batch_var, prior_mean, prior_var, gain)
+            prior_mean, prior_var = F.predict_prior(
+                up_mean, up_var, first, torch_f.softplus(second)
+            )
+        gain = torch.sigmoid(gain_param) if self.gain_logit is not None else gain_param
+        gain = gain.to(batch_mean.dtype).expand_as(batch_mean)
+        if self.guard is not None:
+            prior_diag = _diagonal(prior_var, batch_mean)
+            ratio = (prior_diag / _diagonal(batch_second, batch_mean)).mean(-1, keepdim=True)
+            gain = torch.where(ratio < self.guard, gain, torch.ones_like(gain))
+        update = F.kalman_update_full if self.covariance == "full" else F.kalman_update
+        mean, var = update(batch_mean, batch_second, prior_mean, prior_var, gain)
+        return KalmanEstimate(mean, var, gain, prior_mean.expand_as(batch_mean), prior_var)
+
+    def record(self, batch_mean: Tensor, batch_second: Tensor, estimate: KalmanEstimate) -> None:
+        """Hand the posterior to the next layer and keep detached diagnostics."""
         if self.chain is not None:
-            self.chain.publish(self.chain_index, Posterior(mean, var))
+            self.chain.publish(self.chain_index, Posterior(estimate.mean, estimate.var))
+        prior_var = estimate.prior_var
         self.last_statistics = KalmanStatistics(
             batch_mean=batch_mean.detach(),
-            batch_var=_diagonal(batch_var, batch_mean).detach(),
-            prior_mean=None if prior is None else prior[0].detach().expand_as(batch_mean),
-            prior_var=None if prior is None else _diagonal(prior[1], batch_mean).detach(),
-            posterior_mean=mean.detach(),
-            posterior_var=_diagonal(var, batch_mean).detach(),
-            gain=gain.detach(),
+            batch_var=_diagonal(batch_second, batch_mean).detach(),
+            prior_mean=None if estimate.prior_mean is None else estimate.prior_mean.detach(),
+            prior_var=None if prior_var is None else _diagonal(prior_var, batch_mean).detach(),
+            posterior_mean=estimate.mean.detach(),
+            posterior_var=_diagonal(estimate.var, batch_mean).detach(),
+            gain=estimate.gain.detach(),
         )
-        return mean, var, gain
 
     def publish_fixed(self, mean: Tensor, var: Tensor) -> None:
         """Hand fixed (moving) statistics on to the next layer, without an order check."""

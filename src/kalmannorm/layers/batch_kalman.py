@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm.fused import FusedGroupNorm, fused_applicable
 from kalmannorm.layers.base import KalmanNormBase
 
 EVAL_STATISTICS = ("moving", "batch")
@@ -124,6 +125,10 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
             return F.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
+        upstream = self.upstream_posterior()
+        inputs = self.estimate_inputs(upstream)
+        if self.covariance == "diag" and fused_applicable(x, (self.weight, *inputs)):
+            return self._forward_fused(x, inputs)
 
         if self.covariance == "full":
             batch_mean, batch_second, count = F.group_covariance(x, self.stat_batch_size)
@@ -132,14 +137,45 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
             batch_mean, batch_second, count = F.group_moments(x, self.stat_batch_size)
             batch_var = batch_second
         self.check_statistics(batch_mean, batch_var, count)
-        mean, second, gain = self.kalman_posterior(batch_mean, batch_second)
-        var = second.diagonal(dim1=-2, dim2=-1) if self.covariance == "full" else second
+        estimate = self.estimate(batch_mean, batch_second, *inputs)
+        self.record(batch_mean, batch_second, estimate)
+        var = F.diagonal(estimate.var) if self.covariance == "full" else estimate.var
+        self._update_running_stats(estimate.mean, var, estimate.gain, batch_var, count)
+        return F.normalize(x, estimate.mean, var, self.weight, self.bias, self.eps)
 
-        if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var + gain * batch_var / (count - 1))
-        return F.normalize(x, mean, var, self.weight, self.bias, self.eps)
+    def _forward_fused(self, x: Tensor, inputs: tuple[Tensor | None, ...]) -> Tensor:
+        """The same computation through :class:`kalmannorm.fused.FusedGroupNorm`."""
+        groups = F.num_stat_groups(x.shape[0], self.stat_batch_size)
+        count = (x.shape[0] // groups) * x[0, 0].numel()
+        seen: dict[str, object] = {}
 
-    def _update_running_stats(self, mean: Tensor, unbiased_var: Tensor) -> None:
+        def inspect(batch_mean: Tensor, batch_var: Tensor) -> None:
+            self.check_statistics(batch_mean, batch_var, count)
+            seen["batch"] = (batch_mean, batch_var)
+
+        def estimate(
+            batch_mean: Tensor, batch_var: Tensor, *small: Tensor
+        ) -> tuple[Tensor, Tensor]:
+            result = self.estimate(batch_mean, batch_var, *small)
+            seen.setdefault("estimate", result)
+            return result.mean, result.var
+
+        y, mean, var = FusedGroupNorm.apply(
+            x, groups, self.eps, estimate, inspect, self.weight, self.bias, *inputs
+        )
+        batch_mean, batch_var = seen["batch"]
+        forward_estimate = seen["estimate"]
+        self.record(batch_mean, batch_var, forward_estimate._replace(mean=mean, var=var))
+        self._update_running_stats(mean, var, forward_estimate.gain, batch_var, count)
+        return y
+
+    def _update_running_stats(
+        self, mean: Tensor, var: Tensor, gain: Tensor, batch_var: Tensor, count: int
+    ) -> None:
+        """EMA of the posterior mean and of the posterior variance with S unbiased (m/(m-1) S)."""
+        if not (self.training and self.track_running_stats):
+            return
+        unbiased_var = var + gain * batch_var / (count - 1)
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
             factor = 1.0 / float(self.num_batches_tracked)

@@ -90,6 +90,7 @@ class GroupKalmanNorm(KalmanNormBase):
             )
         if self.tracing:
             return x
+        upstream = self.upstream_posterior()
         # (N, G, C/G, *spatial) -> per-sample group statistics, shape (N, G).
         grouped = x.unflatten(1, (self.num_groups, self.num_channels // self.num_groups))
         if grouped.dtype in (torch.float16, torch.bfloat16):
@@ -98,7 +99,9 @@ class GroupKalmanNorm(KalmanNormBase):
         batch_var, batch_mean = torch.var_mean(grouped, dim=dims, correction=0)
         count = grouped[0, 0].numel()
         self.check_statistics(batch_mean, batch_var, count)
-        mean, var, _ = self.kalman_posterior(batch_mean, batch_var)
+        estimate = self.estimate(batch_mean, batch_var, *self.estimate_inputs(upstream))
+        self.record(batch_mean, batch_var, estimate)
+        mean, var = estimate.mean, estimate.var
         per_channel = self.num_channels // self.num_groups
         return F.normalize(
             x,

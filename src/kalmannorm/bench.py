@@ -1,0 +1,456 @@
+"""How much slower is Batch Kalman Normalization than BatchNorm? Measured on this machine.
+
+Two measurements, each comparing BKN (statistics-batch ``stat_batch_size``, linked in a chain so
+the Kalman prior path runs) against :class:`torch.nn.BatchNorm2d` in the same process:
+
+``layer``
+    forward + backward of ``Sequential(BatchNorm2d(C), BatchNorm2d(C))`` and of its converted
+    version (the second BKN layer takes the first one's posterior as its prior) on a fixed
+    (N, C, H, W) input that requires grad. Default N=128, C=64, 32x32.
+``step``
+    one full training step (forward, cross-entropy, backward, SGD step) of
+    :func:`~kalmannorm.models.preact_resnet20`, BN at batch N vs BKN at batch N with
+    statistics-batch ``stat_batch_size``, eager and under :func:`torch.compile` (a compile failure
+    is reported, not raised).
+
+Timing: warm-up iterations first (not timed; they include compilation), then ``repeats`` rounds
+that each time ``iters`` calls of BN and of BKN back to back, alternating which goes first, so
+slow drift and background load hit both; a measurement is the median over rounds of the mean time
+per call. Ratios are BKN time / BN time (> 1: BKN is slower).
+
+Run ``python -m kalmannorm.bench`` (``--quick`` for a < 1 minute smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as torch_f
+
+from kalmannorm.convert import convert_norm
+from kalmannorm.models import preact_resnet20
+
+__all__ = ["BenchConfig", "format_table", "main", "run_benchmark"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes and repeat counts of one benchmark run."""
+
+    layer_batch: int = 128
+    layer_channels: int = 64
+    layer_size: int = 32
+    step_batch: int = 128
+    step_size: int = 32
+    stat_batch_size: int = 2
+    layer_warmup: int = 3
+    layer_repeats: int = 7
+    layer_iters: int = 5
+    step_warmup: int = 2
+    step_repeats: int = 5
+    step_iters: int = 2
+    compile_warmup: int = 2
+    compile_repeats: int = 3
+    compile_iters: int = 1
+
+
+FULL = BenchConfig()
+QUICK = BenchConfig(
+    layer_batch=32,
+    layer_channels=16,
+    layer_size=16,
+    step_batch=16,
+    step_size=16,
+    layer_warmup=2,
+    layer_repeats=3,
+    layer_iters=3,
+    step_warmup=1,
+    step_repeats=3,
+    step_iters=1,
+)
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _interleaved(
+    calls: dict[str, Callable[[], None]],
+    warmup: int,
+    repeats: int,
+    iters: int,
+    sync: Callable[[], None],
+) -> dict[str, list[float]]:
+    """Per-round mean milliseconds per call of each callable, rounds interleaved."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    sync()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            call = calls[name]
+            sync()
+            start = time.perf_counter()
+            for _ in range(iters):
+                call()
+            sync()
+            samples[name].append((time.perf_counter() - start) * 1e3 / iters)
+    return samples
+
+
+def _summary(samples: dict[str, list[float]]) -> dict:
+    bn, bkn = statistics.median(samples["bn"]), statistics.median(samples["bkn"])
+    return {
+        "bn_ms": bn,
+        "bkn_ms": bkn,
+        "ratio": bkn / bn,
+        "bn_samples_ms": samples["bn"],
+        "bkn_samples_ms": samples["bkn"],
+    }
+
+
+def _peak_memory(device: torch.device, call: Callable[[], None]) -> int | None:
+    """Peak allocated bytes of one call (CUDA only; ``None`` elsewhere)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    call()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _short_error(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:160]
+
+
+# -- the two measurements ---------------------------------------------------------------------
+
+
+def _layer_calls(config: BenchConfig, device: torch.device) -> dict[str, Callable[[], None]]:
+    c = config.layer_channels
+    generator = torch.Generator().manual_seed(0)
+    shape = (config.layer_batch, c, config.layer_size, config.layer_size)
+    x = torch.randn(shape, generator=generator).to(device).requires_grad_(True)
+    grad = torch.randn(shape, generator=generator).to(device)
+    bn = nn.Sequential(nn.BatchNorm2d(c), nn.BatchNorm2d(c)).to(device).train()
+    bkn = convert_norm(
+        nn.Sequential(nn.BatchNorm2d(c), nn.BatchNorm2d(c)).to(device).train(),
+        "bkn",
+        stat_batch_size=config.stat_batch_size,
+    )
+
+    def make(model: nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            x.grad = None
+            model.zero_grad(set_to_none=True)
+            model(x).backward(grad)
+
+        return call
+
+    return {"bn": make(bn), "bkn": make(bkn)}
+
+
+def _step_models(config: BenchConfig, device: torch.device) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    bn = preact_resnet20().to(device).train()
+    torch.manual_seed(0)
+    bkn = convert_norm(
+        preact_resnet20().to(device).train(), "bkn", stat_batch_size=config.stat_batch_size
+    )
+    return {"bn": bn, "bkn": bkn}
+
+
+def _step_call(
+    model: nn.Module, run: Callable[[Tensor], Tensor], x: Tensor, y: Tensor
+) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def call() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch_f.cross_entropy(run(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return call
+
+
+def _step_data(config: BenchConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    size = config.step_size
+    x = torch.randn(config.step_batch, 3, size, size, generator=generator).to(device)
+    y = torch.randint(0, 10, (config.step_batch,), generator=generator).to(device)
+    return x, y
+
+
+def _graph_breaks() -> int | None:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(sum(counters["graph_break"].values()))
+    except Exception:  # pragma: no cover - private API
+        return None
+
+
+def _compiled_step(config: BenchConfig, device: torch.device, sync: Callable[[], None]) -> dict:
+    """Compile both models, warm up (compilation time reported), then time interleaved."""
+    import torch._dynamo
+
+    x, y = _step_data(config, device)
+    calls: dict[str, Callable[[], None]] = {}
+    compile_s: dict[str, float] = {}
+    graph_breaks: dict[str, int | None] = {}
+    errors: dict[str, str] = {}
+    for name, model in _step_models(config, device).items():
+        torch._dynamo.reset()
+        try:
+            from torch._dynamo.utils import counters
+
+            counters.clear()
+        except Exception:  # pragma: no cover - private API
+            pass
+        try:
+            call = _step_call(model, torch.compile(model), x, y)
+            start = time.perf_counter()
+            for _ in range(config.compile_warmup):
+                call()
+            sync()
+            compile_s[name] = time.perf_counter() - start
+            graph_breaks[name] = _graph_breaks()
+            calls[name] = call
+        except Exception as error:  # any compile failure is a result
+            errors[name] = _short_error(error)
+    if errors:
+        reason = "; ".join(f"{name}: {message}" for name, message in errors.items())
+        return {"error": f"failed: {reason}", "compile_s": compile_s}
+    try:
+        samples = _interleaved(calls, 0, config.compile_repeats, config.compile_iters, sync)
+    except Exception as error:
+        return {"error": f"failed: {_short_error(error)}", "compile_s": compile_s}
+    return {**_summary(samples), "compile_s": compile_s, "graph_breaks": graph_breaks}
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the timings were taken on."""
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        info["load_average_start"] = list(os.getloadavg())
+    return info
+
+
+def run_benchmark(
+    quick: bool = False,
+    compile: bool = True,
+    device: str | torch.device = "cpu",
+    config: BenchConfig | None = None,
+    threads: int | None = None,
+) -> dict:
+    """Time BKN against BatchNorm2d on this machine; see the module docstring.
+
+    Args:
+        quick: small sizes and few repeats (well under a minute on two CPU cores); never compiles.
+        compile: also time the training step under :func:`torch.compile` (ignored when quick).
+        device: where to run ("cpu", "cuda", ...).
+        config: explicit sizes and repeat counts (overrides ``quick``'s choice).
+        threads: CPU threads for the run (:func:`torch.set_num_threads`, restored afterwards);
+            ``None`` keeps the current setting. On a loaded machine one thread gives far steadier
+            timings than more threads than free cores.
+
+    Returns:
+        A dict with ``layer_ratio``, ``step_ratio_eager`` and ``step_ratio_compiled`` (BKN time /
+        BN time; the last ``None`` when skipped or failed, with the reason in
+        ``step_compiled["error"]``), the raw timings in ms under ``layer``, ``step_eager`` and
+        ``step_compiled``, ``memory`` (peak-memory ratio of a training step, CUDA only),
+        ``config`` and ``machine``.
+    """
+    device = torch.device(device)
+    config = config or (QUICK if quick else FULL)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(config, quick, compile and not quick, device)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(config: BenchConfig, quick: bool, do_compile: bool, device: torch.device) -> dict:
+    sync = _synchronizer(device)
+    started = time.perf_counter()
+    results: dict = {"machine": machine_info(device), "config": asdict(config), "quick": quick}
+
+    layer = _summary(
+        _interleaved(
+            _layer_calls(config, device),
+            config.layer_warmup,
+            config.layer_repeats,
+            config.layer_iters,
+            sync,
+        )
+    )
+
+    x, y = _step_data(config, device)
+    models = _step_models(config, device)
+    step_calls = {name: _step_call(model, model, x, y) for name, model in models.items()}
+    step_eager = _summary(
+        _interleaved(step_calls, config.step_warmup, config.step_repeats, config.step_iters, sync)
+    )
+
+    peaks = {name: _peak_memory(device, call) for name, call in step_calls.items()}
+    if peaks["bn"] and peaks["bkn"]:
+        memory = {
+            "bn_bytes": peaks["bn"],
+            "bkn_bytes": peaks["bkn"],
+            "ratio": peaks["bkn"] / peaks["bn"],
+        }
+    else:
+        memory = {"ratio": None, "note": f"n/a on {device.type.upper()}"}
+    del models, step_calls
+
+    if do_compile:
+        step_compiled = _compiled_step(config, device, sync)
+    else:
+        step_compiled = {"error": "skipped (quick run)" if quick else "skipped (compile=False)"}
+
+    results.update(
+        layer=layer,
+        step_eager=step_eager,
+        step_compiled=step_compiled,
+        memory=memory,
+        layer_ratio=layer["ratio"],
+        step_ratio_eager=step_eager["ratio"],
+        step_ratio_compiled=step_compiled.get("ratio"),
+        memory_ratio=memory["ratio"],
+        layer_bn_ms=layer["bn_ms"],
+        layer_bkn_ms=layer["bkn_ms"],
+        step_eager_bn_ms=step_eager["bn_ms"],
+        step_eager_bkn_ms=step_eager["bkn_ms"],
+        step_compiled_bn_ms=step_compiled.get("bn_ms"),
+        step_compiled_bkn_ms=step_compiled.get("bkn_ms"),
+        total_s=time.perf_counter() - started,
+    )
+    if hasattr(os, "getloadavg"):
+        results["machine"]["load_average_end"] = list(os.getloadavg())
+    return results
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_table(results: dict) -> str:
+    """A Markdown table of the timings and ratios of :func:`run_benchmark`'s result."""
+    config, machine = results["config"], results["machine"]
+    s = config["stat_batch_size"]
+    layer_shape = (
+        f"N={config['layer_batch']} C={config['layer_channels']} "
+        f"{config['layer_size']}x{config['layer_size']}"
+    )
+    step_shape = f"batch {config['step_batch']}, {config['step_size']}x{config['step_size']}"
+    rows = [
+        ("| measurement | BatchNorm2d (ms) | BKN (ms) | BKN / BN |"),
+        ("|---|---:|---:|---:|"),
+    ]
+
+    def row(label: str, entry: dict) -> str:
+        if "error" in entry:
+            return f"| {label} | - | - | {entry['error']} |"
+        return (
+            f"| {label} | {_ms(entry['bn_ms'])} | {_ms(entry['bkn_ms'])} | {entry['ratio']:.2f}x |"
+        )
+
+    rows.append(row(f"layer fwd+bwd, 2 linked layers ({layer_shape}, s={s})", results["layer"]))
+    rows.append(
+        row(f"train step, preact_resnet20, eager ({step_shape}, s={s})", results["step_eager"])
+    )
+    rows.append(
+        row(
+            f"train step, preact_resnet20, compiled ({step_shape}, s={s})",
+            results["step_compiled"],
+        )
+    )
+    memory = results["memory"]
+    memory_cell = f"{memory['ratio']:.2f}x" if memory.get("ratio") else memory.get("note", "n/a")
+    if memory.get("ratio"):
+        rows.append(
+            f"| peak memory, train step (MiB) | {memory['bn_bytes'] / 2**20:.1f} | "
+            f"{memory['bkn_bytes'] / 2**20:.1f} | {memory_cell} |"
+        )
+    else:
+        rows.append(f"| peak memory, train step | - | - | {memory_cell} |")
+    notes = [
+        f"torch {machine['torch']}, device {machine['device']}"
+        + (f" ({machine['gpu']})" if "gpu" in machine else "")
+        + f", {machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads",
+    ]
+    if "load_average_start" in machine:
+        start = machine["load_average_start"][0]
+        end = machine.get("load_average_end", [start])[0]
+        notes.append(f"1-min load average {start:.2f} at start, {end:.2f} at end")
+    compiled = results["step_compiled"]
+    if compiled.get("compile_s"):
+        times = ", ".join(f"{k} {v:.0f} s" for k, v in compiled["compile_s"].items())
+        notes.append(f"compile + warm-up: {times}")
+    if compiled.get("graph_breaks"):
+        breaks = ", ".join(f"{k} {v}" for k, v in compiled["graph_breaks"].items())
+        notes.append(f"graph breaks: {breaks}")
+    notes.append(f"total {results['total_s']:.0f} s")
+    return "\n".join(rows) + "\n\n" + "; ".join(notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m kalmannorm.bench --help``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, no compile (< 1 min)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile step")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
+    args = parser.parse_args(argv)
+    results = run_benchmark(
+        quick=args.quick, compile=not args.no_compile, device=args.device, threads=args.threads
+    )
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

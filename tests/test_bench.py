@@ -1,0 +1,57 @@
+"""The quick benchmark runs and reports finite BKN / BN ratios."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kalmannorm.bench import format_table, run_benchmark
+
+
+@pytest.fixture(scope="module")
+def quick_results() -> dict:
+    # One thread: on a loaded machine more threads than free cores slow CPU kernels many-fold.
+    threads = torch.get_num_threads()
+    results = run_benchmark(quick=True, device="cpu", threads=1)
+    assert torch.get_num_threads() == threads  # restored
+    return results
+
+
+def test_quick_benchmark_ratios(quick_results: dict) -> None:
+    results = quick_results
+    for key in ("layer_ratio", "step_ratio_eager"):
+        assert isinstance(results[key], float)
+        assert math.isfinite(results[key]) and results[key] > 0
+    for key in ("layer_bn_ms", "layer_bkn_ms", "step_eager_bn_ms", "step_eager_bkn_ms"):
+        assert math.isfinite(results[key]) and results[key] > 0
+    assert results["layer_ratio"] == pytest.approx(results["layer_bkn_ms"] / results["layer_bn_ms"])
+    assert results["step_ratio_compiled"] is None  # quick never compiles
+    assert "skipped" in results["step_compiled"]["error"]
+    config = results["config"]
+    assert len(results["layer"]["bn_samples_ms"]) == config["layer_repeats"]
+    assert len(results["step_eager"]["bkn_samples_ms"]) == config["step_repeats"]
+    machine = results["machine"]
+    assert machine["device"] == "cpu" and machine["cpu_count"] >= 1 and machine["torch"]
+    assert machine["torch_threads"] == 1
+    assert results["memory_ratio"] is None and results["memory"]["note"] == "n/a on CPU"
+
+
+def test_format_table_has_ratio_rows(quick_results: dict) -> None:
+    table = format_table(quick_results)
+    lines = table.splitlines()
+    assert lines[0].startswith("| measurement") and "BKN / BN" in lines[0]
+    layer = next(line for line in lines if line.startswith("| layer fwd+bwd"))
+    assert f"{quick_results['layer_ratio']:.2f}x" in layer
+    eager = next(line for line in lines if "eager" in line and line.startswith("| train step"))
+    assert f"{quick_results['step_ratio_eager']:.2f}x" in eager
+    compiled = next(line for line in lines if "compiled" in line and line.startswith("| train"))
+    assert "skipped" in compiled
+    assert "n/a on CPU" in table
+    assert "torch " in table
+
+
+def test_format_table_reports_compile_failure(quick_results: dict) -> None:
+    results = dict(quick_results, step_compiled={"error": "failed: RuntimeError: boom"})
+    assert "failed: RuntimeError: boom" in format_table(results)

@@ -1,0 +1,78 @@
+"""The fused eager path equals the composite path (which torch.compile and channels_last use)."""
+
+import pytest
+import torch
+from conftest import conv_bn_stack, randomize_kalman
+
+import kalmannorm
+from kalmannorm.fused import fast_moments
+
+
+def _forward_backward(model, x):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    node = type(out.grad_fn).__name__
+    out.backward(torch.ones_like(out) + out.detach())  # a non-trivial upstream gradient
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return out.detach().contiguous(), x.grad.contiguous(), grads, node
+
+
+@pytest.mark.parametrize("prior", ["learned", "propagate"])
+def test_fused_path_equals_composite_path_forward_backward_running_stats(prior):
+    model = kalmannorm.convert_norm(
+        conv_bn_stack(), "bkn", stat_batch_size=2, prior=prior, guard=1e9
+    )
+    randomize_kalman(model, seed=11)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    out_fused, gx_fused, grads_fused, node = _forward_backward(model, x)
+    assert "FusedGroupNorm" in node
+    stats_fused = model[4].last_statistics
+    running_fused = model[4].running_var.clone()
+    # channels_last activations are not NCHW-contiguous: every layer takes the composite path.
+    model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model[4].running_var.copy_(torch.ones_like(running_fused))
+        model[4].num_batches_tracked.zero_()
+    out, gx, grads, node = _forward_backward(model, x.to(memory_format=torch.channels_last))
+    assert "FusedGroupNorm" not in node
+    torch.testing.assert_close(out_fused, out)
+    torch.testing.assert_close(gx_fused, gx)
+    assert grads_fused.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_fused[name], grads[name], msg=name)
+    for a, b in zip(stats_fused, model[4].last_statistics):
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    torch.testing.assert_close(running_fused, model[4].running_var)
+
+
+def test_gradcheck_composite_path():
+    model = kalmannorm.convert_norm(conv_bn_stack((2, 3, 2)), "bkn", stat_batch_size=2)
+    randomize_kalman(model, seed=12)
+    model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda inp: model(inp), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_fast_moments_are_exact_even_with_a_large_mean():
+    x = 1e4 + torch.randn(4, 2, 3, 50)  # float32, mean/std = 1e4: E[x^2] - mean^2 would fail
+    mean, var = fast_moments(x)
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(1, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
+    y = torch.randn(4, 2, 3, 50)
+    mean, var = fast_moments(y)
+    ref_var, ref_mean = torch.var_mean(y, dim=(1, 3), correction=0)
+    torch.testing.assert_close(var, ref_var)
+
+
+def test_fused_output_accepts_an_in_place_activation():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True)
+    )
+    kalmannorm.convert_norm(model, "bkn", stat_batch_size=2)
+    out = model(torch.randn(4, 3, 2, 2))
+    out.sum().backward()
+    assert (out >= 0).all() and model[0].weight.grad is not None
