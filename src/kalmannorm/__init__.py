@@ -16,6 +16,7 @@ from kalmannorm.convert import (
     register_norm,
     set_eval_statistics,
 )
+from kalmannorm.fold import fold
 from kalmannorm.layers import (
     BatchKalmanNorm,
     BatchKalmanNorm1d,
@@ -43,6 +44,7 @@ __all__ = [
     "build_norm",
     "convert_norm",
     "find_chain",
+    "fold",
     "kalman_statistics",
     "link_chain",
     "register_norm",
