@@ -1,0 +1,43 @@
+"""torch.compile with fullgraph=True, and low-precision autocast with float32 statistics."""
+
+import copy
+
+import torch
+
+import kalmannorm
+from kalmannorm.models import SmallCNN
+
+
+def test_compiled_bkn_model_has_no_graph_breaks_and_matches_eager():
+    torch.manual_seed(0)
+    model = kalmannorm.convert_norm(SmallCNN(3, 10, 8), "bkn", stat_batch_size=2)
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 3, 12, 12)
+    expected = model(x)
+    expected.sum().backward()
+    compiled = torch.compile(twin, fullgraph=True)  # raises on any graph break
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    torch.testing.assert_close(twin.features[3][1].running_var, model.features[3][1].running_var)
+    assert twin.features[3][1].last_statistics.gain.shape == (2, 32)
+
+
+def test_bfloat16_autocast_accumulates_statistics_in_float32():
+    torch.manual_seed(0)
+    model = kalmannorm.convert_norm(SmallCNN(3, 10, 8), "bkn", stat_batch_size=2)
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(4, 3, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    stats = model.features[1][1].last_statistics
+    assert stats.batch_var.dtype == torch.float32 and stats.posterior_var.dtype == torch.float32
+    assert model.features[1][1].running_var.dtype == torch.float32
+    expected = reference(x.double())
+    torch.testing.assert_close(out.double(), expected, rtol=0.05, atol=0.05)
+    exact = reference.features[1][1].last_statistics.posterior_var
+    torch.testing.assert_close(stats.posterior_var.double(), exact, rtol=0.03, atol=1e-3)
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
