@@ -40,8 +40,9 @@ from kalmannorm import BatchKalmanNorm
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 
-# name -> (norm, options for convert_norm, std of the transition init relative to 1/sqrt(fan_in))
-CONFIGS: dict[str, tuple[str, dict, float]] = {
+# name -> (norm, options for convert_norm, std of the transition init relative to 1/sqrt(fan_in)
+#          [, conv init: "default" (kaiming_uniform, a=sqrt 5) or "kaiming" (fan_out, relu)])
+CONFIGS: dict[str, tuple] = {
     "bn-full": ("bn", {}, 0.0),
     "bn-s2": ("bkn", {"gain": 1.0, "learn_gain": False}, 0.0),
     "q0.5-R1": ("bkn", {"gain": 0.5, "noise": 1.0}, 0.0),
@@ -51,6 +52,9 @@ CONFIGS: dict[str, tuple[str, dict, float]] = {
     "q0.9-R1-Arand0.01": ("bkn", {"gain": 0.9, "noise": 1.0}, 0.01),
     "q0.9-R1-Arand1": ("bkn", {"gain": 0.9, "noise": 1.0}, 1.0),
     "propagate": ("bkn", {"prior": "propagate"}, 0.0),
+    # the same two with torchvision-style conv init (activations with ~3-10x the variance)
+    "bn-s2-kaiming": ("bkn", {"gain": 1.0, "learn_gain": False}, 0.0, "kaiming"),
+    "q0.9-R1-kaiming": ("bkn", {"gain": 0.9, "noise": 1.0}, 0.0, "kaiming"),
 }
 
 
@@ -117,9 +121,13 @@ def small_cnn(num_classes: int = 10) -> nn.Sequential:
 
 
 def build_model(config: str, stat_batch_size: int, seed: int) -> nn.Module:
-    norm, options, a_std = CONFIGS[config]
+    norm, options, a_std, *rest = CONFIGS[config]
     torch.manual_seed(seed)
     model = small_cnn()
+    if rest and rest[0] == "kaiming":
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     if norm == "bkn":
         kalmannorm.convert_norm(model, "bkn", stat_batch_size=stat_batch_size, **options)
         for layer in kalman_layers(model):
@@ -129,15 +137,18 @@ def build_model(config: str, stat_batch_size: int, seed: int) -> nn.Module:
     return model
 
 
+def layer_mean(value: torch.Tensor | None) -> float | None:
+    """Mean of a per-channel Kalman quantity (``None`` for a layer without upstream)."""
+    return None if value is None else float(value.detach().mean())
+
+
 def kalman_layers(model: nn.Module) -> list[BatchKalmanNorm]:
     return [m for m in model.modules() if isinstance(m, BatchKalmanNorm)]
 
 
 def optimizer_for(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """SGD with momentum; weight decay on conv/linear weights only."""
-    decayed = [
-        m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
+    decayed = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     ids = {id(p) for p in decayed}
     rest = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
     return torch.optim.SGD(
@@ -189,7 +200,9 @@ def run(config: str, seed: int, data: tuple[torch.Tensor, ...], args: argparse.N
     except FloatingPointError as error:
         result["status"] = f"diverged at step {len(losses)}: {str(error)[:80]}"
     result["train_s"] = time.perf_counter() - start
-    result["final_train_loss"] = statistics.fmean(losses[-steps_per_epoch // 4 :]) if losses else None
+    # mean training loss over the last quarter epoch
+    tail = losses[-steps_per_epoch // 4 :]
+    result["final_train_loss"] = statistics.fmean(tail) if tail else None
 
     model.eval()
     start = time.perf_counter()
@@ -200,15 +213,12 @@ def run(config: str, seed: int, data: tuple[torch.Tensor, ...], args: argparse.N
             result["acc_batch"] = evaluate(model, x_test, y_test, args.test_batch_size)
             kalmannorm.set_eval_statistics(model, "moving")
     result["eval_s"] = time.perf_counter() - start
-    result["gain"] = [
-        None if layer.gain is None else float(layer.gain.detach().mean()) for layer in kalman_layers(model)
-    ]
-    result["noise"] = [
-        None if layer.noise is None else float(layer.noise.detach().mean()) for layer in kalman_layers(model)
-    ]
+    layers = kalman_layers(model)
+    result["gain"] = [layer_mean(layer.gain) for layer in layers]
+    result["noise"] = [layer_mean(layer.noise) for layer in layers]
     result["transition_rms"] = [
-        None if layer.transition is None else float(layer.transition.detach().square().mean().sqrt())
-        for layer in kalman_layers(model)
+        layer_mean(layer.transition.square()) ** 0.5 if layer.transition is not None else None
+        for layer in layers
     ]
     return result
 
@@ -243,7 +253,8 @@ def table(results: list[dict]) -> str:
         rows = [r for r in results if r["config"] == config]
         ok = [r for r in rows if r["status"] == "ok"]
         bad = [r for r in rows if r["status"] != "ok"]
-        per_seed = ", ".join(f"{100 * r['acc_moving']:.2f}" for r in sorted(ok, key=lambda r: r["seed"]))
+        by_seed = sorted(ok, key=lambda r: r["seed"])
+        per_seed = ", ".join(f"{100 * r['acc_moving']:.2f}" for r in by_seed)
         if bad:
             per_seed += "; " + "; ".join(f"seed {r['seed']} {r['status']}" for r in bad)
         lines.append(

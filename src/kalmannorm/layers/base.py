@@ -37,10 +37,12 @@ from kalmannorm.chain import Posterior
 if TYPE_CHECKING:
     from kalmannorm.chain import KalmanChain
 
-#: Initial gain q of a learned prior. Chosen by experiment, see docs/design.md.
+#: Initial gain q of a learned prior. Chosen by experiment: docs/design/init-sweep.md.
 DEFAULT_GAIN = 0.9
-#: Initial process noise R (the paper's unit-variance u^k).
-DEFAULT_NOISE = 1.0
+#: Initial process noise R, in the units of the activations. The paper's u^k has unit variance,
+#: but R = 1 dwarfs the batch variance of freshly initialised layers; 0.1 trained best and keeps
+#: the initial normalising variance within about 10% of BatchNorm's (docs/design/init-sweep.md).
+DEFAULT_NOISE = 0.1
 #: Fixed gain of the authors' variant: p = 0.9 on the prior.
 PROPAGATE_GAIN = 0.1
 #: The authors' guard on mean(prior_var / batch_var).
@@ -193,7 +195,7 @@ class KalmanNormBase(nn.Module):
         Relinking to an upstream of the same width keeps the learned parameters.
         """
         self.chain, self.chain_index, self.chain_name = chain, index, name
-        if index == 0:
+        if index == 0 or self.is_batch_only():
             self._drop_kalman_parameters()
             return
         width = chain.layers[index - 1].stat_width
@@ -204,6 +206,10 @@ class KalmanNormBase(nn.Module):
         )
         if self.gain is None or not keeps:
             self._create_kalman_parameters(width)
+
+    def is_batch_only(self) -> bool:
+        """A fixed gain q = 1 ignores any prior: the layer is plain BatchNorm/GroupNorm."""
+        return not self.learn_gain and self.initial_gain == 1.0
 
     def leave_chain(self) -> None:
         self.chain, self.chain_index, self.chain_name = None, -1, ""
@@ -243,7 +249,7 @@ class KalmanNormBase(nn.Module):
     def estimate_inputs(self, upstream: Posterior | None) -> tuple[Tensor | None, ...]:
         """The small tensors :meth:`estimate` depends on besides the batch statistics:
         (upstream mean, upstream var, gain parameter, *prior parameters)."""
-        if upstream is None:
+        if upstream is None or self.gain is None:
             return ()
         gain = self.gain_logit if self.gain_logit is not None else self.gain_value
         if self.prior == "propagate":

@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
 from kalmannorm.fused import FusedGroupNorm, fused_applicable
-from kalmannorm.layers.base import KalmanNormBase
+from kalmannorm.layers.base import DEFAULT_NOISE, KalmanNormBase
 
 EVAL_STATISTICS = ("moving", "batch")
 
@@ -65,7 +65,7 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
         prior: str = "learned",
         gain: float | None = None,
         learn_gain: bool | None = None,
-        noise: float = 1.0,
+        noise: float = DEFAULT_NOISE,
         guard: float | None = None,
         covariance: str = "diag",
         eval_statistics: str = "moving",

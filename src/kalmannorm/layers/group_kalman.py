@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from kalmannorm import functional as F
-from kalmannorm.layers.base import KalmanNormBase
+from kalmannorm.layers.base import DEFAULT_NOISE, KalmanNormBase
 
 
 class GroupKalmanNorm(KalmanNormBase):
@@ -45,7 +45,7 @@ class GroupKalmanNorm(KalmanNormBase):
         *,
         gain: float | None = None,
         learn_gain: bool | None = None,
-        noise: float = 1.0,
+        noise: float = DEFAULT_NOISE,
         guard: float | None = None,
         check_finite: bool = True,
     ) -> None:
