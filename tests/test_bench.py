@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kalmannorm.bench import format_table, run_benchmark
+from kalmannorm.bench import _saved_bytes, format_table, run_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,23 @@ def test_quick_benchmark_ratios(quick_results: dict) -> None:
     machine = results["machine"]
     assert machine["device"] == "cpu" and machine["cpu_count"] >= 1 and machine["torch"]
     assert machine["torch_threads"] == 1
-    assert results["memory_ratio"] is None and results["memory"]["note"] == "n/a on CPU"
+    memory = results["memory"]
+    assert memory["kind"] == "saved for backward" and memory["bn_bytes"] > 0
+    assert results["memory_ratio"] == pytest.approx(memory["bkn_bytes"] / memory["bn_bytes"])
+    for key in ("layer_wide_ratio", "folded_inference_ratio"):
+        assert math.isfinite(results[key]) and results[key] > 0
+    assert results["step_ratio_eager_resnet50"] is None  # quick skips the large model
+
+
+def test_saved_bytes_counts_what_autograd_keeps():
+    linear = torch.nn.Linear(64, 8, bias=False)
+    x = torch.randn(32, 64, requires_grad=True)
+
+    def step():
+        linear(x).sum().backward()
+
+    # Linear saves its input (32 x 64 floats) and its weight (8 x 64 floats).
+    assert _saved_bytes(step) == (32 * 64 + 8 * 64) * 4
 
 
 def test_format_table_has_ratio_rows(quick_results: dict) -> None:
@@ -48,10 +64,10 @@ def test_format_table_has_ratio_rows(quick_results: dict) -> None:
     assert f"{quick_results['step_ratio_eager']:.2f}x" in eager
     compiled = next(line for line in lines if "compiled" in line and line.startswith("| train"))
     assert "skipped" in compiled
-    assert "n/a on CPU" in table
+    assert "saved for backward" in table and "folded inference" in table
     assert "torch " in table
 
 
 def test_format_table_reports_compile_failure(quick_results: dict) -> None:
-    results = dict(quick_results, step_compiled={"error": "failed: RuntimeError: boom"})
+    results = dict(quick_results, step_compiled_resnet20={"error": "failed: RuntimeError: boom"})
     assert "failed: RuntimeError: boom" in format_table(results)

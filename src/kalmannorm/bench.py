@@ -1,17 +1,23 @@
 """How much slower is Batch Kalman Normalization than BatchNorm? Measured on this machine.
 
-Two measurements, each comparing BKN (statistics-batch ``stat_batch_size``, linked in a chain so
-the Kalman prior path runs) against :class:`torch.nn.BatchNorm2d` in the same process:
+Each measurement compares BKN (statistics-batch ``stat_batch_size``, linked in a chain so the
+Kalman prior path runs) against :class:`torch.nn.BatchNorm2d` in the same process:
 
-``layer``
+``layer`` (and ``layer_wide``)
     forward + backward of ``Sequential(BatchNorm2d(C), BatchNorm2d(C))`` and of its converted
     version (the second BKN layer takes the first one's posterior as its prior) on a fixed
-    (N, C, H, W) input that requires grad. Default N=128, C=64, 32x32.
+    (N, C, H, W) input that requires grad: N=128, C=64, 32x32 and N=32, C=256, 14x14.
 ``step``
     one full training step (forward, cross-entropy, backward, SGD step) of
-    :func:`~kalmannorm.models.preact_resnet20`, BN at batch N vs BKN at batch N with
+    :func:`~kalmannorm.models.preact_resnet20` (batch 128, 32x32) and of torchvision's ResNet-50
+    (batch 8, 224x224; when torchvision is installed), BN at the whole batch vs BKN with
     statistics-batch ``stat_batch_size``, eager and under :func:`torch.compile` (a compile failure
     is reported, not raised).
+``memory``
+    activation memory of a ResNet-20 training step: peak allocated bytes on CUDA; on CPU the bytes
+    autograd saves for the backward pass (what grows with the batch).
+``folded``
+    inference of :func:`kalmannorm.fold` of each trained-mode model (eval, batch 128).
 
 Timing: warm-up iterations first (not timed; they include compilation), then ``repeats`` rounds
 that each time ``iters`` calls of BN and of BKN back to back, alternating which goes first, so
@@ -37,6 +43,7 @@ from torch import Tensor, nn
 from torch.nn import functional as torch_f
 
 from kalmannorm.convert import convert_norm
+from kalmannorm.fold import fold
 from kalmannorm.models import preact_resnet20
 
 __all__ = ["BenchConfig", "format_table", "main", "run_benchmark"]
@@ -49,6 +56,9 @@ class BenchConfig:
     layer_batch: int = 128
     layer_channels: int = 64
     layer_size: int = 32
+    wide_batch: int = 32
+    wide_channels: int = 256
+    wide_size: int = 14
     step_batch: int = 128
     step_size: int = 32
     stat_batch_size: int = 2
@@ -61,6 +71,9 @@ class BenchConfig:
     compile_warmup: int = 2
     compile_repeats: int = 3
     compile_iters: int = 1
+    large_model: bool = True
+    large_batch: int = 8
+    large_size: int = 224
 
 
 FULL = BenchConfig()
@@ -76,6 +89,10 @@ QUICK = BenchConfig(
     step_warmup=1,
     step_repeats=3,
     step_iters=1,
+    wide_batch=8,
+    wide_channels=32,
+    wide_size=7,
+    large_model=False,
 )
 
 
@@ -146,17 +163,18 @@ def _short_error(error: BaseException) -> str:
 # -- the two measurements ---------------------------------------------------------------------
 
 
-def _layer_calls(config: BenchConfig, device: torch.device) -> dict[str, Callable[[], None]]:
-    c = config.layer_channels
+def _layer_calls(
+    shape: tuple[int, int, int, int], stat_batch_size: int, device: torch.device
+) -> dict[str, Callable[[], None]]:
+    c = shape[1]
     generator = torch.Generator().manual_seed(0)
-    shape = (config.layer_batch, c, config.layer_size, config.layer_size)
     x = torch.randn(shape, generator=generator).to(device).requires_grad_(True)
     grad = torch.randn(shape, generator=generator).to(device)
     bn = nn.Sequential(nn.BatchNorm2d(c), nn.BatchNorm2d(c)).to(device).train()
     bkn = convert_norm(
         nn.Sequential(nn.BatchNorm2d(c), nn.BatchNorm2d(c)).to(device).train(),
         "bkn",
-        stat_batch_size=config.stat_batch_size,
+        stat_batch_size=stat_batch_size,
     )
 
     def make(model: nn.Module) -> Callable[[], None]:
@@ -170,13 +188,27 @@ def _layer_calls(config: BenchConfig, device: torch.device) -> dict[str, Callabl
     return {"bn": make(bn), "bkn": make(bkn)}
 
 
-def _step_models(config: BenchConfig, device: torch.device) -> dict[str, nn.Module]:
+def _resnet50() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet50(weights=None)
+
+
+#: Training-step workloads: name -> (model builder, batch and image-size config fields).
+WORKLOADS: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
+    "resnet20": (preact_resnet20, "step_batch", "step_size"),
+    "resnet50": (_resnet50, "large_batch", "large_size"),
+}
+
+
+def _step_models(
+    config: BenchConfig, device: torch.device, workload: str = "resnet20"
+) -> dict[str, nn.Module]:
+    build = WORKLOADS[workload][0]
     torch.manual_seed(0)
-    bn = preact_resnet20().to(device).train()
+    bn = build().to(device).train()
     torch.manual_seed(0)
-    bkn = convert_norm(
-        preact_resnet20().to(device).train(), "bkn", stat_batch_size=config.stat_batch_size
-    )
+    bkn = convert_norm(build().to(device).train(), "bkn", stat_batch_size=config.stat_batch_size)
     return {"bn": bn, "bkn": bkn}
 
 
@@ -194,12 +226,42 @@ def _step_call(
     return call
 
 
-def _step_data(config: BenchConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+def _step_data(
+    config: BenchConfig, device: torch.device, workload: str = "resnet20"
+) -> tuple[Tensor, Tensor]:
+    _, batch_field, size_field = WORKLOADS[workload]
+    batch, size = getattr(config, batch_field), getattr(config, size_field)
     generator = torch.Generator().manual_seed(1)
-    size = config.step_size
-    x = torch.randn(config.step_batch, 3, size, size, generator=generator).to(device)
-    y = torch.randint(0, 10, (config.step_batch,), generator=generator).to(device)
+    x = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    y = torch.randint(0, 10, (batch,), generator=generator).to(device)
     return x, y
+
+
+def _saved_bytes(call: Callable[[], None]) -> int:
+    """Bytes of the tensors autograd saves for backward during one call (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        call()
+    return sum(seen.values())
+
+
+def _folded_calls(models: dict[str, nn.Module], x: Tensor) -> dict[str, Callable[[], None]]:
+    folded = {name: fold(model) for name, model in models.items()}
+
+    def make(model: nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            with torch.inference_mode():
+                model(x)
+
+        return call
+
+    return {name: make(model) for name, model in folded.items()}
 
 
 def _graph_breaks() -> int | None:
@@ -211,16 +273,18 @@ def _graph_breaks() -> int | None:
         return None
 
 
-def _compiled_step(config: BenchConfig, device: torch.device, sync: Callable[[], None]) -> dict:
+def _compiled_step(
+    config: BenchConfig, device: torch.device, sync: Callable[[], None], workload: str
+) -> dict:
     """Compile both models, warm up (compilation time reported), then time interleaved."""
     import torch._dynamo
 
-    x, y = _step_data(config, device)
+    x, y = _step_data(config, device, workload)
     calls: dict[str, Callable[[], None]] = {}
     compile_s: dict[str, float] = {}
     graph_breaks: dict[str, int | None] = {}
     errors: dict[str, str] = {}
-    for name, model in _step_models(config, device).items():
+    for name, model in _step_models(config, device, workload).items():
         torch._dynamo.reset()
         try:
             from torch._dynamo.utils import counters
@@ -311,59 +375,81 @@ def _run(config: BenchConfig, quick: bool, do_compile: bool, device: torch.devic
     started = time.perf_counter()
     results: dict = {"machine": machine_info(device), "config": asdict(config), "quick": quick}
 
-    layer = _summary(
-        _interleaved(
-            _layer_calls(config, device),
-            config.layer_warmup,
-            config.layer_repeats,
-            config.layer_iters,
-            sync,
-        )
-    )
+    def time_pair(calls: dict[str, Callable[[], None]], warmup: int, repeats: int, iters: int):
+        return _summary(_interleaved(calls, warmup, repeats, iters, sync))
 
-    x, y = _step_data(config, device)
-    models = _step_models(config, device)
-    step_calls = {name: _step_call(model, model, x, y) for name, model in models.items()}
-    step_eager = _summary(
-        _interleaved(step_calls, config.step_warmup, config.step_repeats, config.step_iters, sync)
-    )
+    layer_args = (config.layer_warmup, config.layer_repeats, config.layer_iters)
+    shapes = {
+        "layer": (config.layer_batch, config.layer_channels, config.layer_size, config.layer_size),
+        "layer_wide": (config.wide_batch, config.wide_channels, config.wide_size, config.wide_size),
+    }
+    for key, shape in shapes.items():
+        results[key] = time_pair(_layer_calls(shape, config.stat_batch_size, device), *layer_args)
 
-    peaks = {name: _peak_memory(device, call) for name, call in step_calls.items()}
-    if peaks["bn"] and peaks["bkn"]:
-        memory = {
-            "bn_bytes": peaks["bn"],
-            "bkn_bytes": peaks["bkn"],
-            "ratio": peaks["bkn"] / peaks["bn"],
-        }
-    else:
-        memory = {"ratio": None, "note": f"n/a on {device.type.upper()}"}
-    del models, step_calls
-
-    if do_compile:
-        step_compiled = _compiled_step(config, device, sync)
-    else:
-        step_compiled = {"error": "skipped (quick run)" if quick else "skipped (compile=False)"}
+    step_args = (config.step_warmup, config.step_repeats, config.step_iters)
+    workloads = ["resnet20"] + (["resnet50"] if config.large_model and _has_torchvision() else [])
+    for workload in workloads:
+        x, y = _step_data(config, device, workload)
+        models = _step_models(config, device, workload)
+        calls = {name: _step_call(model, model, x, y) for name, model in models.items()}
+        results[f"step_eager_{workload}"] = time_pair(calls, *step_args)
+        if workload == "resnet20":
+            results["memory"] = _memory(device, calls)
+            eval_x = x[: config.step_batch]
+            results["folded"] = time_pair(_folded_calls(models, eval_x), *layer_args)
+        del models, calls
+        if do_compile:
+            results[f"step_compiled_{workload}"] = _compiled_step(config, device, sync, workload)
+        else:
+            reason = "skipped (quick run)" if quick else "skipped (compile=False)"
+            results[f"step_compiled_{workload}"] = {"error": reason}
 
     results.update(
-        layer=layer,
-        step_eager=step_eager,
-        step_compiled=step_compiled,
-        memory=memory,
-        layer_ratio=layer["ratio"],
-        step_ratio_eager=step_eager["ratio"],
-        step_ratio_compiled=step_compiled.get("ratio"),
-        memory_ratio=memory["ratio"],
-        layer_bn_ms=layer["bn_ms"],
-        layer_bkn_ms=layer["bkn_ms"],
-        step_eager_bn_ms=step_eager["bn_ms"],
-        step_eager_bkn_ms=step_eager["bkn_ms"],
-        step_compiled_bn_ms=step_compiled.get("bn_ms"),
-        step_compiled_bkn_ms=step_compiled.get("bkn_ms"),
+        step_eager=results["step_eager_resnet20"],
+        step_compiled=results["step_compiled_resnet20"],
+        layer_ratio=results["layer"]["ratio"],
+        layer_wide_ratio=results["layer_wide"]["ratio"],
+        step_ratio_eager=results["step_eager_resnet20"]["ratio"],
+        step_ratio_compiled=results["step_compiled_resnet20"].get("ratio"),
+        step_ratio_eager_resnet50=results.get("step_eager_resnet50", {}).get("ratio"),
+        step_ratio_compiled_resnet50=results.get("step_compiled_resnet50", {}).get("ratio"),
+        memory_ratio=results["memory"]["ratio"],
+        folded_inference_ratio=results["folded"]["ratio"],
+        layer_bn_ms=results["layer"]["bn_ms"],
+        layer_bkn_ms=results["layer"]["bkn_ms"],
+        step_eager_bn_ms=results["step_eager_resnet20"]["bn_ms"],
+        step_eager_bkn_ms=results["step_eager_resnet20"]["bkn_ms"],
+        step_compiled_bn_ms=results["step_compiled_resnet20"].get("bn_ms"),
+        step_compiled_bkn_ms=results["step_compiled_resnet20"].get("bkn_ms"),
         total_s=time.perf_counter() - started,
     )
     if hasattr(os, "getloadavg"):
         results["machine"]["load_average_end"] = list(os.getloadavg())
     return results
+
+
+def _has_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _memory(device: torch.device, calls: dict[str, Callable[[], None]]) -> dict:
+    """Peak allocated bytes on CUDA; bytes saved for backward elsewhere."""
+    if device.type == "cuda":
+        peaks = {name: _peak_memory(device, call) for name, call in calls.items()}
+        kind = "peak allocated"
+    else:
+        peaks = {name: _saved_bytes(call) for name, call in calls.items()}
+        kind = "saved for backward"
+    return {
+        "bn_bytes": peaks["bn"],
+        "bkn_bytes": peaks["bkn"],
+        "ratio": peaks["bkn"] / peaks["bn"],
+        "kind": kind,
+    }
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -395,24 +481,24 @@ def format_table(results: dict) -> str:
         )
 
     rows.append(row(f"layer fwd+bwd, 2 linked layers ({layer_shape}, s={s})", results["layer"]))
-    rows.append(
-        row(f"train step, preact_resnet20, eager ({step_shape}, s={s})", results["step_eager"])
+    wide_shape = (
+        f"N={config['wide_batch']} C={config['wide_channels']} "
+        f"{config['wide_size']}x{config['wide_size']}"
     )
-    rows.append(
-        row(
-            f"train step, preact_resnet20, compiled ({step_shape}, s={s})",
-            results["step_compiled"],
-        )
-    )
+    rows.append(row(f"layer fwd+bwd, 2 linked layers ({wide_shape}, s={s})", results["layer_wide"]))
+    large_shape = f"batch {config['large_batch']}, {config['large_size']}x{config['large_size']}"
+    for workload, shape in (("resnet20", step_shape), ("resnet50", large_shape)):
+        for mode in ("eager", "compiled"):
+            entry = results.get(f"step_{mode}_{workload}")
+            if entry is not None:
+                rows.append(row(f"train step, {workload}, {mode} ({shape}, s={s})", entry))
     memory = results["memory"]
-    memory_cell = f"{memory['ratio']:.2f}x" if memory.get("ratio") else memory.get("note", "n/a")
-    if memory.get("ratio"):
-        rows.append(
-            f"| peak memory, train step (MiB) | {memory['bn_bytes'] / 2**20:.1f} | "
-            f"{memory['bkn_bytes'] / 2**20:.1f} | {memory_cell} |"
-        )
-    else:
-        rows.append(f"| peak memory, train step | - | - | {memory_cell} |")
+    rows.append(
+        f"| activation memory, resnet20 step ({memory['kind']}, MiB) | "
+        f"{memory['bn_bytes'] / 2**20:.1f} | {memory['bkn_bytes'] / 2**20:.1f} | "
+        f"{memory['ratio']:.2f}x |"
+    )
+    rows.append(row("folded inference, resnet20 (eval, fold())", results["folded"]))
     notes = [
         f"torch {machine['torch']}, device {machine['device']}"
         + (f" ({machine['gpu']})" if "gpu" in machine else "")
@@ -422,13 +508,14 @@ def format_table(results: dict) -> str:
         start = machine["load_average_start"][0]
         end = machine.get("load_average_end", [start])[0]
         notes.append(f"1-min load average {start:.2f} at start, {end:.2f} at end")
-    compiled = results["step_compiled"]
-    if compiled.get("compile_s"):
-        times = ", ".join(f"{k} {v:.0f} s" for k, v in compiled["compile_s"].items())
-        notes.append(f"compile + warm-up: {times}")
-    if compiled.get("graph_breaks"):
-        breaks = ", ".join(f"{k} {v}" for k, v in compiled["graph_breaks"].items())
-        notes.append(f"graph breaks: {breaks}")
+    for key in ("step_compiled_resnet20", "step_compiled_resnet50"):
+        compiled = results.get(key, {})
+        if compiled.get("compile_s"):
+            times = ", ".join(f"{k} {v:.0f} s" for k, v in compiled["compile_s"].items())
+            notes.append(f"{key[14:]} compile + warm-up: {times}")
+        if compiled.get("graph_breaks") is not None:
+            breaks = ", ".join(f"{k} {v}" for k, v in compiled["graph_breaks"].items())
+            notes.append(f"{key[14:]} graph breaks: {breaks}")
     notes.append(f"total {results['total_s']:.0f} s")
     return "\n".join(rows) + "\n\n" + "; ".join(notes)
 
