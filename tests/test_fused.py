@@ -76,3 +76,16 @@ def test_fused_output_accepts_an_in_place_activation():
     out = model(torch.randn(4, 3, 2, 2))
     out.sum().backward()
     assert (out >= 0).all() and model[0].weight.grad is not None
+
+
+def test_group_dot_both_strategies_agree(monkeypatch):
+    from kalmannorm import fused
+
+    a, b = (
+        torch.randn(3, 2, 4, 10, dtype=torch.float64),
+        torch.randn(3, 2, 4, 10, dtype=torch.float64),
+    )
+    expected = torch.einsum("gscl,gscl->gc", a, b)
+    torch.testing.assert_close(fused.group_dot(a, b), expected)
+    monkeypatch.setattr(fused, "_PRODUCT_LIMIT_BYTES", 0)
+    torch.testing.assert_close(fused.group_dot(a, b), expected)

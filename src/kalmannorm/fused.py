@@ -29,10 +29,21 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+#: Below this size a product-then-sum beats batched dot products; above it the product's fresh
+#: allocation (page faults on CPU) costs more than it saves. Measured on a 2-core x86 CPU.
+_PRODUCT_LIMIT_BYTES = 32 * 2**20
+
 #: Above this mean^2 / var ratio, E[x^2] - xbar^2 loses too many digits: use a two-pass variance.
 _CANCELLATION_LIMIT = 1e4
 
 Estimate = Callable[..., tuple[Tensor, Tensor]]
+
+
+def group_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum over dims (1, 3) of a * b for (G, s, C, L) tensors, shape (G, C), without keeping a*b."""
+    if a.numel() * a.element_size() <= _PRODUCT_LIMIT_BYTES:
+        return (a * b).sum((1, 3))
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).sum(1).flatten(1)
 
 
 def fast_moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
@@ -43,7 +54,7 @@ def fast_moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
     """
     count = grouped.shape[1] * grouped.shape[3]
     mean = grouped.sum((1, 3)) / count
-    square = (grouped.unsqueeze(-2) @ grouped.unsqueeze(-1)).sum(1).flatten(1) / count
+    square = group_dot(grouped, grouped) / count
     var = square - mean.square()
     if bool((mean.square() > _CANCELLATION_LIMIT * var).any()):
         var, mean = torch.var_mean(grouped, dim=(1, 3), correction=0)
@@ -110,7 +121,7 @@ class FusedGroupNorm(torch.autograd.Function):
         grad = grad_y.contiguous().view_as(grouped)
         count = grouped.shape[1] * grouped.shape[3]
         grad_shift = grad.sum((1, 3))
-        grad_scale = (grad.unsqueeze(-2) @ grouped.unsqueeze(-1)).sum(1).flatten(1)
+        grad_scale = group_dot(grad, grouped)
 
         with torch.enable_grad():
             stats = [batch_mean.detach().requires_grad_(), batch_var.detach().requires_grad_()]
