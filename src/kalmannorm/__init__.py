@@ -6,7 +6,13 @@ Quick use::
     model = kalmannorm.convert_norm(model, "bkn", stat_batch_size=2)
 """
 
-from kalmannorm.chain import ChainOrderError, KalmanChain, Posterior, link_chain
+from kalmannorm.chain import (
+    ChainOrderError,
+    KalmanChain,
+    Posterior,
+    find_feeding_layers,
+    link_chain,
+)
 from kalmannorm.convert import (
     available_norms,
     build_norm,
@@ -22,9 +28,22 @@ from kalmannorm.layers import (
     BatchKalmanNorm1d,
     BatchKalmanNorm2d,
     BatchKalmanNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    ChannelLayerNorm,
+    CrossIterationBatchNorm1d,
+    CrossIterationBatchNorm2d,
+    CrossIterationBatchNorm3d,
+    EvoNormS0,
+    FilterResponseNorm,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
     GroupKalmanNorm,
     KalmanNormBase,
     KalmanStatistics,
+    link_cross_iteration,
 )
 
 __version__ = "0.1.0"
@@ -34,7 +53,19 @@ __all__ = [
     "BatchKalmanNorm1d",
     "BatchKalmanNorm2d",
     "BatchKalmanNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "ChainOrderError",
+    "ChannelLayerNorm",
+    "CrossIterationBatchNorm1d",
+    "CrossIterationBatchNorm2d",
+    "CrossIterationBatchNorm3d",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "GroupKalmanNorm",
     "KalmanChain",
     "KalmanNormBase",
@@ -44,9 +75,11 @@ __all__ = [
     "build_norm",
     "convert_norm",
     "find_chain",
+    "find_feeding_layers",
     "fold",
     "kalman_statistics",
     "link_chain",
+    "link_cross_iteration",
     "register_norm",
     "set_eval_statistics",
 ]

@@ -23,7 +23,7 @@ fixed sum; the gain q^k lets a layer fall back on its own batch statistics where
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -160,63 +160,81 @@ def _kalman_layers(root: nn.Module) -> list[tuple[str, KalmanNormBase]]:
     return [(n, m) for n, m in root.named_modules() if isinstance(m, KalmanNormBase)]
 
 
-def _feeds(module: nn.Module, layer: KalmanNormBase) -> bool:
-    """Whether ``module`` is a convolution/linear layer whose output width matches ``layer``."""
+# -- which convolution feeds a layer (shared by the Kalman chain and Cross-Iteration BN) ---------
+
+#: Module types whose weight maps inputs to a normalization layer's channels.
+WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+class FedLayer(NamedTuple):
+    """A selected layer, its qualified name, and the convolution/linear layer feeding it."""
+
+    name: str
+    layer: nn.Module
+    feeding: nn.Module | None
+
+
+def feeds(module: nn.Module, num_features: int) -> bool:
+    """Whether ``module`` is a convolution/linear layer with ``num_features`` output channels."""
     if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels == layer.num_features
+        return module.out_channels == num_features
     if isinstance(module, nn.Linear):
-        return module.out_features == layer.num_features
+        return module.out_features == num_features
     return False
 
 
-def _registration_order(root: nn.Module) -> tuple[list[str], list, list[nn.Module | None]]:
-    names, layers, preceding = [], [], []
-    last_weighted: list[nn.Module] = []
-    from kalmannorm.layers.base import KalmanNormBase
+def _last_feeding(ran: Sequence[nn.Module], layer: nn.Module) -> nn.Module | None:
+    """The last of ``ran`` (weighted layers, in order) whose output width is ``layer``'s."""
+    return next((m for m in reversed(ran) if feeds(m, layer.num_features)), None)
 
+
+def _registration_order(root: nn.Module, select: Callable[[nn.Module], bool]) -> list[FedLayer]:
+    found: list[FedLayer] = []
+    weighted: list[nn.Module] = []
     for name, module in root.named_modules():
-        if isinstance(module, KalmanNormBase):
-            names.append(name)
-            layers.append(module)
-            feeding = next((m for m in reversed(last_weighted) if _feeds(m, module)), None)
-            preceding.append(feeding)
-        elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            last_weighted.append(module)
-    return names, layers, preceding
+        if select(module):
+            found.append(FedLayer(name, module, _last_feeding(weighted, module)))
+        elif isinstance(module, WEIGHTED_LAYERS):
+            weighted.append(module)
+    return found
+
+
+def _pass_through_layers(root: nn.Module) -> list[nn.Module]:
+    """Layers that can pass their input through unchanged (a boolean ``tracing`` attribute)."""
+    return [m for m in root.modules() if isinstance(getattr(m, "tracing", None), bool)]
 
 
 def _traced_order(
-    root: nn.Module, example_input: object
-) -> tuple[list[str], list, list[nn.Module | None]]:
-    """Run one forward pass and record the Kalman layers (and what fed each) in execution order."""
-    known = dict((id(m), n) for n, m in _kalman_layers(root))
-    names: list[str] = []
-    layers: list = []
-    preceding: list[nn.Module | None] = []
+    root: nn.Module, example_input: object, select: Callable[[nn.Module], bool], kind: str
+) -> list[FedLayer]:
+    """Run one forward pass and record the selected layers (and what fed each) in execution
+    order. Layers with a ``tracing`` flag pass their input through during the pass; every buffer
+    of ``root`` is restored afterwards."""
+    known = {id(m): n for n, m in root.named_modules() if select(m)}
+    found: list[FedLayer] = []
     weighted_ran: list[nn.Module] = []
     handles = []
 
     def on_weighted(module: nn.Module, *_: object) -> None:
         weighted_ran.append(module)
 
-    def on_layer(module: KalmanNormBase, *_: object) -> None:
-        if module in layers:
+    def on_layer(module: nn.Module, *_: object) -> None:
+        if any(entry.layer is module for entry in found):
             raise ValueError(
-                f"Kalman layer '{known[id(module)]}' runs more than once per forward pass; a chain "
+                f"{kind} '{known[id(module)]}' runs more than once per forward pass; a chain "
                 f"needs each layer once. Give each call its own normalization layer."
             )
-        names.append(known[id(module)])
-        layers.append(module)
-        preceding.append(next((m for m in reversed(weighted_ran) if _feeds(m, module)), None))
+        found.append(FedLayer(known[id(module)], module, _last_feeding(weighted_ran, module)))
 
     for module in root.modules():
         if id(module) in known:
             handles.append(module.register_forward_pre_hook(on_layer))
-        elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        elif isinstance(module, WEIGHTED_LAYERS):
             handles.append(module.register_forward_hook(on_weighted))
     saved = {name: buf.clone() for name, buf in root.named_buffers()}
-    was_tracing = [m.tracing for _, m in _kalman_layers(root)]
-    for _, layer in _kalman_layers(root):
+    passing = _pass_through_layers(root)
+    was_tracing = [m.tracing for m in passing]
+    for layer in passing:
         layer.tracing = True
     try:
         with torch.no_grad():
@@ -229,18 +247,45 @@ def _traced_order(
     finally:
         for handle in handles:
             handle.remove()
-        for (_, layer), flag in zip(_kalman_layers(root), was_tracing):
+        for layer, flag in zip(passing, was_tracing):
             layer.tracing = flag
         with torch.no_grad():
             for name, buf in root.named_buffers():
                 buf.copy_(saved[name])
-    missing = [n for n, m in _kalman_layers(root) if m not in layers]
+    ran = {id(entry.layer) for entry in found}
+    missing = [n for n, m in root.named_modules() if select(m) and id(m) not in ran]
     if missing:
         raise ValueError(
-            f"Kalman layers {missing} did not run in the traced forward pass, so the chain cannot "
+            f"{kind}s {missing} did not run in the traced forward pass, so the chain cannot "
             f"place them. Trace with an input (and training mode) that runs every layer."
         )
-    return names, layers, preceding
+    return found
+
+
+def find_feeding_layers(
+    root: nn.Module,
+    select: Callable[[nn.Module], bool],
+    example_input: object = None,
+    *,
+    kind: str = "layer",
+) -> tuple[list[FedLayer], str]:
+    """The modules of ``root`` picked by ``select``, in execution order, each with its feeder.
+
+    The feeder of a layer is the last convolution/linear layer with as many output channels as
+    the layer has ``num_features`` that ran (with ``example_input``: in one traced forward pass
+    under ``torch.no_grad``, buffers restored afterwards) or was registered (without it: module
+    registration order) before it, or ``None``. Returns the layers and the order's source,
+    ``"traced"`` or ``"registration"``; ``kind`` names the layers in error messages.
+    """
+    if example_input is None:
+        return _registration_order(root, select), "registration"
+    return _traced_order(root, example_input, select, kind), "traced"
+
+
+def _is_kalman(module: nn.Module) -> bool:
+    from kalmannorm.layers.base import KalmanNormBase
+
+    return isinstance(module, KalmanNormBase)
 
 
 def link_chain(root: nn.Module, example_input: object = None) -> KalmanChain:
@@ -256,12 +301,12 @@ def link_chain(root: nn.Module, example_input: object = None) -> KalmanChain:
     for _, layer in _kalman_layers(root):
         if layer.chain is not None:
             layer.chain.remove_hooks()
-    if example_input is None:
-        names, layers, preceding = _registration_order(root)
-        source = "registration"
-    else:
-        names, layers, preceding = _traced_order(root, example_input)
-        source = "traced"
-    chain = KalmanChain(layers, names, preceding, source)
+    found, source = find_feeding_layers(root, _is_kalman, example_input, kind="Kalman layer")
+    chain = KalmanChain(
+        [entry.layer for entry in found],
+        [entry.name for entry in found],
+        [entry.feeding for entry in found],
+        source,
+    )
     chain.attach(root)
     return chain

@@ -18,10 +18,25 @@ from kalmannorm.layers import (
     BatchKalmanNorm1d,
     BatchKalmanNorm2d,
     BatchKalmanNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    ChannelLayerNorm,
+    CrossIterationBatchNorm,
+    CrossIterationBatchNorm1d,
+    CrossIterationBatchNorm2d,
+    CrossIterationBatchNorm3d,
+    EvoNormS0,
+    FilterResponseNorm,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
     GroupKalmanNorm,
     KalmanNormBase,
     KalmanStatistics,
+    link_cross_iteration,
 )
+from kalmannorm.layers.filter_response import DEFAULT_EPS as FRN_DEFAULT_EPS
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,122 @@ def _build_gkn(source: SourceNorm, num_groups: int | None = None, **options) -> 
     )
 
 
+def _batch_norm_kwargs(source: SourceNorm) -> dict:
+    """BatchNorm's constructor arguments of the layer being replaced."""
+    return {
+        "num_features": source.num_features,
+        "eps": source.eps,
+        "momentum": source.momentum,
+        "affine": source.affine,
+        "track_running_stats": source.track_running_stats,
+        "device": source.device,
+        "dtype": source.dtype,
+    }
+
+
+_GHOST_BY_DIMS = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}
+_BRN_BY_DIMS = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
+_CBN_BY_DIMS = {
+    1: CrossIterationBatchNorm1d,
+    2: CrossIterationBatchNorm2d,
+    3: CrossIterationBatchNorm3d,
+}
+_INSTANCE_BY_DIMS = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+@register_norm("bn", "BatchNorm; with stat_batch_size, ghost BatchNorm (statistics per group)")
+def _build_bn(source: SourceNorm, **options) -> nn.Module:
+    return _GHOST_BY_DIMS[source.dims](**_batch_norm_kwargs(source), **options)
+
+
+@register_norm("brn", "Batch Renormalization (Ioffe 2017), r_max/d_max relaxed on a schedule")
+def _build_brn(source: SourceNorm, **options) -> nn.Module:
+    return _BRN_BY_DIMS[source.dims](**_batch_norm_kwargs(source), **options)
+
+
+@register_norm(
+    "cbn", "Cross-Iteration BatchNorm (Yao et al. 2020): Taylor-compensated window of iterations"
+)
+def _build_cbn(source: SourceNorm, **options) -> nn.Module:
+    return _CBN_BY_DIMS[source.dims](**_batch_norm_kwargs(source), **options)
+
+
+def _group_count(num_channels: int, num_groups: int | None, name: str) -> int:
+    groups = default_num_groups(num_channels) if num_groups is None else num_groups
+    if groups < 1 or num_channels % groups != 0:
+        raise ValueError(
+            f"{name}: num_groups={groups} does not divide the {num_channels} channels of a "
+            f"BatchNorm layer being replaced; pass a divisor of every layer's channel count, or "
+            f"leave num_groups unset (the largest divisor <= 32 of each layer's channels)"
+        )
+    return groups
+
+
+# Batch-free norms: statistics never involve other samples, so they take no ``stat_batch_size``
+# (passing one is a TypeError naming it, which is how a harness tells the two kinds apart).
+
+
+@register_norm("gn", "GroupNorm (torch); num_groups defaults to the largest divisor <= 32")
+def _build_gn(source: SourceNorm, num_groups: int | None = None) -> nn.Module:
+    return nn.GroupNorm(
+        _group_count(source.num_features, num_groups, "gn"),
+        source.num_features,
+        source.eps,
+        source.affine,
+        device=source.device,
+        dtype=source.dtype,
+    )
+
+
+@register_norm("ln", "LayerNorm over channels per position (spatial=True: over C, H, W)")
+def _build_ln(source: SourceNorm, spatial: bool = False) -> nn.Module:
+    if spatial:
+        return nn.GroupNorm(
+            1, source.num_features, source.eps, source.affine, source.device, source.dtype
+        )
+    return ChannelLayerNorm(
+        source.num_features, source.eps, source.affine, device=source.device, dtype=source.dtype
+    )
+
+
+@register_norm("in", "InstanceNorm (torch), affine as the BatchNorm, no running statistics")
+def _build_in(source: SourceNorm) -> nn.Module:
+    return _INSTANCE_BY_DIMS[source.dims](
+        source.num_features,
+        source.eps,
+        affine=source.affine,
+        track_running_stats=False,
+        device=source.device,
+        dtype=source.dtype,
+    )
+
+
+@register_norm("frn", "Filter Response Normalization + TLU (Singh & Krishnan 2020)")
+def _build_frn(source: SourceNorm, eps: float = FRN_DEFAULT_EPS, **options) -> nn.Module:
+    # The paper's eps (1e-6), not the replaced BatchNorm's; convert_norm(..., eps=) overrides it.
+    return FilterResponseNorm(
+        source.num_features,
+        eps,
+        source.affine,
+        device=source.device,
+        dtype=source.dtype,
+        **options,
+    )
+
+
+@register_norm("evonorm_s0", "EvoNorm-S0 (Liu et al. 2020): x sigmoid(v x) / group std")
+def _build_evonorm_s0(source: SourceNorm, num_groups: int | None = None, **options) -> nn.Module:
+    return EvoNormS0(
+        _group_count(source.num_features, num_groups, "evonorm_s0"),
+        source.num_features,
+        source.eps,
+        source.affine,
+        device=source.device,
+        dtype=source.dtype,
+        **options,
+    )
+
+
 # -- converting a model -----------------------------------------------------------------------
 
 _DIMS_BY_CLASS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
@@ -212,7 +343,9 @@ def convert_norm(
 
     Weight, bias and running statistics are copied (FrozenBatchNorm2d becomes trainable), the
     Kalman layers are linked into one chain in execution order (traced from ``example_input`` when
-    given, else module registration order; see :func:`kalmannorm.link_chain`), and the module is
+    given, else module registration order; see :func:`kalmannorm.link_chain`), Cross-Iteration BN
+    layers get the convolution that feeds each (:func:`kalmannorm.link_cross_iteration`; a CBN
+    layer with none is a ``ValueError``), and the module is
     returned, modified in place like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`
     (a BatchNorm passed as ``module`` itself is returned replaced). ``options`` go to the norm's
     constructor (e.g. ``stat_batch_size=2``).
@@ -220,6 +353,8 @@ def convert_norm(
     converted = _swap(module, _spec(name), options, {})
     if any(isinstance(m, KalmanNormBase) for m in converted.modules()):
         link_chain(converted, example_input)
+    if any(isinstance(m, CrossIterationBatchNorm) for m in converted.modules()):
+        link_cross_iteration(converted, example_input)
     return converted
 
 

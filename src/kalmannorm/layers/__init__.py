@@ -7,14 +7,54 @@ from kalmannorm.layers.batch_kalman import (
     BatchKalmanNorm2d,
     BatchKalmanNorm3d,
 )
+from kalmannorm.layers.batch_renorm import (
+    BatchRenorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+)
+from kalmannorm.layers.cross_iteration import (
+    CrossIterationBatchNorm,
+    CrossIterationBatchNorm1d,
+    CrossIterationBatchNorm2d,
+    CrossIterationBatchNorm3d,
+    CrossIterationStatistics,
+    link_cross_iteration,
+)
+from kalmannorm.layers.evonorm import EvoNormS0
+from kalmannorm.layers.filter_response import FilterResponseNorm
+from kalmannorm.layers.ghost_batch import (
+    GhostBatchNorm,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+)
 from kalmannorm.layers.group_kalman import GroupKalmanNorm
+from kalmannorm.layers.layer_norm import ChannelLayerNorm
 
 __all__ = [
     "BatchKalmanNorm",
     "BatchKalmanNorm1d",
     "BatchKalmanNorm2d",
     "BatchKalmanNorm3d",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "ChannelLayerNorm",
+    "CrossIterationBatchNorm",
+    "CrossIterationBatchNorm1d",
+    "CrossIterationBatchNorm2d",
+    "CrossIterationBatchNorm3d",
+    "CrossIterationStatistics",
+    "EvoNormS0",
+    "FilterResponseNorm",
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "GroupKalmanNorm",
     "KalmanNormBase",
     "KalmanStatistics",
+    "link_cross_iteration",
 ]

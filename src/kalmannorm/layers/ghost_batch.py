@@ -1,0 +1,206 @@
+"""Ghost Batch Normalization: BatchNorm with statistics per group of ``stat_batch_size`` samples.
+
+Training forward, per statistics group g of s = ``stat_batch_size`` consecutive samples (all
+groups in one vectorised pass, :func:`kalmannorm.functional.group_moments`):
+
+    xbar_g   = (1/m) sum_{i in g} x_i                       m = s * prod(spatial) values a channel
+    S_g      = (1/m) sum_{i in g} (x_i - xbar_g)^2          biased, as BatchNorm normalises with
+    y        = (x - xbar_g) / sqrt(S_g + eps) * gamma + beta
+
+Moving averages (used in eval mode) take every group: running_mean <- (1 - a) running_mean +
+a mean_g xbar_g and running_var <- (1 - a) running_var + a mean_g (m / (m - 1)) S_g, the same
+convention as :class:`~kalmannorm.BatchKalmanNorm2d`; with one group (``stat_batch_size=None`` or
+equal to the batch) this is exactly :class:`torch.nn.BatchNorm2d`, running statistics included.
+
+Parameter and buffer names are BatchNorm's, so BatchNorm checkpoints load unchanged. The class
+derives from ``_NormBase``, not ``_BatchNorm``, so torch's own converters (SyncBatchNorm, fusers)
+leave it alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _NormBase
+
+from kalmannorm import functional as F
+from kalmannorm.fused import FusedGroupNorm, fused_applicable
+
+#: ``estimate(batch_mean, batch_var, *small) -> (mean, var)``: the statistics to normalise with.
+Estimate = Callable[..., tuple[Tensor, Tensor]]
+
+
+def check_input(layer: _NormBase, x: Tensor, expected_dims: tuple[int, ...], family: str) -> None:
+    """Reject inputs of the wrong dimensionality or channel count, naming the layer and the fix."""
+    name = type(layer).__name__
+    if x.dim() not in expected_dims:
+        shapes = " or ".join(f"{d}D" for d in expected_dims)
+        raise ValueError(
+            f"{name} expects {shapes} input (N, C, ...), got {x.dim()}D input of shape "
+            f"{tuple(x.shape)}. Use the {family} variant that matches your data (1d for "
+            f"(N, C[, L]), 2d for (N, C, H, W), 3d for (N, C, D, H, W))."
+        )
+    if x.shape[1] != layer.num_features:
+        raise ValueError(
+            f"{name} was built for {layer.num_features} channels but the input has {x.shape[1]} "
+            f"(shape {tuple(x.shape)}): build it with num_features={x.shape[1]}."
+        )
+
+
+def check_group_size(layer: _NormBase, count: int) -> None:
+    """A statistics group of one value per channel has no variance."""
+    if count < 2:
+        raise ValueError(
+            f"{type(layer).__name__}: each statistics group holds a single value per channel, so "
+            f"its variance is undefined. Use a larger stat_batch_size (or batch), inputs with "
+            f"spatial extent, or a batch-free norm ('gn', 'frn', 'evonorm_s0')."
+        )
+
+
+def check_stat_batch_size(stat_batch_size: int | None) -> None:
+    if stat_batch_size is not None and (
+        isinstance(stat_batch_size, bool) or not isinstance(stat_batch_size, int)
+    ):
+        raise TypeError(f"stat_batch_size must be an int or None, got {stat_batch_size!r}")
+    if stat_batch_size is not None and stat_batch_size < 1:
+        raise ValueError(f"stat_batch_size must be a positive integer, got {stat_batch_size}")
+
+
+def moving_average_factor(layer: _NormBase) -> float:
+    """Count the step and return BatchNorm's averaging factor (1/steps when momentum is None)."""
+    layer.num_batches_tracked.add_(1)
+    if layer.momentum is None:
+        return 1.0 / float(layer.num_batches_tracked)
+    return layer.momentum
+
+
+def update_running_stats(layer: _NormBase, mean: Tensor, var: Tensor, count: int) -> None:
+    """running <- (1 - a) running + a mean over groups; ``var`` is biased and made unbiased."""
+    factor = moving_average_factor(layer)
+    F.exponential_average(layer.running_mean, mean.detach().mean(0), factor)
+    F.exponential_average(layer.running_var, var.detach().mean(0) * (count / (count - 1)), factor)
+
+
+def batch_statistics(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """The estimate of plain (ghost) BatchNorm: the group's own statistics."""
+    return mean, var
+
+
+class GroupedNorm(NamedTuple):
+    """Output of :func:`grouped_batch_norm`: y, the detached batch statistics (G, C), the
+    statistics normalised with (G, C), and m, the values per group and channel."""
+
+    output: Tensor
+    batch_mean: Tensor
+    batch_var: Tensor
+    mean: Tensor
+    var: Tensor
+    count: int
+
+
+def grouped_batch_norm(
+    layer: _NormBase,
+    x: Tensor,
+    estimate: Estimate = batch_statistics,
+    small: Sequence[Tensor] = (),
+) -> GroupedNorm:
+    """y = (x - mu_g) / sqrt(sigma2_g + eps) * gamma + beta with (mu_g, sigma2_g) =
+    ``estimate(xbar_g, S_g, *small)`` for each statistics group g of ``layer.stat_batch_size``.
+
+    The gradient flows through ``estimate`` (``small`` tensors are constants unless they require
+    grad). Contiguous float32/float64 inputs take :class:`kalmannorm.fused.FusedGroupNorm` (one
+    autograd node, BatchNorm's number of passes); others the composite path, with the same result.
+    """
+    groups = F.num_stat_groups(x.shape[0], layer.stat_batch_size)
+    count = (x.shape[0] // groups) * math.prod(x.shape[2:])
+    check_group_size(layer, count)
+    if fused_applicable(x, (layer.weight, layer.bias)) and all(
+        t.dtype in (x.dtype, torch.bool) for t in small
+    ):
+        seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+        def inspect(batch_mean: Tensor, batch_var: Tensor) -> None:
+            seen["batch"] = (batch_mean, batch_var)
+
+        y, mean, var = FusedGroupNorm.apply(
+            x, groups, layer.eps, estimate, inspect, layer.weight, layer.bias, *small
+        )
+        # (With the identity estimate these are the node's outputs: detach them.)
+        batch_mean, batch_var = (t.detach() for t in seen["batch"])
+        return GroupedNorm(y, batch_mean, batch_var, mean.detach(), var.detach(), count)
+    batch_mean, batch_var, _ = F.group_moments(x, layer.stat_batch_size)
+    mean, var = estimate(batch_mean, batch_var, *small)
+    y = F.normalize(x, mean, var, layer.weight, layer.bias, layer.eps)
+    return GroupedNorm(
+        y, batch_mean.detach(), batch_var.detach(), mean.detach(), var.detach(), count
+    )
+
+
+class GhostBatchNorm(_NormBase):
+    """BatchNorm whose batch statistics come from groups of ``stat_batch_size`` samples.
+
+    Args:
+        num_features: channels C.
+        eps, momentum, affine, track_running_stats: as in :class:`torch.nn.BatchNorm2d`.
+        stat_batch_size: samples per statistics group (the batch must divide into groups of this
+            size); ``None``: the whole batch is one group, i.e. plain BatchNorm.
+    """
+
+    _expected_dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        stat_batch_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        check_stat_batch_size(stat_batch_size)
+        self.stat_batch_size = stat_batch_size
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        check_input(self, x, self._expected_dims, "GhostBatchNorm")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stat_batch_size={self.stat_batch_size}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if not (self.training or not self.track_running_stats):
+            return F.normalize(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
+        result = grouped_batch_norm(self, x)
+        if self.training and self.track_running_stats:
+            update_running_stats(self, result.batch_mean, result.batch_var, result.count)
+        return result.output
+
+
+class GhostBatchNorm1d(GhostBatchNorm):
+    """Ghost BatchNorm over (N, C) or (N, C, L) inputs."""
+
+    _expected_dims = (2, 3)
+
+
+class GhostBatchNorm2d(GhostBatchNorm):
+    """Ghost BatchNorm over (N, C, H, W) inputs."""
+
+    _expected_dims = (4,)
+
+
+class GhostBatchNorm3d(GhostBatchNorm):
+    """Ghost BatchNorm over (N, C, D, H, W) inputs."""
+
+    _expected_dims = (5,)
