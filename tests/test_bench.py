@@ -65,6 +65,7 @@ def test_format_table_has_ratio_rows(quick_results: dict) -> None:
     compiled = next(line for line in lines if "compiled" in line and line.startswith("| train"))
     assert "skipped" in compiled
     assert "saved for backward" in table and "folded inference" in table
+    assert "| brn (" in table and "| cbn (conv+norm)" in table
     assert "torch " in table
 
 

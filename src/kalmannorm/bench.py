@@ -18,6 +18,9 @@ Kalman prior path runs) against :class:`torch.nn.BatchNorm2d` in the same proces
     autograd saves for the backward pass (what grows with the batch).
 ``folded``
     inference of :func:`kalmannorm.fold` of each trained-mode model (eval, batch 128).
+``norms``
+    one row per registered norm: forward + backward of two such layers relative to native
+    BatchNorm (:mod:`kalmannorm.bench_norms`).
 
 Timing: warm-up iterations first (not timed; they include compilation), then ``repeats`` rounds
 that each time ``iters`` calls of BN and of BKN back to back, alternating which goes first, so
@@ -404,6 +407,9 @@ def _run(config: BenchConfig, quick: bool, do_compile: bool, device: torch.devic
             reason = "skipped (quick run)" if quick else "skipped (compile=False)"
             results[f"step_compiled_{workload}"] = {"error": reason}
 
+    from kalmannorm.bench_norms import norm_layer_rows
+
+    results["norms"] = norm_layer_rows(quick, str(device))
     results.update(
         step_eager=results["step_eager_resnet20"],
         step_compiled=results["step_compiled_resnet20"],
@@ -499,6 +505,13 @@ def format_table(results: dict) -> str:
         f"{memory['ratio']:.2f}x |"
     )
     rows.append(row("folded inference, resnet20 (eval, fold())", results["folded"]))
+    norm_rows = [
+        f"| {row['norm']} ({row['setup']}) | {row['ms']:.2f} | {row['ratio_to_bn']:.2f}x |"
+        for row in results.get("norms", [])
+    ]
+    if norm_rows:
+        rows += ["", "| norm, fwd+bwd of two layers | ms | / native BN |", "|---|---:|---:|"]
+        rows += norm_rows
     notes = [
         f"torch {machine['torch']}, device {machine['device']}"
         + (f" ({machine['gpu']})" if "gpu" in machine else "")
