@@ -310,3 +310,14 @@ def test_loading_a_checkpoint_of_another_shape_names_layer_and_fix():
     other = kalmannorm.convert_norm(conv_bn_stack((3, 6, 5, 2), dtype=torch.float32), "bkn")
     with pytest.raises(RuntimeError, match=r"BatchKalmanNorm2d '1'.*other channel counts"):
         model.load_state_dict(other.state_dict())
+
+
+def test_propagate_without_a_matching_convolution_warns_and_uses_the_batch():
+    # The second convolution takes 5 channels, so it cannot carry the upstream's 4.
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(5, 6, 1), nn.BatchNorm2d(6)
+    )
+    with pytest.warns(UserWarning, match="uses its batch statistics alone"):
+        kalmannorm.convert_norm(model, "bkn", prior="propagate")
+    upstream = kalmannorm.Posterior(torch.zeros(1, 4), torch.ones(1, 4))
+    assert model[3].estimate_inputs(upstream) == ()

@@ -216,19 +216,19 @@ class KalmanNormBase(nn.Module):
         self._drop_kalman_parameters()
 
     def _check_propagation(self, chain: KalmanChain, index: int) -> None:
-        feeding = chain.preceding[index]
-        width = chain.layers[index - 1].stat_width
-        fed = getattr(feeding, "in_channels", getattr(feeding, "in_features", None))
-        if feeding is None or fed != width:
+        if self._propagation_source() is None:
+            feeding = chain.preceding[index]
+            fed = getattr(feeding, "in_channels", getattr(feeding, "in_features", None))
             warnings.warn(
                 f"{self.display_name}: prior='propagate' needs the convolution/linear layer that "
-                f"feeds it to take the upstream layer's {width} channels (found "
-                f"{type(feeding).__name__ if feeding is not None else 'none'} with {fed} inputs); "
-                f"this layer uses its batch statistics alone.",
+                f"feeds it to take the upstream layer's {chain.layers[index - 1].stat_width} "
+                f"channels (found {type(feeding).__name__ if feeding is not None else 'none'} "
+                f"with {fed} inputs); this layer uses its batch statistics alone.",
                 stacklevel=3,
             )
 
     def _propagation_source(self) -> nn.Module | None:
+        """The convolution/linear layer feeding this one, if it takes the upstream's channels."""
         if self.chain is None or self.chain_index <= 0:
             return None
         feeding = self.chain.preceding[self.chain_index]
