@@ -1,10 +1,31 @@
-"""The ``kalmannorm`` command line."""
+"""The ``kalmannorm`` command line.
+
+kalmannorm train --dataset fashion_mnist --norm bkn --stat-batch-size 2 --steps 1000
+torchrun --nproc_per_node=2 -m kalmannorm train ...     # data parallel
+kalmannorm compare                                       # the main job (preset "default")
+kalmannorm compare --config grid.toml --jobs 2
+kalmannorm demo | bench | norms
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
+from typing import Any
+
+from kalmannorm.train.compare import RunsFailedError
+from kalmannorm.train.config import (
+    TrainConfig,
+    config_from_dict,
+    field_types,
+    load_config,
+    parse_value,
+)
+
+# -- demo, bench, norms -----------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -32,8 +53,140 @@ def _norms(_: argparse.Namespace) -> None:
         print(f"{name:<10} {description}")
 
 
+# -- train ------------------------------------------------------------------------------------
+
+
+def add_config_options(parser: argparse.ArgumentParser, exclude: set[str] = frozenset()) -> None:
+    """One option per TrainConfig key (``batch_size`` -> ``--batch-size``); an option that is
+    not given is absent from the namespace, so it overrides neither a config file nor a
+    default."""
+    types = field_types()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
+        hint, help_text = types[f.name], f.metadata["help"]
+        if f.default is not dataclasses.MISSING and f.default is not None:
+            help_text += f" (default: {f.default})"
+        common = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if f.name.endswith("_options"):
+            flag = "--" + f.name.removesuffix("_options") + "-option"
+            parser.add_argument(flag, action="append", metavar="KEY=VALUE", **common)
+        elif hint is bool:
+            flag = "--" + f.name.replace("_", "-")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        else:
+            flag = "--" + f.name.replace("_", "-")
+            parser.add_argument(flag, type=_parser_for(hint), metavar=f.name.upper(), **common)
+
+
+def _parser_for(hint: Any):
+    if hint is list:
+        return lambda text: [float(v) for v in text.split(",") if v]
+    base = next(
+        (t for t in (int, float, str) if t == hint or t in getattr(hint, "__args__", ())), str
+    )
+    optional = type(None) in getattr(hint, "__args__", ())
+
+    def parse(text: str):
+        if optional and text.lower() == "none":
+            return None
+        return base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def _key_values(items: list[str], option: str) -> dict[str, Any]:
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{option} takes KEY=VALUE, got {item!r}")
+        values[key.strip()] = parse_value(value.strip())
+    return values
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig keys given on the command line, option lists turned into tables."""
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in keys}
+    for key in ("norm_options", "model_options"):
+        if key in given:
+            given[key] = _key_values(given[key], "--" + key.removesuffix("_options") + "-option")
+    return given
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the saved config of a run being resumed, then --config, then options."""
+    given = _given(args)
+    base = TrainConfig()
+    saved = Path(given.get("out", base.out)) / "config.toml"
+    if args.resume and saved.exists() and not args.config:
+        base = load_config(saved)
+    if args.config:
+        base = load_config(args.config, base)
+    return config_from_dict(given, base)
+
+
+def _train(args: argparse.Namespace) -> None:
+    if args.list:
+        _print_choices()
+        return
+    from kalmannorm.train import train
+
+    train(config_from_args(args), resume=args.resume)
+
+
+def _print_choices() -> None:
+    from kalmannorm import available_norms
+    from kalmannorm.data import available_datasets
+    from kalmannorm.models import available_models
+
+    print("datasets:")
+    for name, description in available_datasets().items():
+        print(f"  {name:<15} {description}")
+    print("models:\n  " + ", ".join(available_models()) + ", tv:<any torchvision classifier>")
+    print("norms:\n  none            plain BatchNorm, not converted")
+    for name, description in available_norms().items():
+        print(f"  {name:<15} {description}")
+
+
+# -- compare ----------------------------------------------------------------------------------
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from kalmannorm.train.compare import Variant, compare, load_compare_config
+    from kalmannorm.train.presets import PRESETS
+
+    if args.config and args.preset:
+        raise ValueError("give either --config or --preset, not both")
+    cfg = load_compare_config(args.config) if args.config else PRESETS[args.preset or "default"]()
+    given = _given(args)
+    for key in ("norm_options", "model_options"):
+        if key in given:
+            cfg.train[key] = {**cfg.train.get(key, {}), **given.pop(key)}
+    cfg.train.update(given)
+    config_from_dict(cfg.train)  # unknown keys and wrong types are refused here
+    if args.norms:
+        cfg.norms = [Variant(n, n) for n in args.norms.split(",") if n]
+    if args.stat_batch_sizes:
+        cfg.stat_batch_sizes = [int(s) for s in args.stat_batch_sizes.split(",")]
+    if args.seeds:
+        cfg.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.baseline is not None:
+        cfg.baseline = Variant(args.baseline, args.baseline) if args.baseline else None
+    cfg.jobs = args.jobs or cfg.jobs
+    cfg.out = args.grid_out or cfg.out
+    compare(cfg, threads=given.get("threads"))
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kalmannorm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="kalmannorm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="BN vs BKN at statistics-batch 2 on real digits")
@@ -52,12 +205,69 @@ def build_parser() -> argparse.ArgumentParser:
 
     norms = commands.add_parser("norms", help="list the registered norms")
     norms.set_defaults(run=_norms)
+
+    train = commands.add_parser(
+        "train",
+        help="train one model (gradient batch, statistics batch), resumable, torchrun-ready",
+        description="Train one model. Options override --config, which overrides defaults.",
+    )
+    train.add_argument("--config", help="TOML file of training keys (as saved in config.toml)")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (its config.toml is the base)",
+    )
+    train.add_argument("--list", action="store_true", help="list datasets, models and norms")
+    add_config_options(train)
+    train.set_defaults(run=_train)
+
+    compare = commands.add_parser(
+        "compare",
+        help="a grid of runs (norms x statistics batches x seeds) and its summary table",
+        description="Run a grid of training runs and summarise it. Without --config: the "
+        "preset 'default' (the main job). Training options below apply to every run.",
+    )
+    compare.add_argument("--config", help="compare TOML file ([compare] and [train] tables)")
+    compare.add_argument("--preset", choices=("default", "tiny"), help="a built-in grid")
+    compare.add_argument(
+        "--out", dest="grid_out", help="folder of the grid (one sub-folder per run)"
+    )
+    compare.add_argument("--jobs", type=int, help="runs in parallel processes")
+    compare.add_argument("--norms", help="comma-separated norm names")
+    compare.add_argument("--stat-batch-sizes", help="comma-separated statistics batch sizes")
+    compare.add_argument("--seeds", help="comma-separated seeds")
+    compare.add_argument("--baseline", help="norm of the whole-batch baseline ('' for none)")
+    add_config_options(compare, exclude={"out", "seed", "norm", "stat_batch_size"} | {"progress"})
+    compare.set_defaults(run=_compare)
     return parser
 
 
+#: Errors that are the user's to fix: printed as one message, exit status 2.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from kalmannorm.data import DataNotFoundError
+    from kalmannorm.train import CheckpointMismatchError, ConfigError
+
+    return (
+        ConfigError,
+        DataNotFoundError,
+        CheckpointMismatchError,
+        ValueError,
+        FileNotFoundError,
+        FloatingPointError,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except _user_errors() as error:
+        print(f"kalmannorm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except RunsFailedError as error:
+        print(f"kalmannorm {args.command}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,5 +1,30 @@
-"""Datasets as tensors or loaders."""
+"""Data sets as in-memory tensors (or streamed folders), by name: see :func:`load_dataset`."""
 
+from kalmannorm.data.augment import Augmentation
+from kalmannorm.data.datasets import (
+    DATASETS,
+    FASHION_MNIST_DEBIAN_DIR,
+    DataNotFoundError,
+    available_datasets,
+    dataset_available,
+    load_dataset,
+)
 from kalmannorm.data.digits import load_digits_split
+from kalmannorm.data.idx import read_idx, write_idx
+from kalmannorm.data.synthetic import make_synthetic
+from kalmannorm.data.tensor_data import TensorImageData
 
-__all__ = ["load_digits_split"]
+__all__ = [
+    "DATASETS",
+    "FASHION_MNIST_DEBIAN_DIR",
+    "Augmentation",
+    "DataNotFoundError",
+    "TensorImageData",
+    "available_datasets",
+    "dataset_available",
+    "load_dataset",
+    "load_digits_split",
+    "make_synthetic",
+    "read_idx",
+    "write_idx",
+]

@@ -1,0 +1,301 @@
+"""The training harness in one process: an end-to-end run, configuration files and options,
+evaluation with moving and batch statistics, accumulation, schedules and the bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kalmannorm
+from kalmannorm.cli import build_parser, config_from_args, main
+from kalmannorm.train import (
+    CheckpointMismatchError,
+    ConfigError,
+    TrainConfig,
+    batch_statistics,
+    load_config,
+    plan_batches,
+    save_config,
+    train,
+)
+from kalmannorm.train.schedule import lr_factor
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(out: Path, **changes) -> TrainConfig:
+    """A run of a few seconds on scikit-learn's digits."""
+    values = dict(
+        dataset="digits",
+        model="small_cnn",
+        model_options={"width": 8},
+        norm="bkn",
+        stat_batch_size=2,
+        batch_size=16,
+        steps=12,
+        eval_every=6,
+        lr=0.05,
+        threads=1,
+        progress="none",
+        out=str(out),
+    )
+    return dataclasses.replace(TrainConfig(), **{**values, **changes})
+
+
+TINY_ARGS = [
+    "--dataset",
+    "digits",
+    "--model",
+    "small_cnn",
+    "--model-option",
+    "width=8",
+    "--batch-size",
+    "16",
+    "--steps",
+    "12",
+    "--eval-every",
+    "6",
+    "--threads",
+    "1",
+    "--progress",
+    "none",
+]
+
+
+def test_end_to_end_run_writes_the_run_folder(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, "--steps", "40", "--eval-every", "20", "--progress", "log"]
+    code = main(["train", *args, "--norm", "bkn", "--stat-batch-size", "2", "--out", str(out)])
+    assert code == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [20, 40]
+    for key in (
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "test_acc_moving",
+        "test_acc_batch",
+        "lr",
+        "samples_per_s",
+    ):
+        assert key in records[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["test_acc_moving"] > 0.3  # ten classes: chance is 0.1
+    assert summary["derived"]["stat_batch_size_used"] == 2
+    assert load_config(out / "config.toml") == config_from_args(
+        build_parser().parse_args(
+            ["train", *args, "--norm", "bkn", "--stat-batch-size", "2", "--out", str(out)]
+        )
+    )
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 40 and "optimizer" in checkpoint and "rng" in checkpoint
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert any((out / "tensorboard").iterdir())
+    assert "step     20" in capsys.readouterr().out
+
+
+def test_config_round_trip(tmp_path: Path) -> None:
+    config = tiny(
+        tmp_path,
+        norm_options={"gain": 0.8, "learn_gain": False, "prior": "propagate"},
+        milestones=[0.3, 0.9],
+        schedule="step",
+        data_dir="/some where/with spaces",
+        weight_decay=1e-5,
+        stat_batch_size=None,
+    )
+    save_config(config, tmp_path / "c.toml")
+    assert load_config(tmp_path / "c.toml") == config
+
+
+def test_options_override_the_config_file(tmp_path: Path) -> None:
+    save_config(tiny(tmp_path, lr=0.3, norm_options={"gain": 0.7}), tmp_path / "c.toml")
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--config",
+            str(tmp_path / "c.toml"),
+            "--lr",
+            "0.01",
+            "--norm-option",
+            "learn_gain=false",
+            "--no-augment",
+        ]
+    )
+    config = config_from_args(args)
+    assert config.lr == 0.01 and config.batch_size == 16 and not config.augment
+    assert config.norm_options == {"gain": 0.7, "learn_gain": False}
+
+
+def test_unknown_key_in_config_file_lists_valid_keys(tmp_path: Path, capsys) -> None:
+    (tmp_path / "c.toml").write_text('datset = "digits"\n')
+    assert main(["train", "--config", str(tmp_path / "c.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "datset" in err and "dataset" in err and "stat_batch_size" in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "listed"),
+    [
+        ("--dataset", "imagenet42", "fashion_mnist"),
+        ("--model", "resnet9000", "preact_resnet32"),
+        ("--norm", "xyz", "bkn"),
+    ],
+)
+def test_unknown_names_list_the_valid_ones(tmp_path, capsys, option, value, listed) -> None:
+    code = main(["train", *TINY_ARGS, option, value, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and repr(value) in err and listed in err
+    assert not (tmp_path / "run").exists()  # refused before anything was created
+
+
+def test_missing_data_dir_says_where_it_looked(tmp_path: Path, capsys) -> None:
+    args = [
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tmp_path / "none"),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "none") in err and "train-images-idx3-ubyte" in err
+
+
+def test_batch_not_dividing_into_statistics_groups_is_refused(tmp_path: Path, capsys) -> None:
+    code = main(
+        [
+            "train",
+            *TINY_ARGS,
+            "--norm",
+            "bkn",
+            "--stat-batch-size",
+            "3",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 2 and "statistics groups of 3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_not_dividing_over_processes_is_refused_before_training(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node=3 would
+    with pytest.raises(ConfigError, match="does not divide over 3 processes"):
+        train(tiny(tmp_path / "run"))  # fails before joining any process group
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_arithmetic() -> None:
+    plan = plan_batches(128, 2, processes=2, accumulation_steps=4)
+    assert (plan.per_process, plan.per_pass, plan.stat_batch_size) == (64, 16, 2)
+    assert plan.process_slice(1) == slice(64, 128)
+    assert plan_batches(128, None, 2).stat_batch_size == 64  # one group per forward pass
+    with pytest.raises(ConfigError, match="accumulation"):
+        plan_batches(128, 2, processes=1, accumulation_steps=3)
+    with pytest.raises(ConfigError, match="--norm none"):
+        plan_batches(128, 2, norm="none")
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(tiny(out))
+    with pytest.raises(ConfigError, match="--resume"):
+        train(tiny(out))  # not resuming into a finished run
+    with pytest.raises(CheckpointMismatchError) as info:
+        train(tiny(out, lr=0.2, stat_batch_size=4), resume=True)
+    message = str(info.value)
+    assert "lr: 0.05 -> 0.2" in message and "stat_batch_size: 2 -> 4" in message
+    # keys that do not change the computation may differ
+    summary = train(tiny(out, threads=2, eval_batch_size=7), resume=True)
+    assert summary["steps"] == 12
+
+
+def test_accumulation_gives_the_same_gradient_steps(tmp_path: Path) -> None:
+    """Groups never straddle passes, so 2 passes of 8 equal 1 pass of 16 (parameters; the
+    moving averages are updated once per pass and so differ)."""
+    train(tiny(tmp_path / "one", augment=False))
+    train(tiny(tmp_path / "two", augment=False, accumulation_steps=2))
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"]
+    model = kalmannorm.convert_norm(kalmannorm.models.SmallCNN(1, 10, 8), "bkn", stat_batch_size=2)
+    names = [name for name, _ in model.named_parameters()]
+    for name in names:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
+
+
+def test_plain_batchnorm_baseline_and_batch_free_norm_train(tmp_path: Path) -> None:
+    plain = train(tiny(tmp_path / "plain", norm="none", stat_batch_size=None))
+    assert plain["derived"]["stat_batch_size_used"] == 16
+    gn = train(tiny(tmp_path / "gn", norm="gn", stat_batch_size=2))
+    # GroupNorm does not depend on the batch: both evaluation modes compute the same thing
+    assert gn["final"]["test_acc_moving"] == pytest.approx(gn["final"]["test_acc_batch"], abs=0.05)
+
+
+def _small_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+    )
+
+
+def test_batch_statistics_of_plain_batchnorm_is_the_training_forward() -> None:
+    model = _small_model()
+    x = torch.randn(8, 1, 9, 9)
+    model.train()
+    model(torch.randn(8, 1, 9, 9))  # non-trivial moving averages
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = torch.nn.functional.batch_norm(
+        model[0](x), None, None, model[1].weight, model[1].bias, training=True
+    )
+    model.eval()
+    with torch.no_grad(), batch_statistics(model) as report:
+        out = model[1](model[0](x))
+    torch.testing.assert_close(out, reference)
+    assert report.plain_batchnorm == ["1", "4"] and not report.moving_only
+    assert not model[1].training and model[1].momentum == 0.1
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # evaluation changed nothing
+
+
+def test_batch_statistics_switches_layers_with_eval_statistics() -> None:
+    model = kalmannorm.convert_norm(_small_model(), "bkn", stat_batch_size=2)
+    model.eval()
+    x = torch.randn(8, 1, 9, 9)
+    with torch.no_grad():
+        moving = model(x)
+        with batch_statistics(model) as report:
+            batch = model(x)
+            first_groups = model(x[:2])
+        again = model(x)
+    assert report.switched == ["1", "4"]
+    assert not torch.allclose(moving, batch) and torch.equal(moving, again)
+    torch.testing.assert_close(batch[:2], first_groups)  # statistics per group of 2
+    assert all(
+        m.eval_statistics == "moving" for m in model.modules() if hasattr(m, "eval_statistics")
+    )
+
+
+def test_learning_rate_schedules() -> None:
+    cosine = [lr_factor(s, total_steps=10, schedule="cosine", warmup_steps=2) for s in range(10)]
+    assert cosine[:2] == [0.5, 1.0] and cosine[2] == 1.0 and cosine[-1] < 0.05
+    assert all(a >= b for a, b in itertools.pairwise(cosine[1:]))
+    step = [lr_factor(s, total_steps=10, schedule="step", milestones=(0.5, 0.8)) for s in range(10)]
+    assert step == pytest.approx([1] * 5 + [0.1] * 3 + [0.01] * 2)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor(0, total_steps=10, schedule="linear")

@@ -1,0 +1,105 @@
+"""``kalmannorm compare``: a grid run in parallel processes, its table, skipping finished runs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from kalmannorm.cli import main
+from kalmannorm.train import ConfigError
+from kalmannorm.train.compare import compare_config_from_dict, make_grid
+
+GRID = """
+[compare]
+out = "{out}"
+norms = ["bkn"]
+stat_batch_sizes = [2]
+seeds = [0, 1]
+baseline = "none"
+jobs = 2
+
+[train]
+dataset = "digits"
+model = "small_cnn"
+batch_size = 16
+steps = 24
+eval_every = 8
+lr = 0.05
+
+[train.model_options]
+width = 8
+"""
+
+
+def test_compare_runs_the_grid_writes_the_table_and_skips_finished_runs(tmp_path, capsys):
+    out = tmp_path / "grid"
+    (tmp_path / "grid.toml").write_text(GRID.format(out=out))
+    assert main(["compare", "--config", str(tmp_path / "grid.toml")]) == 0
+    printed = capsys.readouterr().out
+    assert "4 runs: 0 already finished, 4 to run, 2 at a time" in printed
+    table = (out / "summary.md").read_text()
+    assert table in printed
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| norm | stat batch | seeds | final acc % (moving)")
+    assert lines[2].startswith("| none (baseline) | 16 | 2 |") and "±" in lines[2]
+    assert lines[3].startswith("| bkn | 2 | 2 |")
+    with open(out / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["label"] for r in rows] == ["none (baseline)", "bkn"]
+    assert 0.1 < float(rows[1]["final_moving_mean"]) <= 1.0
+    assert float(rows[0]["steps_to_baseline_mean"]) <= 24  # the baseline reaches itself
+    if pytest.importorskip("matplotlib"):
+        assert (out / "curves.png").stat().st_size > 1000
+    for run in ("none-sall-seed0", "bkn-s2-seed1"):
+        assert (out / run / "summary.json").exists() and (out / run / "train.log").exists()
+
+    assert main(["compare", "--config", str(tmp_path / "grid.toml")]) == 0
+    assert "4 runs: 4 already finished, 0 to run" in capsys.readouterr().out
+
+
+def test_grid_variants_and_bad_norms(tmp_path: Path) -> None:
+    cfg = compare_config_from_dict(
+        {
+            "compare": {
+                "out": str(tmp_path),
+                "norms": [
+                    "bn",
+                    {"norm": "bkn", "label": "bkn-propagate", "options": {"prior": "propagate"}},
+                ],
+                "stat_batch_sizes": [2, 4],
+                "seeds": [0],
+                "baseline": "none",
+            },
+            "train": {"dataset": "digits", "batch_size": 16},
+        }
+    )
+    specs = make_grid(cfg)
+    assert [s.folder.name for s in specs] == [
+        "none-sall-seed0",
+        "bn-s2-seed0",
+        "bn-s4-seed0",
+        "bkn-propagate-s2-seed0",
+        "bkn-propagate-s4-seed0",
+    ]
+    assert specs[3].config.norm_options == {"prior": "propagate"}
+    assert specs[0].config.stat_batch_size is None and specs[4].config.stat_batch_size == 4
+    cfg.norms[0] = compare_config_from_dict({"compare": {"norms": ["nope"]}}).norms[0]
+    with pytest.raises(ConfigError, match="unknown norm 'nope'.*bkn"):
+        make_grid(cfg)
+    cfg.stat_batch_sizes = [3]
+    cfg.norms = cfg.norms[1:]
+    with pytest.raises(ConfigError, match="statistics groups of 3"):
+        make_grid(cfg)
+
+
+def test_default_preset_falls_back_to_digits(monkeypatch, capsys) -> None:
+    from kalmannorm.train import presets
+
+    monkeypatch.setattr(presets, "dataset_available", lambda name: False)
+    cfg = presets.default()
+    assert cfg.train["dataset"] == "digits" and "using digits" in capsys.readouterr().out
+    assert [v.norm for v in cfg.norms] == ["bn", "bkn", "gn"]
+    assert cfg.baseline.norm == "none" and cfg.stat_batch_sizes == [2]
+    assert len(make_grid(cfg)) == 4
