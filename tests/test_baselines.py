@@ -508,3 +508,27 @@ def test_bench_rows_cover_every_registered_norm(monkeypatch):
     with_conv = bench_norms.norm_layer_rows(quick=True, with_conv=True)
     assert all(row["conv_ratio_to_bn"] > 0 for row in with_conv)
     assert "x conv+BN" in bench_norms.format_rows(with_conv)
+
+
+@pytest.mark.parametrize("name", ["bn", "brn", "cbn"])
+def test_eval_with_batch_statistics_normalises_each_test_group(name):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    kalmannorm.convert_norm(model, name, stat_batch_size=2)
+    x = torch.randn(6, 3, 5, 5)
+    model(torch.randn(6, 3, 5, 5))  # moving statistics move away from the test batch
+    model.eval()
+    kalmannorm.set_eval_statistics(model, "batch")
+    before = model[1].running_mean.clone()
+    with torch.no_grad():
+        out = model(x)
+        features = model[0](x)
+    for g in range(3):
+        part = slice(2 * g, 2 * g + 2)
+        ref = torch.nn.functional.batch_norm(
+            features[part], None, None, model[1].weight, model[1].bias, True, 0.0, model[1].eps
+        )
+        torch.testing.assert_close(out[part], ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[1].running_mean, before)
+    kalmannorm.set_eval_statistics(model, "moving")
+    with torch.no_grad():
+        assert not torch.allclose(model(x), out)

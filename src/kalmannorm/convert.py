@@ -364,13 +364,16 @@ def find_chain(model: nn.Module) -> KalmanChain | None:
 
 
 def set_eval_statistics(model: nn.Module, mode: str) -> None:
-    """Evaluate every BKN layer with ``"moving"`` or ``"batch"`` statistics (Table 3's options)."""
-    from kalmannorm.layers.batch_kalman import EVAL_STATISTICS, BatchKalmanNorm
+    """Evaluate every layer that offers it (BKN, ghost BN, BRN, CBN) with ``"moving"`` or
+    ``"batch"`` statistics, the paper's inference options B and A (Table 3); in batch mode each
+    test statistics group of the layer's ``stat_batch_size`` is normalised with its own statistics.
+    """
+    from kalmannorm.layers.batch_kalman import EVAL_STATISTICS
 
     if mode not in EVAL_STATISTICS:
         raise ValueError(f"mode must be one of {EVAL_STATISTICS}, got {mode!r}")
     for m in model.modules():
-        if isinstance(m, BatchKalmanNorm):
+        if hasattr(m, "eval_statistics"):
             m.eval_statistics = mode
 
 

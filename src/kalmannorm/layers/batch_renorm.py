@@ -139,6 +139,8 @@ class BatchRenorm(_NormBase):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.stat_batch_size = stat_batch_size
+        #: "moving" (default) or "batch": statistics used in eval mode (``set_eval_statistics``)
+        self.eval_statistics = "moving"
         self.final_r_max = float(r_max)
         self.final_d_max = float(d_max)
         self.warmup_steps = int(warmup_steps)
@@ -198,7 +200,7 @@ class BatchRenorm(_NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        if not (self.training or not self.track_running_stats):
+        if not (self.training or not self.track_running_stats or self.eval_statistics == "batch"):
             return F.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )

@@ -341,6 +341,8 @@ class CrossIterationBatchNorm(_NormBase):
         if burn_in < 0:
             raise ValueError(f"burn_in must be >= 0, got {burn_in}")
         self.stat_batch_size = stat_batch_size
+        #: "moving" (default) or "batch": statistics used in eval mode (``set_eval_statistics``)
+        self.eval_statistics = "moving"
         self.window_size = int(window_size)
         self.burn_in = int(burn_in)
         self.tracing = False
@@ -422,7 +424,7 @@ class CrossIterationBatchNorm(_NormBase):
         captured, produced = self.feeding.take() if self.feeding is not None else (None, None)
         if self.tracing:
             return x
-        if not (self.training or not self.track_running_stats):
+        if not (self.training or not self.track_running_stats or self.eval_statistics == "batch"):
             return F.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )

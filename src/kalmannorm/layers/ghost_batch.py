@@ -169,6 +169,8 @@ class GhostBatchNorm(_NormBase):
         )
         check_stat_batch_size(stat_batch_size)
         self.stat_batch_size = stat_batch_size
+        #: "moving" (default) or "batch": statistics used in eval mode (``set_eval_statistics``)
+        self.eval_statistics = "moving"
 
     def _check_input_dim(self, x: Tensor) -> None:
         check_input(self, x, self._expected_dims, "GhostBatchNorm")
@@ -178,7 +180,7 @@ class GhostBatchNorm(_NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        if not (self.training or not self.track_running_stats):
+        if not (self.training or not self.track_running_stats or self.eval_statistics == "batch"):
             return F.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )

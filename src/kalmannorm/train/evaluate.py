@@ -3,12 +3,12 @@
 *Moving*: the model in eval mode, as deployed. *Batch*: each test batch normalised with its own
 statistics, in groups of the training statistics-batch size, the way the network was trained:
 
-- a layer with an ``eval_statistics`` attribute (BKN, and any layer that adopts the convention)
-  is switched to ``"batch"`` and groups the test batch by its own ``stat_batch_size``;
+- a layer with an ``eval_statistics`` attribute (BKN, ghost BN, BRN, CBN, and any layer that
+  adopts the convention) is switched to ``"batch"`` and groups the test batch by its own
+  ``stat_batch_size``;
 - a plain ``torch.nn.BatchNorm1d/2d/3d`` runs its training-mode forward on the whole test
   batch, which is therefore cut to the training forward-pass size (momentum 0: its moving
-  averages are not touched); so does ghost BatchNorm (``"bn"``) until it has an
-  ``eval_statistics`` attribute, its training forward being exactly grouped batch statistics;
+  averages are not touched);
 - every other layer runs as in eval mode. For batch-independent norms (GroupNorm, LayerNorm,
   GKN, ...) both columns are the same computation; a layer with moving statistics but no batch
   mode (e.g. a BatchNorm subclass without ``eval_statistics``) uses its moving statistics and is
@@ -27,16 +27,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from kalmannorm import layers
 from kalmannorm.train.distributed import Distributed, all_reduce_sum
 
 
 def _training_forward_is_batch_statistics(module: nn.Module) -> bool:
-    """Whether ``module``'s training-mode forward normalises with (grouped) batch statistics
-    only: torch's own BatchNorm classes (not subclasses, which may do more) and ghost BN."""
-    ghost = getattr(layers, "GhostBatchNorm", None)
-    plain = type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    return plain or (ghost is not None and isinstance(module, ghost))
+    """Whether ``module``'s training-mode forward normalises with batch statistics only:
+    torch's own BatchNorm classes (not subclasses, which may do more)."""
+    return type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
