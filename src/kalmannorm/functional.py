@@ -223,6 +223,19 @@ def linear_moments(
     return out_mean, var @ squared.T
 
 
+def affine_from_statistics(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """scale = gamma / sqrt(var + eps) and shift = beta - mean * scale, so y = x * scale + shift."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
 def normalize(
     x: Tensor,
     mean: Tensor,
@@ -236,12 +249,7 @@ def normalize(
     ``mean``/``var`` are (G, C) for x of shape (N, C, *spatial) with N = G * s, or (C,) for one
     set of statistics (eval mode). Computed as one fused multiply-add x * scale + shift.
     """
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
+    scale, shift = affine_from_statistics(mean, var, weight, bias, eps)
     spatial = (1,) * (x.dim() - 2)
     if mean.dim() == 1:
         return torch.addcmul(

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kalmannorm.functional import affine_from_statistics
+
 #: Below this size a product-then-sum beats batched dot products; above it the product's fresh
 #: allocation (page faults on CPU) costs more than it saves. Measured on a 2-core x86 CPU.
 _PRODUCT_LIMIT_BYTES = 32 * 2**20
@@ -59,19 +61,6 @@ def fast_moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
     if bool((mean.square() > _CANCELLATION_LIMIT * var).any()):
         var, mean = torch.var_mean(grouped, dim=(1, 3), correction=0)
     return mean, var.clamp_min(0.0)
-
-
-def affine_from_statistics(
-    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor]:
-    """scale = gamma / sqrt(var + eps) and shift = beta - mean * scale, so y = x * scale + shift."""
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
-    return scale, shift
 
 
 class FusedGroupNorm(torch.autograd.Function):
