@@ -46,6 +46,42 @@ def _bench(args: argparse.Namespace) -> None:
     print(json.dumps(results, indent=2) if args.json else format_table(results))
 
 
+def _analyze(args: argparse.Namespace) -> None:
+    """``kalmannorm analyze WHAT RUN``: the paper's evidence measured on a trained run."""
+    from pathlib import Path
+
+    from kalmannorm import analysis
+    from kalmannorm.analysis.run import load_run
+
+    run = load_run(args.run_dir)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    data, s = run.data.test_batches, run.config.stat_batch_size
+    label = f"{run.config.norm} (s={s})"
+    limit = {"max_samples": args.max_samples}
+    if args.what == "variance-gap":
+        gaps = analysis.measure_variance_gap(run.model, data, stat_batch_size=s, **limit)
+        print(analysis.variance_gap_markdown({label: gaps}))
+        if gaps:
+            analysis.write_variance_gap_heatmap(gaps, out / "variance_gap.png", title=label)
+            print(f"\nheatmap: {out / 'variance_gap.png'}")
+    elif args.what == "eval-modes":
+        result = analysis.eval_mode_accuracy(run.model, data, stat_batch_size=s, **limit)
+        print(analysis.eval_modes_markdown({label: result}))
+    elif args.what == "estimation-error":
+        sizes = tuple(args.stat_batch_sizes) if args.stat_batch_sizes else (s,)
+        table = analysis.measure_estimation_error(run.model, data, sizes, **limit)
+        print(analysis.estimation_error_markdown(table, per_layer=True))
+    elif args.what == "gain":
+        snapshot = analysis.gain_snapshot(run.model)
+        print(analysis.gain_markdown(snapshot))
+        if snapshot:
+            analysis.write_gain_distribution_plot(snapshot, out / "gain.png")
+            print(f"\nplot: {out / 'gain.png'}")
+    elif args.what == "params":
+        print(analysis.parameters_markdown(analysis.compare_parameters({label: run.model}, label)))
+
+
 def _norms(_: argparse.Namespace) -> None:
     from kalmannorm import available_norms
 
@@ -202,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=_bench)
+
+    analyze = commands.add_parser("analyze", help="the paper's evidence on a trained run")
+    analyze.add_argument(
+        "what", choices=["variance-gap", "eval-modes", "estimation-error", "gain", "params"]
+    )
+    analyze.add_argument(
+        "run_dir", metavar="RUN", help="the --out folder of a `kalmannorm train` run"
+    )
+    analyze.add_argument("--out", help="where to write figures (default: RUN/analysis)")
+    analyze.add_argument("--max-samples", type=int, help="use at most this many test images")
+    analyze.add_argument(
+        "--stat-batch-sizes", type=int, nargs="+", help="estimation-error: group sizes to measure"
+    )
+    analyze.set_defaults(run=_analyze)
 
     norms = commands.add_parser("norms", help="list the registered norms")
     norms.set_defaults(run=_norms)
