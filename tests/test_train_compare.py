@@ -103,3 +103,18 @@ def test_default_preset_falls_back_to_digits(monkeypatch, capsys) -> None:
     assert [v.norm for v in cfg.norms] == ["bn", "bkn", "gn"]
     assert cfg.baseline.norm == "none" and cfg.stat_batch_sizes == [2]
     assert len(make_grid(cfg)) == 4
+
+
+def test_report_presets_build_their_grids():
+    from kalmannorm.train.compare import make_grid
+    from kalmannorm.train.presets import PRESETS
+
+    sweep = make_grid(PRESETS["microbatch-sweep"]())
+    # baseline x 3 seeds, 5 batch-statistics norms x 7 sizes x 3 seeds, gn and gkn once per seed
+    assert len(sweep) == 3 + 5 * 7 * 3 + 2 * 3
+    assert {spec.stat_batch_size for spec in sweep if spec.variant.label == "gkn"} == {None}
+    propagate = [s for s in sweep if s.variant.label == "bkn-propagate"]
+    assert propagate and propagate[0].config.norm_options == {"prior": "propagate"}
+    paper = make_grid(PRESETS["paper-cifar10"]())
+    assert {spec.config.model for spec in paper} == {"inception_cifar"}
+    assert all(spec.config.epochs == 400 for spec in paper)

@@ -49,7 +49,7 @@ from kalmannorm.train.config import (
 )
 from kalmannorm.train.loop import CONFIG, SUMMARY, check_config
 from kalmannorm.train.metrics import read_metrics
-from kalmannorm.train.model import valid_norms
+from kalmannorm.train.model import takes_stat_batch_size, valid_norms
 from kalmannorm.train.plan import ConfigError
 
 COMPARE_KEYS = ("out", "norms", "stat_batch_sizes", "seeds", "baseline", "jobs")
@@ -155,8 +155,9 @@ class RunSpec:
 
 
 def make_grid(cfg: CompareConfig) -> list[RunSpec]:
-    """All runs: the baseline (per seed), then every norm x statistics batch x seed. Each
-    configuration is checked here, before anything runs."""
+    """All runs: the baseline (per seed), then every norm x statistics batch x seed (a
+    batch-independent norm once per seed). Each configuration is checked here, before anything
+    runs."""
     norms = valid_norms()
     for variant in [*cfg.norms, *([cfg.baseline] if cfg.baseline else [])]:
         if variant.norm not in norms:
@@ -165,7 +166,11 @@ def make_grid(cfg: CompareConfig) -> list[RunSpec]:
     groups: list[tuple[Variant, int | None]] = []
     if cfg.baseline:
         groups.append((cfg.baseline, None))
-    groups += [(v, s) for v in cfg.norms for s in cfg.stat_batch_sizes]
+    for variant in cfg.norms:
+        if variant.norm == "none" or takes_stat_batch_size(variant.norm):
+            groups += [(variant, s) for s in cfg.stat_batch_sizes]
+        else:  # batch-independent (gn, gkn, ...): one run per seed serves every statistics batch
+            groups.append((variant, None))
     specs = []
     for variant, stat in groups:
         for seed in cfg.seeds:
