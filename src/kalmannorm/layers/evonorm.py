@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kalmannorm.layers.affine import init_affine
+
 DEFAULT_EPS = 1e-5
 
 
@@ -86,12 +88,7 @@ class EvoNormS0(nn.Module):
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        init_affine(self, num_features, affine, factory)
         if nonlinearity:
             self.v = nn.Parameter(torch.ones(num_features, **factory))
         else:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kalmannorm.layers.affine import init_affine
+
 #: The paper's epsilon and the initial value of the learned part.
 DEFAULT_EPS = 1e-6
 LEARNED_EPS_INIT = 1e-4
@@ -87,12 +89,7 @@ class FilterResponseNorm(nn.Module):
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        init_affine(self, num_features, affine, factory)
         if tlu:
             self.tau = nn.Parameter(torch.zeros(num_features, **factory))
         else:

@@ -18,9 +18,10 @@ chain is exactly GroupNorm.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kalmannorm import functional as F
+from kalmannorm.layers.affine import init_affine
 from kalmannorm.layers.base import DEFAULT_NOISE, KalmanNormBase
 
 
@@ -61,12 +62,7 @@ class GroupKalmanNorm(KalmanNormBase):
         self.num_features = num_channels
         self.eps = eps
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels, **factory_kwargs))
-            self.bias = nn.Parameter(torch.zeros(num_channels, **factory_kwargs))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        init_affine(self, num_channels, affine, factory_kwargs)
         self._init_kalman(
             num_groups,
             prior="learned",

@@ -13,9 +13,10 @@ builds that one (torch's :class:`~torch.nn.GroupNorm` with ``num_groups=1``).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as torch_f
+
+from kalmannorm.layers.affine import init_affine
 
 
 class ChannelLayerNorm(nn.Module):
@@ -35,12 +36,7 @@ class ChannelLayerNorm(nn.Module):
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        init_affine(self, num_features, affine, factory)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
