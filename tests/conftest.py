@@ -32,6 +32,16 @@ def randomize_kalman(model: nn.Module, seed: int = 0, affine: bool = True) -> No
                     layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One CPU thread for the whole suite: the tests check behaviour, and on a loaded machine
+    more threads than free cores make small CPU kernels many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

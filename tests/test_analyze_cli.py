@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from test_train import TINY_ARGS
 
 from kalmannorm import analysis
@@ -14,13 +13,10 @@ from kalmannorm.cli import main
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("analyze") / "run"
     args = ["train", *TINY_ARGS, "--steps", "30", "--norm", "bkn", "--stat-batch-size", "2"]
     assert main([*args, "--progress", "log", "--out", str(out)]) == 0
-    yield out
-    torch.set_num_threads(threads)
+    return out
 
 
 def test_load_run_restores_the_trained_model(trained_run: Path):

@@ -10,14 +10,6 @@ import kalmannorm
 from kalmannorm.models import BNInception, InceptionCifar, build_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_cifar_inception_follows_the_papers_table() -> None:
     model = build_model("inception_cifar", num_classes=10, in_channels=3)
     assert isinstance(model, InceptionCifar)

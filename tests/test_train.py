@@ -28,14 +28,6 @@ from kalmannorm.train import (
 from kalmannorm.train.schedule import lr_factor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(out: Path, **changes) -> TrainConfig:
     """A run of a few seconds on scikit-learn's digits."""
     values = dict(

@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kalmannorm.data.datasets import load_dataset
 from kalmannorm.train.config import TrainConfig, load_config
 from kalmannorm.train.loop import CHECKPOINT, CONFIG
-from kalmannorm.train.model import build_run_model
+from kalmannorm.train.model import build_model_for, load_run_data
 
 
 @dataclass
@@ -39,19 +38,8 @@ def load_run(folder: str | Path) -> LoadedRun:
                 f"{path} not found: pass the --out folder of a `kalmannorm train` run"
             )
     config = load_config(config_path)
-    data = load_dataset(config.dataset, config.data_dir, config.download, config.num_workers)
-    if config.train_subset or config.test_subset:
-        data = data.subset(config.train_subset, config.test_subset)
-    model = build_run_model(
-        config.model,
-        data.num_classes,
-        data.in_channels,
-        data.image_size,
-        norm=config.norm,
-        stat_batch_size=config.stat_batch_size,
-        model_options=config.model_options,
-        norm_options=config.norm_options,
-    )
+    data = load_run_data(config)
+    model = build_model_for(config, data)
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["model"])
     return LoadedRun(config, model.eval(), data, int(checkpoint["step"]))

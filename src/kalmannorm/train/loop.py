@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from torch.nn import functional as torch_f
 
-from kalmannorm.data import load_dataset
 from kalmannorm.train import distributed
 from kalmannorm.train.checkpoint import (
     capture_rng,
@@ -45,7 +44,7 @@ from kalmannorm.train.config import (
 )
 from kalmannorm.train.evaluate import evaluate
 from kalmannorm.train.metrics import MetricsLog, read_metrics
-from kalmannorm.train.model import build_run_model, check_names
+from kalmannorm.train.model import build_model_for, check_names, load_run_data
 from kalmannorm.train.plan import BatchPlan, ConfigError, plan_batches
 from kalmannorm.train.schedule import build_scheduler
 
@@ -138,9 +137,7 @@ def _train(
         torch.set_num_threads(config.threads)
 
     # data
-    data = load_dataset(config.dataset, config.data_dir, config.download, config.num_workers)
-    if config.train_subset or config.test_subset:
-        data = data.subset(config.train_subset, config.test_subset)
+    data = load_run_data(config)
     steps_per_epoch = data.train_size // config.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -152,16 +149,7 @@ def _train(
 
     # model and optimizer (identical initial weights on every process)
     torch.manual_seed(config.seed)
-    model = build_run_model(
-        config.model,
-        data.num_classes,
-        data.in_channels,
-        data.image_size,
-        norm=config.norm,
-        stat_batch_size=config.stat_batch_size,
-        model_options=config.model_options,
-        norm_options=config.norm_options,
-    ).to(device)
+    model = build_model_for(config, data).to(device)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.lr,

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 import kalmannorm
+from kalmannorm.data import load_dataset
 from kalmannorm.models import TORCHVISION_PREFIX, available_models, build_model
 from kalmannorm.train.plan import ConfigError
+
+if TYPE_CHECKING:
+    from kalmannorm.train.config import TrainConfig
 
 #: ``--norm none``: keep the model's plain BatchNorm layers.
 NO_CONVERSION = "none"
@@ -75,3 +80,25 @@ def build_run_model(
         raise ConfigError(
             f"norm {norm!r} does not accept these options {options}: {error}"
         ) from None
+
+
+def load_run_data(config: TrainConfig):
+    """The run's data set, cut to its configured subsets."""
+    data = load_dataset(config.dataset, config.data_dir, config.download, config.num_workers)
+    if config.train_subset or config.test_subset:
+        data = data.subset(config.train_subset, config.test_subset)
+    return data
+
+
+def build_model_for(config: TrainConfig, data) -> nn.Module:
+    """The run's model for ``data`` (classes, channels, image size), converted to its norm."""
+    return build_run_model(
+        config.model,
+        data.num_classes,
+        data.in_channels,
+        data.image_size,
+        norm=config.norm,
+        stat_batch_size=config.stat_batch_size,
+        model_options=config.model_options,
+        norm_options=config.norm_options,
+    )

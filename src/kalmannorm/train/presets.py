@@ -28,19 +28,22 @@ def _registered(names: tuple[str, ...]) -> list[Variant]:
     return [Variant(n, n) for n in names if n in available]
 
 
+#: The small-CNN recipe shared by the CPU-sized grids (gradient batch 128, SGD, cosine).
+SMALL_CNN_RECIPE = {
+    "model": "small_cnn",
+    "model_options": {"width": 16},
+    "batch_size": 128,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "schedule": "cosine",
+    "progress": "log",
+}
+
+
 def default() -> CompareConfig:
     """BN(128) vs bn / bkn / gn at statistics batch 2 on real data (Fashion-MNIST or digits)."""
-    common = {
-        "model": "small_cnn",
-        "model_options": {"width": 16},
-        "batch_size": 128,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "schedule": "cosine",
-        "warmup_steps": 100,
-        "progress": "log",
-    }
+    common = {**SMALL_CNN_RECIPE, "warmup_steps": 100}
     if dataset_available("fashion_mnist"):
         train = {**common, "dataset": "fashion_mnist", "steps": 1000, "eval_every": 125}
     else:
@@ -97,18 +100,11 @@ def microbatch_sweep() -> CompareConfig:
     CNN per run, 114 runs, about three hours on 2 CPU cores with 2 jobs."""
     return CompareConfig(
         train={
+            **SMALL_CNN_RECIPE,
             "dataset": "fashion_mnist",
-            "model": "small_cnn",
-            "model_options": {"width": 16},
-            "batch_size": 128,
-            "lr": 0.05,
-            "momentum": 0.9,
-            "weight_decay": 5e-4,
-            "schedule": "cosine",
             "warmup_steps": 60,
             "steps": 600,
             "eval_every": 100,
-            "progress": "log",
         },
         norms=[v for v in SWEEP_NORMS if v.norm in kalmannorm.available_norms()],
         stat_batch_sizes=[1, 2, 4, 8, 16, 32, 128],
