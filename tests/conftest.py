@@ -1,5 +1,8 @@
 import itertools
+import pickle
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -45,3 +48,23 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _write_cifar(folder: Path, files: list[str], label_key: str, per_file: int) -> None:
+    """CIFAR python-format batch files: random images, the file's index in the red channel's
+    top-left pixel and 200 in the green one's, labels (file index + i) % 7."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(files):
+        data = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        data[:, 0] = index  # red channel, top-left pixel: which file the image came from
+        data[:, 1024] = 200  # green channel, top-left pixel
+        entry = {"data": data, label_key: [(index + i) % 7 for i in range(per_file)]}
+        with open(folder / name, "wb") as handle:
+            pickle.dump(entry, handle)
+
+
+@pytest.fixture
+def write_cifar():
+    """Writes CIFAR files in the official python format (see :func:`_write_cifar`)."""
+    return _write_cifar

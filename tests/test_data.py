@@ -3,10 +3,8 @@ and the messages for unknown names and missing files."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -89,21 +87,9 @@ def test_unknown_dataset_lists_valid_names() -> None:
         assert name in str(info.value)
 
 
-def _write_cifar(folder: Path, files: list[str], label_key: str, per_file: int) -> None:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for index, name in enumerate(files):
-        data = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
-        data[:, 0] = index  # red channel, top-left pixel: which file the image came from
-        data[:, 1024] = 200  # green channel, top-left pixel
-        entry = {"data": data, label_key: [(index + i) % 7 for i in range(per_file)]}
-        with open(folder / name, "wb") as handle:
-            pickle.dump(entry, handle)
-
-
-def test_cifar10_from_python_format_batches(tmp_path: Path) -> None:
+def test_cifar10_from_python_format_batches(tmp_path: Path, write_cifar) -> None:
     files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    _write_cifar(tmp_path / "cifar-10-batches-py", files, "labels", per_file=4)
+    write_cifar(tmp_path / "cifar-10-batches-py", files, "labels", per_file=4)
     data = load_dataset("cifar10", tmp_path)
     assert data.train_x.shape == (20, 3, 32, 32) and data.train_x.dtype == torch.uint8
     assert data.test_x.shape == (4, 3, 32, 32) and data.num_classes == 10
@@ -115,8 +101,8 @@ def test_cifar10_from_python_format_batches(tmp_path: Path) -> None:
     assert load_dataset("cifar10", tmp_path / "cifar-10-batches-py").train_size == 20
 
 
-def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
-    _write_cifar(tmp_path / "cifar-100-python", ["train", "test"], "fine_labels", per_file=5)
+def test_cifar100_uses_fine_labels(tmp_path: Path, write_cifar) -> None:
+    write_cifar(tmp_path / "cifar-100-python", ["train", "test"], "fine_labels", per_file=5)
     data = load_dataset("cifar100", tmp_path)
     assert data.num_classes == 100 and data.train_size == 5 and data.test_size == 5
 

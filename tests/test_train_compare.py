@@ -110,8 +110,13 @@ def test_report_presets_build_their_grids():
     from kalmannorm.train.presets import PRESETS
 
     sweep = make_grid(PRESETS["microbatch-sweep"]())
-    # baseline x 3 seeds, 5 batch-statistics norms x 7 sizes x 3 seeds, gn and gkn once per seed
-    assert len(sweep) == 3 + 5 * 7 * 3 + 2 * 3
+    # 5 batch-statistics norms x 7 sizes x 3 seeds, gn and gkn once per seed; bn at s=128 is
+    # the plain-BN baseline
+    assert len(sweep) == 5 * 7 * 3 + 2 * 3
+    assert [spec.seed for spec in sweep] == sorted(spec.seed for spec in sweep)  # seed-major
+    brn = next(s for s in sweep if s.variant.label == "brn").config.norm_options
+    steps = sweep[0].config.steps
+    assert brn["warmup_steps"] == round(0.04 * steps) and brn["r_max_relax_steps"] < steps
     assert {spec.stat_batch_size for spec in sweep if spec.variant.label == "gkn"} == {None}
     propagate = [s for s in sweep if s.variant.label == "bkn-propagate"]
     assert propagate and propagate[0].config.norm_options == {"prior": "propagate"}

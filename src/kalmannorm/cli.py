@@ -24,6 +24,7 @@ from kalmannorm.train.config import (
     load_config,
     parse_value,
 )
+from kalmannorm.train.presets import PRESETS
 
 # -- demo, bench, norms -----------------------------------------------------------------------
 
@@ -192,7 +193,6 @@ def _print_choices() -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     from kalmannorm.train.compare import Variant, compare, load_compare_config
-    from kalmannorm.train.presets import PRESETS
 
     if args.config and args.preset:
         raise ValueError("give either --config or --preset, not both")
@@ -214,6 +214,30 @@ def _compare(args: argparse.Namespace) -> None:
     cfg.jobs = args.jobs or cfg.jobs
     cfg.out = args.grid_out or cfg.out
     compare(cfg, threads=given.get("threads"))
+
+
+# -- reproduce --------------------------------------------------------------------------------
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from kalmannorm.reproduce import reproduce
+
+    overrides: dict[str, Any] = {}
+    for key in ("steps", "device", "data_dir", "train_subset", "test_subset"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    report = reproduce(
+        args.budget,
+        out=args.out,
+        runs=args.runs,
+        grids=[g for g in args.grids.split(",") if g] if args.grids else None,
+        norms=[n for n in args.norms.split(",") if n] if args.norms else None,
+        overrides=overrides,
+        train=not args.no_train,
+        bench=args.bench,
+        threads=args.threads,
+    )
+    print(f"report: {report}")
 
 
 # -- the parser -------------------------------------------------------------------------------
@@ -278,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         "preset 'default' (the main job). Training options below apply to every run.",
     )
     compare.add_argument("--config", help="compare TOML file ([compare] and [train] tables)")
-    compare.add_argument("--preset", choices=("default", "tiny"), help="a built-in grid")
+    compare.add_argument("--preset", choices=sorted(PRESETS), help="a built-in grid")
     compare.add_argument(
         "--out", dest="grid_out", help="folder of the grid (one sub-folder per run)"
     )
@@ -289,6 +313,33 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--baseline", help="norm of the whole-batch baseline ('' for none)")
     add_config_options(compare, exclude={"out", "seed", "norm", "stat_batch_size"} | {"progress"})
     compare.set_defaults(run=_compare)
+
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="train a budget's grids, measure the paper's evidence, write REPORT.md",
+        description="Train every grid of a budget (finished runs are skipped, killed ones "
+        "resumed), measure the evidence on the trained models and write REPORT.md with its "
+        "figures. 'small': Fashion-MNIST on 2 CPU cores in about two hours; 'paper': the "
+        "paper's CIFAR and ImageNet recipes, for GPUs.",
+    )
+    reproduce.add_argument("--budget", choices=["small", "paper"], default="small")
+    reproduce.add_argument("--out", default="docs/results", help="folder of REPORT.md and figures")
+    reproduce.add_argument("--runs", help="folder of the grids (default: runs/reproduce-BUDGET)")
+    reproduce.add_argument("--grids", help="comma-separated grid names (default: all)")
+    reproduce.add_argument("--norms", help="comma-separated norm labels (default: all)")
+    reproduce.add_argument("--steps", type=int, help="train every run for only this many steps")
+    reproduce.add_argument("--device", help="override the runs' device (e.g. cpu)")
+    reproduce.add_argument("--data-dir", help="override the runs' data folder")
+    reproduce.add_argument("--train-subset", type=int, help="train on this many images")
+    reproduce.add_argument("--test-subset", type=int, help="evaluate on this many images")
+    reproduce.add_argument("--threads", type=int, help="CPU threads per run")
+    reproduce.add_argument(
+        "--no-train", action="store_true", help="only read finished runs and write the report"
+    )
+    reproduce.add_argument(
+        "--bench", action="store_true", help="also time BKN vs BN (kalmannorm bench, no compile)"
+    )
+    reproduce.set_defaults(run=_reproduce)
     return parser
 
 

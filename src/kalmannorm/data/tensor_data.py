@@ -89,6 +89,13 @@ class TensorImageData:
             x = self.test_x[start : start + batch_size]
             yield self._normalize(self._to_unit(x)), self.test_y[start : start + batch_size]
 
+    def train_batches_in_order(self, batch_size: int) -> Iterator[Batch]:
+        """The training set in file order without augmentation, in batches of ``batch_size``
+        (the last one may be smaller): what the analyses forward to measure statistics."""
+        for start in range(0, self.train_size, batch_size):
+            x = self.train_x[start : start + batch_size]
+            yield self._normalize(self._to_unit(x)), self.train_y[start : start + batch_size]
+
     # -- helpers ------------------------------------------------------------------------------
 
     def subset(self, train: int | None = None, test: int | None = None) -> TensorImageData:

@@ -141,9 +141,10 @@ class RunSpec:
     """One run of the grid."""
 
     variant: Variant
-    stat_batch_size: int | None  # None: the baseline, one group per forward pass
-    seed: int
+    stat_batch_size: int | None  # None: the baseline (one group per forward pass) or a
+    seed: int  # batch-independent norm
     config: TrainConfig
+    baseline: bool = False
 
     @property
     def folder(self) -> Path:
@@ -155,7 +156,7 @@ class RunSpec:
 
 
 def make_grid(cfg: CompareConfig) -> list[RunSpec]:
-    """All runs: the baseline (per seed), then every norm x statistics batch x seed (a
+    """All runs, seed by seed: the baseline, then every norm x statistics batch (a
     batch-independent norm once per seed). Each configuration is checked here, before anything
     runs."""
     norms = valid_norms()
@@ -172,8 +173,8 @@ def make_grid(cfg: CompareConfig) -> list[RunSpec]:
         else:  # batch-independent (gn, gkn, ...): one run per seed serves every statistics batch
             groups.append((variant, None))
     specs = []
-    for variant, stat in groups:
-        for seed in cfg.seeds:
+    for seed in cfg.seeds:  # seed-major: a grid cut short still has whole seeds
+        for variant, stat in groups:
             name = f"{variant.label}-s{stat if stat else 'all'}-seed{seed}"
             config = dataclasses.replace(
                 base,
@@ -184,7 +185,8 @@ def make_grid(cfg: CompareConfig) -> list[RunSpec]:
                 out=str(Path(cfg.out) / _safe(name)),
             )
             check_config(config)
-            specs.append(RunSpec(variant, stat, seed, config))
+            is_baseline = cfg.baseline is not None and variant is cfg.baseline
+            specs.append(RunSpec(variant, stat, seed, config, is_baseline))
     return specs
 
 
@@ -304,8 +306,10 @@ def collect(specs: list[RunSpec]) -> list[Row]:
             continue
         summary = json.loads((spec.folder / SUMMARY).read_text())
         records = read_metrics(spec.folder / "metrics.jsonl")
-        stat = spec.stat_batch_size or summary["derived"]["stat_batch_size_used"]
-        label = spec.variant.label if spec.stat_batch_size else f"{spec.variant.label} (baseline)"
+        stat = spec.stat_batch_size or (
+            summary["derived"]["stat_batch_size_used"] if spec.baseline else "any"
+        )
+        label = f"{spec.variant.label} (baseline)" if spec.baseline else spec.variant.label
         row = rows.setdefault(
             spec.group, Row(label, spec.variant.norm, str(stat), 0, [], [], [], [], [], [], [])
         )

@@ -101,20 +101,19 @@ def _accuracy(
     device: torch.device,
     whole: int = 1,
 ) -> tuple[float, int]:
-    """Correct fraction over the test set, in batches of ``batch_size``, leaving out a last
-    batch whose size is not a multiple of ``whole``; batches are shared round-robin among
-    processes."""
+    """Correct fraction over the test set, in batches of ``batch_size``, each cut to a multiple
+    of ``whole`` (the samples of an incomplete last group are left out); batches are shared
+    round-robin among processes. NaN when no sample could be scored."""
     correct = count = 0
     for index, (x, y) in enumerate(data.test_batches(batch_size)):
-        if len(y) % whole:
+        keep = len(y) - len(y) % whole
+        if keep == 0 or index % dist.world_size != dist.rank:
             continue
-        if index % dist.world_size != dist.rank:
-            continue
-        logits = model(x.to(device, non_blocking=True))
-        correct += int((logits.argmax(1) == y.to(device)).sum())
-        count += len(y)
+        logits = model(x[:keep].to(device, non_blocking=True))
+        correct += int((logits.argmax(1) == y[:keep].to(device)).sum())
+        count += keep
     correct, count = all_reduce_sum([correct, count], dist, device)
-    return correct / max(count, 1), int(count)
+    return (correct / count if count else float("nan")), int(count)
 
 
 def evaluate(
@@ -134,15 +133,18 @@ def evaluate(
         stat_batch_size: the training statistics group. Layers that group by themselves get
             test batches of the largest multiple of it up to ``eval_batch_size``; a model with
             layers that normalise the whole forward batch (plain BatchNorm) gets test batches of
-            exactly this size, which for them is the training forward pass. A last batch of
-            incomplete groups is left out, so the evaluated images depend only on these two
-            sizes, never on the number of processes.
+            exactly this size, which for them is the training forward pass. The samples of an
+            incomplete last group are left out, so the evaluated images depend only on these
+            two sizes, never on the number of processes. A model without batch-dependent layers
+            scores the same in both columns.
         eval_batch_size: test batch for the moving-statistics evaluation.
     """
     model.eval()
     moving, _ = _accuracy(model, data, eval_batch_size, dist, device)
     with batch_statistics(model) as report:
-        if report.whole_batch:  # the forward batch is the statistics group
+        if not (report.switched or report.plain_batchnorm):  # batch-independent: the same
+            batch = moving
+        elif report.whole_batch:  # the forward batch is the statistics group
             batch, _ = _accuracy(model, data, stat_batch_size, dist, device, stat_batch_size)
         else:  # layers group by themselves: any whole number of groups
             size = max(stat_batch_size, eval_batch_size // stat_batch_size * stat_batch_size)
