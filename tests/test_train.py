@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 import kalmannorm
+from kalmannorm.analysis import batch_statistics_mode
 from kalmannorm.cli import build_parser, config_from_args, main
 from kalmannorm.train import (
     CheckpointMismatchError,
     ConfigError,
     TrainConfig,
-    batch_statistics,
     load_config,
     plan_batches,
     save_config,
@@ -266,7 +266,7 @@ def test_batch_evaluation_scores_whole_groups_only() -> None:
     model.eval()
     with torch.no_grad():
         moving = (model(x).argmax(1) == y).float().mean().item()
-        with batch_statistics(model):  # groups of 4: the first 8 samples are scored
+        with batch_statistics_mode(model):  # groups of 4: the first 8 samples are scored
             batch = (model(x[:8]).argmax(1) == y[:8]).float().mean().item()
     result = evaluate(
         model,
@@ -298,10 +298,10 @@ def test_batch_statistics_of_plain_batchnorm_is_the_training_forward() -> None:
         model[0](x), None, None, model[1].weight, model[1].bias, training=True
     )
     model.eval()
-    with torch.no_grad(), batch_statistics(model) as report:
+    with torch.no_grad(), batch_statistics_mode(model) as layers:
         out = model[1](model[0](x))
     torch.testing.assert_close(out, reference)
-    assert report.plain_batchnorm == ["1", "4"] and not report.moving_only
+    assert [(layer.name, layer.group_size) for layer in layers] == [("1", None), ("4", None)]
     assert not model[1].training and model[1].momentum == 0.1
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key  # evaluation changed nothing
@@ -313,11 +313,11 @@ def test_batch_statistics_switches_layers_with_eval_statistics() -> None:
     x = torch.randn(8, 1, 9, 9)
     with torch.no_grad():
         moving = model(x)
-        with batch_statistics(model) as report:
+        with batch_statistics_mode(model) as layers:
             batch = model(x)
             first_groups = model(x[:2])
         again = model(x)
-    assert report.switched == ["1", "4"]
+    assert [(layer.name, layer.group_size) for layer in layers] == [("1", 2), ("4", 2)]
     assert not torch.allclose(moving, batch) and torch.equal(moving, again)
     torch.testing.assert_close(batch[:2], first_groups)  # statistics per group of 2
     assert all(

@@ -13,7 +13,7 @@
 
 from kalmannorm.train.checkpoint import CheckpointMismatchError
 from kalmannorm.train.config import TrainConfig, config_from_dict, load_config, save_config
-from kalmannorm.train.evaluate import batch_statistics, evaluate
+from kalmannorm.train.evaluate import evaluate
 from kalmannorm.train.loop import check_config, train
 from kalmannorm.train.plan import BatchPlan, ConfigError, plan_batches
 
@@ -22,7 +22,6 @@ __all__ = [
     "CheckpointMismatchError",
     "ConfigError",
     "TrainConfig",
-    "batch_statistics",
     "check_config",
     "config_from_dict",
     "evaluate",
