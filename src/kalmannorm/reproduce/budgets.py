@@ -114,7 +114,23 @@ def small(root: str | Path = "runs/reproduce-small") -> Budget:
         jobs=2,
         out=str(root / WIDENED),
     )
-    return Budget("small", root, grids, analysis_samples=10_000)
+    notes = [
+        f"Scale: every sweep run is {SWEEP_STEPS} SGD steps at gradient batch 128 "
+        f"({SWEEP_STEPS * 128 / 60_000:.2f} epoch of Fashion-MNIST's 60,000 training images) of "
+        "the small CNN (four conv3x3-norm-ReLU blocks of widths 16, 32, 32, 64, global average "
+        "pooling, linear), lr 0.05 with 30 warm-up steps then cosine, momentum 0.9, weight decay "
+        "5e-4, pad-crop and flip augmentation. Accuracies are therefore far below converged "
+        "values (the paper trains for hundreds of epochs); what is compared is the norms under "
+        "one short, identical budget. No norm was tuned: BKN keeps its defaults (q = 0.9, "
+        "R = 0.1, A = 0, chosen once in docs/design/init-sweep.md on a different setting), BRN "
+        "and CBN their authors' schedules scaled to the run length by one rule.",
+        "Test accuracy is on Fashion-MNIST's 10,000 test images; with batch statistics, whole "
+        "statistics groups of whole evaluation batches only (9,920 images at s = 32, 9,856 at "
+        "s = 128 and for the batch-independent norms).",
+        "The statistics analyses (sections 4-5) forward the first 10,000 training images "
+        "without augmentation through the seed-0 model of each cell.",
+    ]
+    return Budget("small", root, grids, analysis_samples=10_000, notes=notes)
 
 
 #: The authors' CIFAR schedule (cifar-kn-microbatch.py): 400 epochs, decays at 82, 123, 300.

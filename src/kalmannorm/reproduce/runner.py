@@ -25,7 +25,15 @@ import torch
 from kalmannorm.reproduce import evidence
 from kalmannorm.reproduce.budgets import BUDGETS, SETTINGS, WIDENED, Budget
 from kalmannorm.reproduce.figures import write_sweep_plot
-from kalmannorm.reproduce.report import BKN, BN, Findings, cells_by_label, write_report
+from kalmannorm.reproduce.report import (
+    BKN,
+    BKN_PROPAGATE,
+    BN,
+    KALMAN,
+    Findings,
+    cells_by_label,
+    write_report,
+)
 from kalmannorm.train.compare import CompareConfig, RunsFailedError, compare
 from kalmannorm.train.config import config_from_dict
 from kalmannorm.train.plan import ConfigError
@@ -85,7 +93,7 @@ def gather(
     failures: list[str],
 ) -> Findings:
     """Read the grids' runs and measure the statistics evidence on the trained models."""
-    findings = Findings(budget.name, header, failures=failures)
+    findings = Findings(budget.name, header, failures=failures, notes=list(budget.notes))
     findings.table3_stat_batch = budget.table3_stat_batch
     findings.analysis_samples = budget.analysis_samples
     sweep_name = next((n for n in grids if len(grids[n].stat_batch_sizes) > 1), None)
@@ -108,8 +116,9 @@ def gather(
         findings.figures["sweep"] = write_sweep_plot(findings.sweep, out / "sweep.png").name
 
     s = budget.table3_stat_batch
-    pair = {label: evidence.seed_run(sweep_cfg, label, s) for label in (BN, BKN)}
+    pair = {label: evidence.seed_run(sweep_cfg, label, s) for label in (BN, *KALMAN)}
     models = {label: evidence.model_of(spec) for label, spec in pair.items() if spec}
+    models.pop(BKN_PROPAGATE, None)  # its parameters are BN's (the prior uses the conv)
     if WIDENED in grids and findings.widened is not None:
         spec = evidence.seed_run(grids[WIDENED], findings.widened.label, s)
         if spec is not None:
