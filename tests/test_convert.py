@@ -142,3 +142,11 @@ def test_a_batchnorm_root_is_returned_converted():
     converted = kalmannorm.convert_norm(nn.BatchNorm1d(5), "bkn")
     assert isinstance(converted, kalmannorm.BatchKalmanNorm1d)
     assert kalmannorm.find_chain(converted).names == [""]
+
+
+def test_build_norm_passes_eps_to_norms_with_their_own_default() -> None:
+    # FRN's default eps is its paper's 1e-6, not BatchNorm's; a given eps must reach it
+    assert float(kalmannorm.build_norm("frn", 8).eps) == pytest.approx(1e-6)
+    assert float(kalmannorm.build_norm("frn", 8, eps=1e-3).eps) == pytest.approx(1e-3)
+    assert kalmannorm.build_norm("bn", 8, eps=1e-3).eps == pytest.approx(1e-3)
+    assert kalmannorm.build_norm("bkn", 8, eps=1e-3).eps == pytest.approx(1e-3)

@@ -176,3 +176,33 @@ def test_unknown_budget_and_grid_are_refused(tmp_path) -> None:
         reproduce("huge", out=tmp_path)
     with pytest.raises(ConfigError, match="its grids: cifar10, cifar100"):
         reproduce("paper", out=tmp_path, grids=["cifar1000"], runs=tmp_path / "runs")
+
+
+def test_verdict_lines_from_synthetic_findings() -> None:
+    from kalmannorm.reproduce.report import Findings, verdict_lines
+
+    def c(label: str, s: int | None, moving: list[float], batch: list[float]) -> Cell:
+        return Cell(label, label, 128, s, moving=moving, batch=batch)
+
+    sweep = {
+        ("bn", 2): c("bn", 2, [0.60, 0.61, 0.62], [0.50, 0.51, 0.52]),
+        ("bn", 128): c("bn", 128, [0.80, 0.81, 0.79], [0.80, 0.80, 0.80]),
+        ("bkn", 2): c("bkn", 2, [0.70, 0.71, 0.72], [0.705, 0.715, 0.72]),
+        ("bkn", 128): c("bkn", 128, [0.80, 0.81, 0.79], [0.80, 0.80, 0.80]),
+    }
+    findings = Findings("test", {}, sweep=sweep)
+    findings.estimation_error = [
+        {"norm": "bn", "stat_batch_size": 2, "var_error": 0.30},
+        {"norm": "bkn", "stat_batch_size": 2, "var_error": 0.299},  # within 5 %: the same
+    ]
+    text = "\n".join(verdict_lines(findings))
+    # +10 pt with a standard error of ~0.8 pt: better, in both evaluation modes
+    assert (
+        "*bkn beats BN with micro-batches (s ≤ 8), moving statistics at test*: **reproduced**"
+        in text
+    )
+    assert "batch statistics at test*: **reproduced** — better at 2" in text
+    # BKN's batch/moving gap is 0.17 pt (<= 1), BN's 10 pt
+    assert "give the same accuracy; BN has a gap* (Table 3, s = 2): **reproduced**" in text
+    assert "more accurately than BN* (variance error" in text and "s=2: the same" in text
+    assert "**not reproduced** — s=2: the same" in text

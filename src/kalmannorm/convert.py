@@ -7,6 +7,7 @@ create layers the same way.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,11 +91,17 @@ def _spec(name: str) -> NormSpec:
 
 
 def build_norm(name: str, num_features: int, dims: int = 2, **options) -> nn.Module:
-    """Build the norm ``name`` for ``num_features`` channels of ``dims``-d data (1, 2 or 3)."""
+    """Build the norm ``name`` for ``num_features`` channels of ``dims``-d data (1, 2 or 3).
+
+    A norm whose builder takes its own ``eps`` (FRN: the paper's 1e-6 rather than BatchNorm's)
+    receives a given ``eps`` as an option; the others take it as BatchNorm's eps.
+    """
+    spec = _spec(name)
+    takes_eps = "eps" in inspect.signature(spec.build).parameters
     source = SourceNorm(
         num_features=num_features,
         dims=dims,
-        eps=options.pop("eps", 1e-5),
+        eps=options.get("eps", 1e-5) if takes_eps else options.pop("eps", 1e-5),
         momentum=options.pop("momentum", 0.1),
         affine=options.pop("affine", True),
         track_running_stats=options.pop("track_running_stats", True),
