@@ -24,7 +24,7 @@ from kalmannorm.analysis.params import count_parameters, width_for_parameter_cou
 from kalmannorm.train.compare import CompareConfig, Variant
 from kalmannorm.train.config import config_from_dict
 from kalmannorm.train.model import build_model_for, load_run_data
-from kalmannorm.train.presets import SWEEP_STEPS, microbatch_sweep
+from kalmannorm.train.presets import SWEEP_STEPS, microbatch_sweep, paper_cifar
 
 #: Grid names, in the order they run.
 SWEEP, SETTINGS, WIDENED = "sweep", "settings", "widened"
@@ -133,20 +133,6 @@ def small(root: str | Path = "runs/reproduce-small") -> Budget:
     return Budget("small", root, grids, analysis_samples=10_000, notes=notes)
 
 
-#: The authors' CIFAR schedule (cifar-kn-microbatch.py): 400 epochs, decays at 82, 123, 300.
-PAPER_CIFAR_TRAIN = {
-    "model": "inception_cifar",
-    "batch_size": 128,
-    "epochs": 400,
-    "lr": 0.1,
-    "momentum": 0.9,
-    "weight_decay": 2e-4,
-    "schedule": "step",
-    "milestones": [82 / 400, 123 / 400, 300 / 400],
-    "gamma": 0.1,
-    "device": "cuda",
-    "progress": "log",
-}
 #: ImageNet at the paper's (256, 4): 90 epochs, step decay every 30 (the standard ResNet recipe).
 PAPER_IMAGENET_TRAIN = {
     "dataset": "imagefolder",
@@ -168,15 +154,7 @@ def paper(root: str | Path = "runs/reproduce-paper") -> Budget:
     root = Path(root)
     grids: dict[str, CompareConfig] = {}
     for dataset in ("cifar10", "cifar100"):
-        grids[dataset] = CompareConfig(
-            train={**PAPER_CIFAR_TRAIN, "dataset": dataset},
-            norms=[Variant("bn", "bn"), Variant("bkn", "bkn"), Variant("gn", "gn")],
-            stat_batch_sizes=[2],
-            seeds=[0],
-            baseline=Variant("none", "bn-plain"),
-            jobs=1,
-            out=str(root / dataset),
-        )
+        grids[dataset] = paper_cifar(dataset, str(root / dataset))
     for model in ("resnet50", "resnet101"):
         grids[f"imagenet-{model}"] = CompareConfig(
             train={**PAPER_IMAGENET_TRAIN, "model": f"tv:{model}"},
