@@ -133,10 +133,12 @@ def kalman_update(
     mu^{k|k} = p mu^{k|k-1} + q xbar
     sigma^2_{k|k} = p sigma^2_{k|k-1} + q S + p q (xbar - mu^{k|k-1})^2
     """
-    keep = 1.0 - gain
+    # The same, in fewer operations: mu = mu_prior + q r and
+    # sigma^2 = sigma^2_prior + q (S - sigma^2_prior + p r^2), with innovation r = xbar - mu_prior.
     innovation = batch_mean - prior_mean
-    mean = keep * prior_mean + gain * batch_mean
-    var = keep * prior_var + gain * batch_var + keep * gain * innovation.square()
+    mean = torch.addcmul(prior_mean, gain, innovation)
+    spread = torch.addcmul(batch_var - prior_var, 1.0 - gain, innovation.square())
+    var = torch.addcmul(prior_var, gain, spread)
     return mean, var
 
 

@@ -10,13 +10,13 @@ forward
     estimate on (G, C) tensors (any function of the batch statistics), then
     y = x * scale + shift with scale = gamma / sqrt(var + eps), shift = beta - mu * scale.
 backward
-    dL/dscale = Sigma g x and dL/dshift = Sigma g per (group, channel); the small estimate is
-    recomputed with autograd to carry them (and the gradients of the posterior handed to the next
-    layer) back to the batch statistics xbar, S and to every small input (A, R, q, upstream
-    statistics, gamma, beta); finally, with m values per group,
-    dL/dx = g * scale + (dL/dxbar + 2 dL/dS (x - xbar)) / m, written once.
+    dL/dscale = Sigma g x and dL/dshift = Sigma g per (group, channel); the small estimate's
+    autograd graph, built in the forward on detached leaves and kept on the context, carries them
+    (and the gradients of the posterior handed to the next layer) back to the batch statistics
+    xbar, S and to every small input (A, R, q, upstream statistics, gamma, beta); finally, with m
+    values per group, dL/dx = g * scale + (dL/dxbar + 2 dL/dS (x - xbar)) / m, written once.
 
-Only the (G, C) estimate is recomputed; nothing activation-sized is saved beyond the input.
+Nothing activation-sized is saved beyond the input; nothing is recomputed.
 Used for contiguous CPU/GPU tensors in eager mode; under ``torch.compile`` the layers use the
 composite path, which the compiler fuses itself.
 """
@@ -89,23 +89,30 @@ class FusedGroupNorm(torch.autograd.Function):
         grouped = x.view(groups, x.shape[0] // groups, x.shape[1], -1)
         batch_mean, batch_var = fast_moments(grouped)
         inspect(batch_mean, batch_var)
-        mean, var = estimate(batch_mean, batch_var, *small)
-        scale, shift = affine_from_statistics(mean, var, weight, bias, eps)
+        # The small (G, C) estimate is built with autograd here and kept on ctx: the backward
+        # differentiates this graph instead of recomputing it.
+        with torch.enable_grad():
+            stats = (batch_mean.requires_grad_(), batch_var.requires_grad_())
+            leaves = [_leaf(t) for t in (weight, bias, *small)]
+            mean, var = estimate(*stats, *leaves[2:])
+            scale, shift = affine_from_statistics(mean, var, leaves[0], leaves[1], eps)
         y = torch.empty_like(x)  # written through a view, returned whole (in-place ops allowed)
         torch.addcmul(
-            shift.unsqueeze(-1).unsqueeze(1),
+            shift.detach().unsqueeze(-1).unsqueeze(1),
             grouped,
-            scale.unsqueeze(-1).unsqueeze(1),
+            scale.detach().unsqueeze(-1).unsqueeze(1),
             out=y.view_as(grouped),
         )
-        ctx.groups, ctx.eps, ctx.estimate = groups, eps, estimate
-        ctx.save_for_backward(x, batch_mean, batch_var, weight, bias, *small)
-        return y, mean, var
+        ctx.groups = groups
+        ctx.graph = (stats, leaves, mean, var, scale, shift)
+        ctx.save_for_backward(x)
+        return y, mean.detach(), var.detach()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor, grad_mean: Tensor | None, grad_var: Tensor | None):
-        x, batch_mean, batch_var, weight, bias, *small = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
+        stats, leaves, mean, var, scale, shift = ctx.graph
         groups = ctx.groups
         grouped = x.view(groups, x.shape[0] // groups, x.shape[1], -1)
         grad = grad_y.contiguous().view_as(grouped)
@@ -113,18 +120,17 @@ class FusedGroupNorm(torch.autograd.Function):
         grad_shift = grad.sum((1, 3))
         grad_scale = group_dot(grad, grouped)
 
-        with torch.enable_grad():
-            stats = [batch_mean.detach().requires_grad_(), batch_var.detach().requires_grad_()]
-            leaves = [_leaf(t) for t in (weight, bias, *small)]
-            mean, var = ctx.estimate(stats[0], stats[1], *leaves[2:])
-            scale, shift = affine_from_statistics(mean, var, leaves[0], leaves[1], ctx.eps)
-            outputs, output_grads = [scale, shift], [grad_scale, grad_shift]
-            for out, out_grad in ((mean, grad_mean), (var, grad_var)):
-                if out_grad is not None:
-                    outputs.append(out)
-                    output_grads.append(out_grad)
-            wanted = stats + [t for t in leaves if t is not None and t.requires_grad]
-            found = torch.autograd.grad(outputs, wanted, output_grads, allow_unused=True)
+        outputs, output_grads = [scale, shift], [grad_scale, grad_shift]
+        for out, out_grad in ((mean, grad_mean), (var, grad_var)):
+            if out_grad is not None:
+                outputs.append(out)
+                output_grads.append(out_grad)
+        wanted = [*stats, *(t for t in leaves if t is not None and t.requires_grad)]
+        # retain_graph: a backward may run more than once on the same graph (gradcheck)
+        found = torch.autograd.grad(
+            outputs, wanted, output_grads, allow_unused=True, retain_graph=True
+        )
+        batch_mean = stats[0].detach()
         grad_batch_mean, grad_batch_var = (_zero_if_none(g, s) for g, s in zip(found[:2], stats))
         by_leaf = dict(zip(map(id, wanted[2:]), found[2:]))
         leaf_grads = [None if t is None else by_leaf.get(id(t)) for t in leaves]

@@ -238,7 +238,8 @@ class KalmanNormBase(nn.Module):
 
     # -- the Kalman step ----------------------------------------------------------------------
     # One step is: upstream_posterior() (order check), estimate() (pure math on (G, width)
-    # tensors, also recomputed by the fused backward), then record() (hand-over, diagnostics).
+    # tensors, whose autograd graph the fused backward differentiates), then record()
+    # (hand-over, diagnostics).
 
     def upstream_posterior(self) -> Posterior | None:
         """This pass's posterior of the upstream layer (``None`` without one); checks the order."""

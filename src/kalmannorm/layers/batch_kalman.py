@@ -20,6 +20,7 @@ Kalman parameters it lacks keep their initial values.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -175,14 +176,15 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
         """EMA of the posterior mean and of the posterior variance with S unbiased (m/(m-1) S)."""
         if not (self.training and self.track_running_stats):
             return
-        unbiased_var = var + gain * batch_var / (count - 1)
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked)
-        else:
-            factor = self.momentum
-        F.exponential_average(self.running_mean, mean.detach().mean(0), factor)
-        F.exponential_average(self.running_var, unbiased_var.detach().mean(0), factor)
+        with torch.no_grad():
+            unbiased_var = torch.addcmul(var, gain, batch_var, value=1.0 / (count - 1))
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                factor = self.momentum
+            F.exponential_average(self.running_mean, mean.mean(0), factor)
+            F.exponential_average(self.running_var, unbiased_var.mean(0), factor)
 
 
 class BatchKalmanNorm1d(BatchKalmanNorm):
