@@ -72,3 +72,23 @@ def test_format_table_has_ratio_rows(quick_results: dict) -> None:
 def test_format_table_reports_compile_failure(quick_results: dict) -> None:
     results = dict(quick_results, step_compiled_resnet20={"error": "failed: RuntimeError: boom"})
     assert "failed: RuntimeError: boom" in format_table(results)
+
+
+def test_reproduce_report_takes_a_saved_benchmark(quick_results: dict, tmp_path) -> None:
+    import json
+
+    from kalmannorm.reproduce import Budget, reproduce
+    from kalmannorm.train.compare import CompareConfig, Variant
+
+    saved = tmp_path / "bench.json"
+    saved.write_text(json.dumps(quick_results))
+    empty = CompareConfig(  # a grid without finished runs: only the benchmark is reported
+        train={"dataset": "digits"}, norms=[Variant("bn", "bn")], stat_batch_sizes=[2, 4]
+    )
+    empty.out = str(tmp_path / "runs")
+    budget = Budget("bench-only", tmp_path, {"sweep": empty}, analysis_samples=None)
+    report = reproduce(budget, out=tmp_path / "out", train=False, bench_json=saved, argv=[])
+    text = report.read_text()
+    assert format_table(quick_results) in text
+    ratio = quick_results["step_ratio_eager"]
+    assert f"ResNet-20 step on this CPU, eager: {ratio:.2f}x" in text

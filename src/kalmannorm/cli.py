@@ -235,6 +235,7 @@ def _reproduce(args: argparse.Namespace) -> None:
         overrides=overrides,
         train=not args.no_train,
         bench=args.bench,
+        bench_json=args.bench_json,
         threads=args.threads,
     )
     print(f"report: {report}")
@@ -338,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument(
         "--bench", action="store_true", help="also time BKN vs BN (kalmannorm bench, no compile)"
+    )
+    reproduce.add_argument(
+        "--bench-json",
+        help="use a saved `python -m kalmannorm.bench --json PATH` result for the throughput table",
     )
     reproduce.set_defaults(run=_reproduce)
     return parser

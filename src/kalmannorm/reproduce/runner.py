@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import shlex
 import sys
@@ -184,12 +185,15 @@ def reproduce(
     overrides: dict[str, Any] | None = None,
     train: bool = True,
     bench: bool = False,
+    bench_json: str | Path | None = None,
     threads: int | None = None,
     argv: Sequence[str] | None = None,
 ) -> Path:
     """Train the grids of ``budget`` (a name of :data:`BUDGETS` or a :class:`Budget`; unless
     ``train`` is False), gather the evidence and write ``out/REPORT.md``; returns its path.
-    ``grids`` and ``norms`` (labels) select part of the budget; ``overrides`` replace training
+    ``bench`` times BKN against BN here (no compile); ``bench_json`` reads a saved
+    ``python -m kalmannorm.bench --json PATH`` result instead. ``grids`` and ``norms`` (labels)
+    select part of the budget; ``overrides`` replace training
     keys of every grid (e.g. ``{"steps": 2}`` to check that the paper budget starts)."""
     start = time.perf_counter()
     if not isinstance(budget, Budget):
@@ -212,10 +216,13 @@ def reproduce(
         "runs": str(budget.root),
     }
     findings = gather(budget, selected, out, header=header, failures=failures)
-    if bench:
+    if bench or bench_json:
         from kalmannorm.bench import format_table, run_benchmark
 
-        findings.bench = run_benchmark(compile=False, threads=1)
+        if bench_json:  # a saved `python -m kalmannorm.bench --json PATH` result
+            findings.bench = json.loads(Path(bench_json).read_text())
+        else:
+            findings.bench = run_benchmark(compile=False, threads=1)
         findings.bench_table = format_table(findings.bench)
     seconds = time.perf_counter() - start
     findings.header["wall time of this command"] = f"{seconds / 60:.1f} min"
