@@ -13,7 +13,6 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -167,7 +166,3 @@ def gain_of(spec: RunSpec) -> dict[str, analysis.LayerGain]:
 
 def model_of(spec: RunSpec) -> nn.Module:
     return load_run(spec.folder).model
-
-
-def grid_folder(cfg: CompareConfig) -> Path:
-    return Path(cfg.out)

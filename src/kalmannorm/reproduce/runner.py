@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from kalmannorm import analysis
 from kalmannorm.reproduce import evidence
 from kalmannorm.reproduce.budgets import BUDGETS, SETTINGS, WIDENED, Budget
 from kalmannorm.reproduce.figures import write_sweep_plot
@@ -134,8 +135,6 @@ def gather(
     ]
     findings.variance_gap = results
     if results:
-        from kalmannorm import analysis
-
         top = max(
             float(gap.relative.abs().nan_to_num(0).quantile(0.99))
             for r in results
@@ -153,8 +152,6 @@ def gather(
         sweep_cfg, labels, max_samples=budget.analysis_samples
     )
     if pair.get(BKN) is not None:
-        from kalmannorm import analysis
-
         findings.gain = evidence.gain_of(pair[BKN])
         if findings.gain:
             analysis.write_gain_distribution_plot(
