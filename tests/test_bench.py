@@ -74,6 +74,22 @@ def test_format_table_reports_compile_failure(quick_results: dict) -> None:
     assert "failed: RuntimeError: boom" in format_table(results)
 
 
+def test_format_table_reports_compile_time_with_the_cache_state(quick_results: dict) -> None:
+    compiled = {
+        "bn_ms": 2.0,
+        "bkn_ms": 2.1,
+        "ratio": 1.05,
+        "compile_s": {"bn": 6.0, "bkn": 70.0},
+        "compile_cache": {"bn": "26 hit/0 miss", "bkn": "3 hit/54 miss"},
+        "graph_breaks": {"bn": 0, "bkn": 0},
+    }
+    table = format_table(dict(quick_results, step_compiled_resnet20=compiled))
+    row = next(line for line in table.splitlines() if line.startswith("| train step, resnet20, c"))
+    assert "1.05x" in row
+    assert "bn 6 s (graph cache 26 hit/0 miss), bkn 70 s (graph cache 3 hit/54 miss)" in table
+    assert "resnet20 graph breaks: bn 0, bkn 0" in table
+
+
 def test_reproduce_report_takes_a_saved_benchmark(quick_results: dict, tmp_path) -> None:
     import json
 

@@ -2,15 +2,20 @@
 
 import copy
 
+import pytest
 import torch
 
 import kalmannorm
 from kalmannorm.models import SmallCNN
 
 
-def test_compiled_bkn_model_has_no_graph_breaks_and_matches_eager():
+@pytest.mark.parametrize(
+    ("norm", "options"), [("bkn", {"stat_batch_size": 2}), ("gkn", {"num_groups": 4})]
+)
+def test_compiled_kalman_model_has_no_graph_breaks_and_matches_eager(norm, options):
+    """The compiled composite path against the eager fused one."""
     torch.manual_seed(0)
-    model = kalmannorm.convert_norm(SmallCNN(3, 10, 8), "bkn", stat_batch_size=2)
+    model = kalmannorm.convert_norm(SmallCNN(3, 10, 8), norm, **options)
     twin = copy.deepcopy(model)
     x = torch.randn(4, 3, 12, 12)
     expected = model(x)
@@ -21,8 +26,12 @@ def test_compiled_bkn_model_has_no_graph_breaks_and_matches_eager():
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
-    torch.testing.assert_close(twin.features[3][1].running_var, model.features[3][1].running_var)
-    assert twin.features[3][1].last_statistics.gain.shape == (2, 32)
+    layer, twin_layer = model.features[3][1], twin.features[3][1]
+    if norm == "bkn":
+        torch.testing.assert_close(twin_layer.running_var, layer.running_var)
+    stats = twin_layer.last_statistics
+    assert stats.gain.shape == stats.batch_mean.shape == layer.last_statistics.batch_mean.shape
+    torch.testing.assert_close(stats.posterior_var, layer.last_statistics.posterior_var)
 
 
 def test_bfloat16_autocast_accumulates_statistics_in_float32():

@@ -89,3 +89,17 @@ def test_group_dot_both_strategies_agree(monkeypatch):
     torch.testing.assert_close(fused.group_dot(a, b), expected)
     monkeypatch.setattr(fused, "_PRODUCT_LIMIT_BYTES", 0)
     torch.testing.assert_close(fused.group_dot(a, b), expected)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dims"),
+    [((3, 2, 4, 10), (1, 3)), ((6, 4, 1, 10), (1, 3)), ((6, 4, 1, 10), (3,)), ((3, 2, 4, 1), (1,))],
+)
+def test_sum_product_both_strategies_agree(monkeypatch, shape, dims):
+    from kalmannorm import fused
+
+    a, b = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    expected = (a * b).sum(dims, keepdim=True)
+    torch.testing.assert_close(fused.sum_product(a, b, dims), expected)
+    monkeypatch.setattr(fused, "_PRODUCT_LIMIT_BYTES", 0)
+    torch.testing.assert_close(fused.sum_product(a, b, dims), expected)

@@ -84,3 +84,51 @@ def test_group_count_must_divide_channels():
         GroupKalmanNorm(2, 8)(torch.randn(2, 4, 3, 3))
     assert kalmannorm.convert.default_num_groups(48) == 24
     assert kalmannorm.convert.default_num_groups(64) == 32
+
+
+def _run_and_grads(model, x):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    node = type(out.grad_fn).__name__
+    out.backward(out.detach() + 1.0)  # a non-trivial upstream gradient
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return out.detach().contiguous(), x.grad.contiguous(), grads, node
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_fused_path_equals_composite_path(affine):
+    model = kalmannorm.convert_norm(conv_bn_stack((3, 4, 6, 6)), "gkn", num_groups=2)
+    for layer in model.modules():
+        if isinstance(layer, GroupKalmanNorm) and not affine:
+            layer.weight, layer.bias, layer.affine = None, None, False
+    randomize_kalman(model, seed=5)
+    x = torch.randn(3, 3, 4, 5, dtype=torch.float64)
+    fused = _run_and_grads(model, x)
+    assert fused[3] == "FusedGroupNormBackward"
+    stats = model[7].last_statistics
+    # channels_last activations are not NCHW-contiguous: every layer takes the composite path.
+    model.to(memory_format=torch.channels_last)
+    composite = _run_and_grads(model, x.to(memory_format=torch.channels_last))
+    assert composite[3] != "FusedGroupNormBackward"
+    torch.testing.assert_close(fused[0], composite[0])
+    torch.testing.assert_close(fused[1], composite[1])
+    assert fused[2].keys() == composite[2].keys()
+    assert any("transition" in name for name in fused[2])
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], composite[2][name], msg=name)
+    for a, b in zip(stats, model[7].last_statistics):
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+def test_fused_path_on_feature_vectors_gradcheck():
+    model = nn.Sequential(
+        nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4), nn.BatchNorm1d(4)
+    ).double()
+    kalmannorm.convert_norm(model, "gkn", num_groups=2)
+    randomize_kalman(model, seed=6)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert type(model(x).grad_fn).__name__ == "FusedGroupNormBackward"
+    assert model[4].transition.shape == (2, 2)
+    assert torch.autograd.gradcheck(model, (x,), eps=1e-6, atol=1e-5)

@@ -276,6 +276,18 @@ def _graph_breaks() -> int | None:
         return None
 
 
+def _compile_cache() -> str | None:
+    """Inductor's compiled-graph cache hits/misses since the counters were cleared: a compile time
+    taken from a warm cache (an earlier run compiled the same graphs) is not a compile time."""
+    try:
+        from torch._dynamo.utils import counters
+
+        inductor = counters["inductor"]
+        return f"{inductor['fxgraph_cache_hit']} hit/{inductor['fxgraph_cache_miss']} miss"
+    except Exception:  # pragma: no cover - private API
+        return None
+
+
 def _compiled_step(
     config: BenchConfig, device: torch.device, sync: Callable[[], None], workload: str
 ) -> dict:
@@ -286,6 +298,7 @@ def _compiled_step(
     calls: dict[str, Callable[[], None]] = {}
     compile_s: dict[str, float] = {}
     graph_breaks: dict[str, int | None] = {}
+    cache: dict[str, str | None] = {}
     errors: dict[str, str] = {}
     for name, model in _step_models(config, device, workload).items():
         torch._dynamo.reset()
@@ -303,6 +316,7 @@ def _compiled_step(
             sync()
             compile_s[name] = time.perf_counter() - start
             graph_breaks[name] = _graph_breaks()
+            cache[name] = _compile_cache()
             calls[name] = call
         except Exception as error:  # any compile failure is a result
             errors[name] = _short_error(error)
@@ -313,7 +327,12 @@ def _compiled_step(
         samples = _interleaved(calls, 0, config.compile_repeats, config.compile_iters, sync)
     except Exception as error:
         return {"error": f"failed: {_short_error(error)}", "compile_s": compile_s}
-    return {**_summary(samples), "compile_s": compile_s, "graph_breaks": graph_breaks}
+    return {
+        **_summary(samples),
+        "compile_s": compile_s,
+        "compile_cache": cache,
+        "graph_breaks": graph_breaks,
+    }
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -524,7 +543,11 @@ def format_table(results: dict) -> str:
     for key in ("step_compiled_resnet20", "step_compiled_resnet50"):
         compiled = results.get(key, {})
         if compiled.get("compile_s"):
-            times = ", ".join(f"{k} {v:.0f} s" for k, v in compiled["compile_s"].items())
+            cache = compiled.get("compile_cache", {})
+            times = ", ".join(
+                f"{k} {v:.0f} s" + (f" (graph cache {cache[k]})" if cache.get(k) else "")
+                for k, v in compiled["compile_s"].items()
+            )
             notes.append(f"{key[14:]} compile + warm-up: {times}")
         if compiled.get("graph_breaks") is not None:
             breaks = ", ".join(f"{k} {v}" for k, v in compiled["graph_breaks"].items())

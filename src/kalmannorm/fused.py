@@ -3,18 +3,20 @@
 Written with ordinary autograd, a BKN layer makes about eight passes over its activations in
 training (statistics, normalisation, and the backward of each) and allocates three activation-size
 gradients. :class:`FusedGroupNorm` needs two reading passes and one writing pass forward, and two
-reading passes and one writing pass backward, like native BatchNorm:
+reading passes and one writing pass backward, like native BatchNorm. A :class:`SampleGroups` or
+:class:`ChannelGroups` layout views x (N, C, *spatial) as a (A, B, D, L) tensor whose statistics
+reduce over B and L (m = B * L values each):
 
 forward
-    Sigma x and Sigma x^2 per (group, channel) (a sum and a batched dot product), the small Kalman
-    estimate on (G, C) tensors (any function of the batch statistics), then
-    y = x * scale + shift with scale = gamma / sqrt(var + eps), shift = beta - mu * scale.
+    Sigma x and Sigma x^2 per (A, D) (a sum and a batched dot product), the small Kalman
+    estimate (any function of the batch statistics), then y = x * scale + shift with
+    scale = gamma / sqrt(var + eps), shift = beta - mu * scale.
 backward
-    dL/dscale = Sigma g x and dL/dshift = Sigma g per (group, channel); the small estimate's
-    autograd graph, built in the forward on detached leaves and kept on the context, carries them
-    (and the gradients of the posterior handed to the next layer) back to the batch statistics
-    xbar, S and to every small input (A, R, q, upstream statistics, gamma, beta); finally, with m
-    values per group, dL/dx = g * scale + (dL/dxbar + 2 dL/dS (x - xbar)) / m, written once.
+    dL/dscale = Sigma g x and dL/dshift = Sigma g over the dims scale and shift broadcast along;
+    the small estimate's autograd graph, built in the forward on detached leaves and kept on the
+    context, carries them (and the gradients of the posterior handed to the next layer) back to
+    the batch statistics xbar, S and to every small input (A, R, q, upstream statistics, gamma,
+    beta); finally dL/dx = g * scale + (dL/dxbar + 2 dL/dS (x - xbar)) / m, written once.
 
 Nothing activation-sized is saved beyond the input; nothing is recomputed.
 Used for contiguous CPU/GPU tensors in eager mode; under ``torch.compile`` the layers use the
@@ -24,6 +26,7 @@ composite path, which the compiler fuses itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,46 +42,132 @@ _PRODUCT_LIMIT_BYTES = 16 * 2**20
 #: Above this mean^2 / var ratio, E[x^2] - xbar^2 loses too many digits: use a two-pass variance.
 _CANCELLATION_LIMIT = 1e4
 
+#: The dims of an (A, B, D, L) view that statistics reduce over.
+STAT_DIMS = (1, 3)
+
 Estimate = Callable[..., tuple[Tensor, Tensor]]
 
 
+class SampleGroups(NamedTuple):
+    """Statistics per channel over groups of samples (BatchNorm, BKN): x as (G, N/G, C, L).
+
+    Batch statistics, estimate and gamma/beta are (G, C) tensors.
+    """
+
+    groups: int
+
+    def view(self, x: Tensor) -> Tensor:
+        return x.view(self.groups, x.shape[0] // self.groups, x.shape[1], -1)
+
+    def statistics(self, moment: Tensor) -> Tensor:
+        """(A, D) moments in the shape the estimate takes: (G, C)."""
+        return moment
+
+    def broadcast(self, stat: Tensor) -> Tensor:
+        """A (G, C) tensor as (G, 1, C, 1), broadcasting along the view."""
+        return stat.unsqueeze(-1).unsqueeze(1)
+
+    def affine(
+        self, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        """scale = gamma / sqrt(var + eps), shift = beta - mean * scale, per (group, channel)."""
+        scale, shift = affine_from_statistics(mean, var, weight, bias, eps)
+        return self.broadcast(scale), self.broadcast(shift)
+
+
+class ChannelGroups(NamedTuple):
+    """Statistics per sample over groups of channels (GroupNorm, GKN): x as (N G, C/G, 1, L).
+
+    Batch statistics and estimate are (N, G); gamma/beta (C,) meet them as (G, C/G).
+    """
+
+    groups: int
+
+    def view(self, x: Tensor) -> Tensor:
+        return x.view(x.shape[0] * self.groups, x.shape[1] // self.groups, 1, -1)
+
+    def statistics(self, moment: Tensor) -> Tensor:
+        """(N G, 1) moments in the shape the estimate takes: (N, G)."""
+        return moment.view(-1, self.groups)
+
+    def broadcast(self, stat: Tensor) -> Tensor:
+        """A (N, G) tensor as (N G, 1, 1, 1)."""
+        return stat.reshape(-1, 1, 1, 1)
+
+    def affine(
+        self, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        """scale_{n,c} = gamma_c / sqrt(var_{n,g(c)} + eps), shift = beta_c - mean * scale."""
+        scale = torch.rsqrt(var + eps).unsqueeze(-1)  # (N, G, 1)
+        if weight is not None:
+            scale = scale * weight.view(self.groups, -1)
+        shift = -mean.unsqueeze(-1) * scale
+        if bias is not None:
+            shift = shift + bias.view(self.groups, -1)
+        # (N, G, C/G or 1) -> (N G, C/G or 1, 1, 1)
+        return scale.flatten(0, 1)[..., None, None], shift.flatten(0, 1)[..., None, None]
+
+
+Layout = SampleGroups | ChannelGroups
+
+
+def sum_product(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """sum over ``dims`` of a * b (kept as size 1) for 4-d tensors, without keeping a * b when
+    it is large: batched dot products along the last dim, then a sum over dim 1 if asked."""
+    if a.numel() * a.element_size() < _PRODUCT_LIMIT_BYTES or 3 not in dims:
+        return _sum(a * b, dims)
+    if dims == STAT_DIMS and a.shape[2] == 1:  # (A, B, 1, L): one contiguous run per row
+        a, b = a.reshape(a.shape[0], 1, 1, -1), b.reshape(b.shape[0], 1, 1, -1)
+        dims = (3,)
+    dots = (a.unsqueeze(-2) @ b.unsqueeze(-1)).squeeze(-1)
+    return dots.sum(1, keepdim=True) if 1 in dims else dots
+
+
 def group_dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum over dims (1, 3) of a * b for (G, s, C, L) tensors, shape (G, C), without keeping a*b."""
-    if a.numel() * a.element_size() < _PRODUCT_LIMIT_BYTES:
-        return (a * b).sum((1, 3))
-    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).sum(1).flatten(1)
+    """sum over dims (1, 3) of a * b for (A, B, D, L) tensors, shape (A, D)."""
+    return sum_product(a, b, STAT_DIMS)[:, 0, :, 0]
 
 
 def fast_moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance over dims (1, 3) of a contiguous (G, s, C, L) tensor.
+    """Mean and biased variance over dims (1, 3) of a contiguous (A, B, D, L) tensor, (A, D).
 
     One summing pass and one batched dot product (x . x), i.e. var = E[x^2] - xbar^2, falling back
     to :func:`torch.var_mean` where cancellation would cost precision.
     """
     count = grouped.shape[1] * grouped.shape[3]
-    mean = grouped.sum((1, 3)) / count
+    mean = grouped.sum(STAT_DIMS) / count
     square = group_dot(grouped, grouped) / count
     var = square - mean.square()
     if bool((mean.square() > _CANCELLATION_LIMIT * var).any()):
-        var, mean = torch.var_mean(grouped, dim=(1, 3), correction=0)
+        var, mean = torch.var_mean(grouped, dim=STAT_DIMS, correction=0)
     return mean, var.clamp_min(0.0)
+
+
+def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Sum over ``dims`` kept as size 1; no dims: ``t`` itself (``Tensor.sum(())`` sums all)."""
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def _broadcast_dims(small: Tensor, grouped: Tensor) -> tuple[int, ...]:
+    """The dims along which a 4-d ``small`` broadcasts over ``grouped``."""
+    return tuple(d for d in range(4) if small.shape[d] == 1 and grouped.shape[d] != 1)
 
 
 class FusedGroupNorm(torch.autograd.Function):
     """y, posterior = normalise(x) with statistics from ``estimate(xbar, S, *small)``.
 
-    Arguments of :meth:`apply`: x (N, C, *spatial) contiguous; the number of statistics groups;
-    eps; ``estimate(batch_mean, batch_var, *small) -> (mean, var)`` mapping (G, C) batch
-    statistics to the statistics to normalise with; ``inspect(batch_mean, batch_var)``, called
-    once in the forward (checks, recording); gamma; beta; the small tensors. Returns y and the
-    estimate's mean and var (differentiable, for the next layer).
+    Arguments of :meth:`apply`: x (N, C, *spatial) contiguous; the :class:`SampleGroups` or
+    :class:`ChannelGroups` layout; eps; ``estimate(batch_mean, batch_var, *small) -> (mean, var)``
+    mapping batch statistics to the statistics to normalise with; ``inspect(batch_mean,
+    batch_var)``, called once in the forward (checks, recording); gamma; beta; the small tensors.
+    Returns y and the estimate's mean and var (differentiable, for the next layer).
     """
 
     @staticmethod
     def forward(
         ctx,
         x: Tensor,
-        groups: int,
+        layout: Layout,
         eps: float,
         estimate: Estimate,
         inspect: Callable[[Tensor, Tensor], None],
@@ -86,24 +175,19 @@ class FusedGroupNorm(torch.autograd.Function):
         bias: Tensor | None,
         *small: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        grouped = x.view(groups, x.shape[0] // groups, x.shape[1], -1)
-        batch_mean, batch_var = fast_moments(grouped)
+        grouped = layout.view(x)
+        batch_mean, batch_var = (layout.statistics(t) for t in fast_moments(grouped))
         inspect(batch_mean, batch_var)
-        # The small (G, C) estimate is built with autograd here and kept on ctx: the backward
+        # The small estimate is built with autograd here and kept on ctx: the backward
         # differentiates this graph instead of recomputing it.
         with torch.enable_grad():
-            stats = (batch_mean.requires_grad_(), batch_var.requires_grad_())
+            stats = (batch_mean.detach().requires_grad_(), batch_var.detach().requires_grad_())
             leaves = [_leaf(t) for t in (weight, bias, *small)]
             mean, var = estimate(*stats, *leaves[2:])
-            scale, shift = affine_from_statistics(mean, var, leaves[0], leaves[1], eps)
+            scale, shift = layout.affine(mean, var, leaves[0], leaves[1], eps)
         y = torch.empty_like(x)  # written through a view, returned whole (in-place ops allowed)
-        torch.addcmul(
-            shift.detach().unsqueeze(-1).unsqueeze(1),
-            grouped,
-            scale.detach().unsqueeze(-1).unsqueeze(1),
-            out=y.view_as(grouped),
-        )
-        ctx.groups = groups
+        torch.addcmul(shift.detach(), grouped, scale.detach(), out=y.view_as(grouped))
+        ctx.layout = layout
         ctx.graph = (stats, leaves, mean, var, scale, shift)
         ctx.save_for_backward(x)
         return y, mean.detach(), var.detach()
@@ -113,12 +197,12 @@ class FusedGroupNorm(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor, grad_mean: Tensor | None, grad_var: Tensor | None):
         (x,) = ctx.saved_tensors
         stats, leaves, mean, var, scale, shift = ctx.graph
-        groups = ctx.groups
-        grouped = x.view(groups, x.shape[0] // groups, x.shape[1], -1)
+        layout: Layout = ctx.layout
+        grouped = layout.view(x)
         grad = grad_y.contiguous().view_as(grouped)
         count = grouped.shape[1] * grouped.shape[3]
-        grad_shift = grad.sum((1, 3))
-        grad_scale = group_dot(grad, grouped)
+        grad_shift = _sum(grad, _broadcast_dims(shift, grouped))
+        grad_scale = sum_product(grad, grouped, _broadcast_dims(scale, grouped))
 
         outputs, output_grads = [scale, shift], [grad_scale, grad_shift]
         for out, out_grad in ((mean, grad_mean), (var, grad_var)):
@@ -130,16 +214,18 @@ class FusedGroupNorm(torch.autograd.Function):
         found = torch.autograd.grad(
             outputs, wanted, output_grads, allow_unused=True, retain_graph=True
         )
-        batch_mean = stats[0].detach()
-        grad_batch_mean, grad_batch_var = (_zero_if_none(g, s) for g, s in zip(found[:2], stats))
+        batch_mean = layout.broadcast(stats[0].detach())
+        grad_batch_mean, grad_batch_var = (
+            layout.broadcast(_zero_if_none(g, s)) for g, s in zip(found[:2], stats)
+        )
         by_leaf = dict(zip(map(id, wanted[2:]), found[2:]))
         leaf_grads = [None if t is None else by_leaf.get(id(t)) for t in leaves]
 
         # dL/dx = g * scale + x * (2 dS / m) + (dxbar - 2 dS xbar) / m
-        slope = (2.0 * grad_batch_var / count).unsqueeze(-1).unsqueeze(1)
-        offset = ((grad_batch_mean - 2.0 * grad_batch_var * batch_mean) / count).unsqueeze(-1)
-        grad_x = torch.addcmul(offset.unsqueeze(1), grouped, slope)
-        grad_x.addcmul_(grad, scale.detach().unsqueeze(-1).unsqueeze(1))
+        slope = 2.0 * grad_batch_var / count
+        offset = (grad_batch_mean - 2.0 * grad_batch_var * batch_mean) / count
+        grad_x = torch.addcmul(offset, grouped, slope)
+        grad_x.addcmul_(grad, scale.detach())
         return (grad_x.view_as(x), None, None, None, None, *leaf_grads)
 
 

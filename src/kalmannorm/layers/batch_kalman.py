@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
-from kalmannorm.fused import FusedGroupNorm, fused_applicable
+from kalmannorm.fused import FusedGroupNorm, SampleGroups, fused_applicable
 from kalmannorm.layers.base import DEFAULT_NOISE, KalmanNormBase
 
 EVAL_STATISTICS = ("moving", "batch")
@@ -162,7 +162,7 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
             return result.mean, result.var
 
         y, mean, var = FusedGroupNorm.apply(
-            x, groups, self.eps, estimate, inspect, self.weight, self.bias, *inputs
+            x, SampleGroups(groups), self.eps, estimate, inspect, self.weight, self.bias, *inputs
         )
         batch_mean, batch_var = seen["batch"]
         forward_estimate = seen["estimate"]

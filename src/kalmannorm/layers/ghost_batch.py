@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
-from kalmannorm.fused import FusedGroupNorm, fused_applicable
+from kalmannorm.fused import FusedGroupNorm, SampleGroups, fused_applicable
 
 #: ``estimate(batch_mean, batch_var, *small) -> (mean, var)``: the statistics to normalise with.
 Estimate = Callable[..., tuple[Tensor, Tensor]]
@@ -127,7 +127,7 @@ def grouped_batch_norm(
             seen["batch"] = (batch_mean, batch_var)
 
         y, mean, var = FusedGroupNorm.apply(
-            x, groups, layer.eps, estimate, inspect, layer.weight, layer.bias, *small
+            x, SampleGroups(groups), layer.eps, estimate, inspect, layer.weight, layer.bias, *small
         )
         # (With the identity estimate these are the node's outputs: detach them.)
         batch_mean, batch_var = (t.detach() for t in seen["batch"])

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from kalmannorm import functional as F
+from kalmannorm.fused import ChannelGroups, FusedGroupNorm, fused_applicable
 from kalmannorm.layers.affine import init_affine
 from kalmannorm.layers.base import DEFAULT_NOISE, KalmanNormBase
 
@@ -87,15 +88,17 @@ class GroupKalmanNorm(KalmanNormBase):
         if self.tracing:
             return x
         upstream = self.upstream_posterior()
+        inputs = self.estimate_inputs(upstream)
+        if fused_applicable(x, (self.weight, *inputs)):
+            return self._forward_fused(x, inputs)
         # (N, G, C/G, *spatial) -> per-sample group statistics, shape (N, G).
         grouped = x.unflatten(1, (self.num_groups, self.num_channels // self.num_groups))
         if grouped.dtype in (torch.float16, torch.bfloat16):
             grouped = grouped.float()
         dims = tuple(range(2, grouped.dim()))
         batch_var, batch_mean = torch.var_mean(grouped, dim=dims, correction=0)
-        count = grouped[0, 0].numel()
-        self.check_statistics(batch_mean, batch_var, count)
-        estimate = self.estimate(batch_mean, batch_var, *self.estimate_inputs(upstream))
+        self.check_statistics(batch_mean, batch_var, grouped[0, 0].numel())
+        estimate = self.estimate(batch_mean, batch_var, *inputs)
         self.record(batch_mean, batch_var, estimate)
         mean, var = estimate.mean, estimate.var
         per_channel = self.num_channels // self.num_groups
@@ -107,3 +110,27 @@ class GroupKalmanNorm(KalmanNormBase):
             self.bias,
             self.eps,
         )
+
+    def _forward_fused(self, x: Tensor, inputs: tuple[Tensor | None, ...]) -> Tensor:
+        """The same computation through :class:`kalmannorm.fused.FusedGroupNorm`."""
+        count = x[0].numel() // self.num_groups
+        seen: dict[str, object] = {}
+
+        def inspect(batch_mean: Tensor, batch_var: Tensor) -> None:
+            self.check_statistics(batch_mean, batch_var, count)
+            seen["batch"] = (batch_mean, batch_var)
+
+        def estimate(
+            batch_mean: Tensor, batch_var: Tensor, *small: Tensor
+        ) -> tuple[Tensor, Tensor]:
+            result = self.estimate(batch_mean, batch_var, *small)
+            seen.setdefault("estimate", result)
+            return result.mean, result.var
+
+        layout = ChannelGroups(self.num_groups)
+        y, mean, var = FusedGroupNorm.apply(
+            x, layout, self.eps, estimate, inspect, self.weight, self.bias, *inputs
+        )
+        batch_mean, batch_var = seen["batch"]
+        self.record(batch_mean, batch_var, seen["estimate"]._replace(mean=mean, var=var))
+        return y
