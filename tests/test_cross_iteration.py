@@ -194,6 +194,78 @@ def test_records_with_negative_compensated_variance_are_rejected_per_channel():
     )
 
 
+def normalise_groups(z, mean, var, layer, s=2):
+    """(z - mean_g) / sqrt(var_g + eps) * gamma + beta for groups of s samples; (G, C) stats."""
+    c = z.shape[1]
+    view = (-1, 1, c, 1, 1)
+    grouped = z.unflatten(0, (-1, s))
+    y = (grouped - mean.view(view)) / (var.view(view) + layer.eps).sqrt()
+    y = y * layer.weight.detach().view(1, 1, c, 1, 1) + layer.bias.detach().view(1, 1, c, 1, 1)
+    return y.flatten(0, 1)
+
+
+def test_training_steps_use_each_record_compensated_with_its_own_weights():
+    """Real SGD steps (the weights move every step) with a window of k = 4 that evicts: each
+    step normalises with mu_bar = (xbar_t + sum_tau mu_tau(W_t)) / n and
+    sigma2_bar = (nu_t + sum_tau nu~_tau) / n - mu_bar^2 over the current batch and the three
+    previous ones, where mu_tau(W_t) is the old batch's mean recomputed with the current weights
+    (the mean is linear in W, so exact) and nu~_tau = nu_tau(W_t) - E[conv(u_tau; W_t - W_tau,
+    b_t - b_tau)^2] (the first-order step omits exactly that term). The old statistics are
+    constants for autograd, so the input gradient flows through the current batch's only, with
+    weight 1/n. The moving averages follow the current batch alone:
+    running <- 0.9 running + 0.1 (xbar_t, S_t m / (m - 1))."""
+    torch.manual_seed(0)
+    model = conv_cbn(stat_batch_size=2, window_size=4)
+    conv, layer = model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
+    past = []  # (input, weight, bias) of every earlier step, oldest first
+    running_mean, running_var = torch.zeros(4, dtype=DOUBLE), torch.ones(4, dtype=DOUBLE)
+    moved = 0.0
+    for step in range(7):
+        x = torch.randn(4, 3, 5, 5, dtype=DOUBLE, requires_grad=True)
+        weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+        optimizer.zero_grad()
+        y = model(x)
+        probe = torch.randn(y.shape, dtype=DOUBLE)
+        (y * probe).sum().backward()
+
+        x_ref = x.detach().clone().requires_grad_(True)
+        z = nn.functional.conv2d(x_ref, weight, bias, padding=1)
+        mean, var, second = group_stats(z, 2)
+        means, seconds = [mean], [second]
+        with torch.no_grad():
+            for u, old_weight, old_bias in past[-3:]:
+                old_z = nn.functional.conv2d(u, old_weight, old_bias, padding=1)
+                old_mean, _, _ = group_stats(old_z, 2)
+                new_mean, _, new_second = group_stats(
+                    nn.functional.conv2d(u, weight, bias, padding=1), 2
+                )
+                _, _, omitted = group_stats(
+                    nn.functional.conv2d(u, weight - old_weight, bias - old_bias, padding=1), 2
+                )
+                assert (new_second - omitted - new_mean.square() > 0).all()  # none rejected
+                moved = max(moved, float((new_mean - old_mean).abs().max()))
+                means.append(new_mean)
+                seconds.append(new_second - omitted)
+        mean_bar = torch.stack(means).mean(0)
+        var_bar = torch.stack(seconds).mean(0) - mean_bar.square()
+        expected = normalise_groups(z, mean_bar, var_bar, layer)
+        torch.testing.assert_close(layer.last_statistics.mean, mean_bar.detach(), msg=f"{step}")
+        torch.testing.assert_close(layer.last_statistics.var, var_bar.detach(), msg=f"{step}")
+        torch.testing.assert_close(y.detach(), expected.detach(), msg=f"step {step}")
+        (expected * probe).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, msg=f"input gradient, step {step}")
+
+        running_mean = 0.9 * running_mean + 0.1 * mean.detach().mean(0)
+        running_var = 0.9 * running_var + 0.1 * var.detach().mean(0) * 50 / 49
+        torch.testing.assert_close(layer.running_mean, running_mean, msg=f"step {step}")
+        torch.testing.assert_close(layer.running_var, running_var, msg=f"step {step}")
+        past.append((x.detach(), weight, bias))
+        optimizer.step()
+    assert int(layer.window_count) == 7  # records 0..6 written, the window holds 4, 5, 6
+    assert moved > 1e-2  # the weights moved enough for the compensation to matter
+
+
 def test_gradcheck_with_a_full_window():
     model = conv_cbn(stat_batch_size=2, window_size=3)
     for seed in range(3):

@@ -34,6 +34,14 @@ channel, as the authors' code does) -- n values in all, the current one included
                = (1/n) sum nu - mu_bar^2                  (written without the cancellation)
     y = (x - mu_bar) / sqrt(sigma2_bar + eps) * gamma + beta
 
+**Gradient.** The records are constants for autograd, so the gradient reaches the statistics
+only through the current batch's, with weight 1/n: d mu_bar / d xbar_t = 1/n, and likewise for
+its second moment. BatchNorm's backward projects the gradient off the directions of shifting and
+scaling x (which normalisation cancels); CBN's keeps about (n - 1)/n of those components. With a
+large statistics batch the window statistics are close to the batch's, but this backward still
+differs from BatchNorm's; in short runs at a high learning rate it trains measurably slower than
+BatchNorm (by the paper's definition and the authors' code, not an approximation error).
+
 During the first ``burn_in`` training steps the layer is plain (ghost) BatchNorm and records
 nothing; afterwards it records every step, so the window fills over the next k - 1 steps. With
 ``window_size=1`` it is BatchNorm. Moving averages (eval mode) follow the current batch, as in
