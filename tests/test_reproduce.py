@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,13 @@ def test_report_holds_the_measured_numbers(tiny_report) -> None:
     for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
         assert section in text
     assert "kalmannorm reproduce --budget tiny" in text
+    # the training span runs from the earliest run's start to the latest run's end
+    summaries = [
+        spec.folder / "summary.json" for grid in budget.grids.values() for spec in make_grid(grid)
+    ]
+    last = datetime.fromtimestamp(max(p.stat().st_mtime for p in summaries), UTC)
+    span = next(line for line in text.splitlines() if "training wall clock" in line)
+    assert f"-{last:%H:%M} UTC (" in span
     folder = report.parent
     for figure in ("sweep.png", "variance_gap_bn.png", "variance_gap_bkn.png", "gain.png"):
         assert (folder / figure).stat().st_size > 1000

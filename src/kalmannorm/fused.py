@@ -114,7 +114,8 @@ def sums(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     Along the last dim both come from one vectorised pass: ATen's BatchNorm backward, asked only
     for its weight and bias gradients, computes per channel sum g and sum g (x - mean) invstd;
     with the rows of ``a`` and ``b`` as its channels, mean 0 and invstd 1, these are sum a and
-    sum a b. (Two separate reductions, a sum and a batched dot product, cost 2.5x as much.)
+    sum a b. (A sum and a batched dot product, two passes, cost 2.8x as much on a 2-core x86
+    CPU.)
     """
     if 3 not in dims:
         return _sum(a, dims), _sum(a * b, dims)

@@ -369,10 +369,13 @@ def verdict_lines(findings: Findings) -> list[str]:
             )
     if findings.bench:
         ratio = findings.bench.get("step_ratio_eager")
+        compiled = findings.bench.get("step_ratio_compiled")
         if ratio is not None:
             lines.append(
                 f"- *BKN costs about 1.015x BN per training step* (Table 2): ResNet-20 step "
-                f"on this CPU, eager: {ratio:.2f}x (see section 7)."
+                f"on this CPU, eager: {ratio:.2f}x"
+                + (f", compiled: {compiled:.2f}x" if compiled is not None else "")
+                + " (see section 7)."
             )
     return lines
 

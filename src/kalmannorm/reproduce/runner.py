@@ -226,7 +226,29 @@ def reproduce(
     findings.header["training time (sum over runs, 1 thread each)"] = (
         f"{training_minutes(findings):.0f} min"
     )
+    span = training_span(selected)
+    if span is not None:
+        findings.header["training wall clock (first run start to last run end)"] = span
     return write_report(findings, out / "REPORT.md")
+
+
+def training_span(grids: dict[str, CompareConfig]) -> str | None:
+    """When the grids' finished runs trained: from the earliest start (a summary file's time less
+    the run's wall time) to the latest end (the summary file's time); ``None`` without runs."""
+    starts, ends = [], []
+    for config in grids.values():
+        for summary in Path(config.out).glob("*/summary.json"):
+            record = json.loads(summary.read_text())
+            if record.get("status") != "finished":
+                continue
+            end = summary.stat().st_mtime
+            starts.append(end - record["wall_time_s"])
+            ends.append(end)
+    if not ends:
+        return None
+    first, last = (datetime.fromtimestamp(t, UTC) for t in (min(starts), max(ends)))
+    minutes = (last - first).total_seconds() / 60
+    return f"{first:%Y-%m-%d %H:%M}-{last:%H:%M} UTC ({minutes:.0f} min)"
 
 
 def training_minutes(findings: Findings) -> float:
