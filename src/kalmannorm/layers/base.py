@@ -33,6 +33,7 @@ from torch.nn import functional as torch_f
 
 from kalmannorm import functional as F
 from kalmannorm.chain import Posterior
+from kalmannorm.fused import FusedGroupNorm, Layout
 
 if TYPE_CHECKING:
     from kalmannorm.chain import KalmanChain
@@ -301,6 +302,33 @@ class KalmanNormBase(nn.Module):
         update = F.kalman_update_full if self.covariance == "full" else F.kalman_update
         mean, var = update(batch_mean, batch_second, prior_mean, prior_var, gain)
         return KalmanEstimate(mean, var, gain, prior_mean.expand_as(batch_mean), prior_var)
+
+    def fused_step(
+        self, x: Tensor, layout: Layout, count: int, inputs: tuple[Tensor | None, ...]
+    ) -> tuple[Tensor, KalmanEstimate, Tensor]:
+        """One Kalman step through :class:`kalmannorm.fused.FusedGroupNorm` (one autograd node):
+        check, estimate, normalise and :meth:`record`. Returns y, the estimate whose posterior is
+        the node's differentiable output, and the batch variance (detached)."""
+        seen: dict[str, object] = {}
+
+        def inspect(batch_mean: Tensor, batch_var: Tensor) -> None:
+            self.check_statistics(batch_mean, batch_var, count)
+            seen["batch"] = (batch_mean, batch_var)
+
+        def estimate(
+            batch_mean: Tensor, batch_var: Tensor, *small: Tensor
+        ) -> tuple[Tensor, Tensor]:
+            result = self.estimate(batch_mean, batch_var, *small)
+            seen.setdefault("estimate", result)
+            return result.mean, result.var
+
+        y, mean, var = FusedGroupNorm.apply(
+            x, layout, self.eps, estimate, inspect, self.weight, self.bias, *inputs
+        )
+        batch_mean, batch_var = seen["batch"]
+        result = seen["estimate"]._replace(mean=mean, var=var)
+        self.record(batch_mean, batch_var, result)
+        return y, result, batch_var
 
     def record(self, batch_mean: Tensor, batch_second: Tensor, estimate: KalmanEstimate) -> None:
         """Hand the posterior to the next layer and keep detached diagnostics."""

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
-from kalmannorm.fused import FusedGroupNorm, SampleGroups, fused_applicable
+from kalmannorm.fused import SampleGroups, fused_applicable
 from kalmannorm.layers.base import DEFAULT_NOISE, KalmanNormBase
 
 EVAL_STATISTICS = ("moving", "batch")
@@ -148,26 +148,8 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
         """The same computation through :class:`kalmannorm.fused.FusedGroupNorm`."""
         groups = F.num_stat_groups(x.shape[0], self.stat_batch_size)
         count = (x.shape[0] // groups) * x[0, 0].numel()
-        seen: dict[str, object] = {}
-
-        def inspect(batch_mean: Tensor, batch_var: Tensor) -> None:
-            self.check_statistics(batch_mean, batch_var, count)
-            seen["batch"] = (batch_mean, batch_var)
-
-        def estimate(
-            batch_mean: Tensor, batch_var: Tensor, *small: Tensor
-        ) -> tuple[Tensor, Tensor]:
-            result = self.estimate(batch_mean, batch_var, *small)
-            seen.setdefault("estimate", result)
-            return result.mean, result.var
-
-        y, mean, var = FusedGroupNorm.apply(
-            x, SampleGroups(groups), self.eps, estimate, inspect, self.weight, self.bias, *inputs
-        )
-        batch_mean, batch_var = seen["batch"]
-        forward_estimate = seen["estimate"]
-        self.record(batch_mean, batch_var, forward_estimate._replace(mean=mean, var=var))
-        self._update_running_stats(mean, var, forward_estimate.gain, batch_var, count)
+        y, estimate, batch_var = self.fused_step(x, SampleGroups(groups), count, inputs)
+        self._update_running_stats(estimate.mean, estimate.var, estimate.gain, batch_var, count)
         return y
 
     def _update_running_stats(

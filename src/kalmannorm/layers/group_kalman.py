@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from kalmannorm import functional as F
-from kalmannorm.fused import ChannelGroups, FusedGroupNorm, fused_applicable
+from kalmannorm.fused import ChannelGroups, fused_applicable
 from kalmannorm.layers.affine import init_affine
 from kalmannorm.layers.base import DEFAULT_NOISE, KalmanNormBase
 
@@ -114,23 +114,5 @@ class GroupKalmanNorm(KalmanNormBase):
     def _forward_fused(self, x: Tensor, inputs: tuple[Tensor | None, ...]) -> Tensor:
         """The same computation through :class:`kalmannorm.fused.FusedGroupNorm`."""
         count = x[0].numel() // self.num_groups
-        seen: dict[str, object] = {}
-
-        def inspect(batch_mean: Tensor, batch_var: Tensor) -> None:
-            self.check_statistics(batch_mean, batch_var, count)
-            seen["batch"] = (batch_mean, batch_var)
-
-        def estimate(
-            batch_mean: Tensor, batch_var: Tensor, *small: Tensor
-        ) -> tuple[Tensor, Tensor]:
-            result = self.estimate(batch_mean, batch_var, *small)
-            seen.setdefault("estimate", result)
-            return result.mean, result.var
-
-        layout = ChannelGroups(self.num_groups)
-        y, mean, var = FusedGroupNorm.apply(
-            x, layout, self.eps, estimate, inspect, self.weight, self.bias, *inputs
-        )
-        batch_mean, batch_var = seen["batch"]
-        self.record(batch_mean, batch_var, seen["estimate"]._replace(mean=mean, var=var))
+        y, _, _ = self.fused_step(x, ChannelGroups(self.num_groups), count, inputs)
         return y
