@@ -96,3 +96,54 @@ def test_sums_of_a_and_of_a_times_b(shape, dims):
     sum_a, sum_ab = sums(a, b, dims)
     torch.testing.assert_close(sum_a, a.sum(dims, keepdim=True))
     torch.testing.assert_close(sum_ab, (a * b).sum(dims, keepdim=True))
+
+
+def _two_layer_model(norm: str, dims: int, options: dict) -> torch.nn.Module:
+    conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}.get(dims)
+    batch_norm = {0: torch.nn.BatchNorm1d, 1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d}
+    batch_norm.update({3: torch.nn.BatchNorm3d})
+    if conv is None:  # (N, C) feature vectors
+        layers = [torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU()]
+        layers += [torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)]
+    else:
+        layers = [conv(3, 4, 1), batch_norm[dims](4), torch.nn.ReLU()]
+        layers += [conv(4, 6, 1), batch_norm[dims](6)]
+    model = torch.nn.Sequential(*layers).double()
+    kalmannorm.convert_norm(model, norm, **options)
+    randomize_kalman(model, seed=dims)
+    return model
+
+
+_NORM_CASES = [
+    ("bkn", {"stat_batch_size": 2}),
+    ("bkn", {"stat_batch_size": 1}),  # one sample per group: (N, C) inputs are refused
+    ("bkn", {"stat_batch_size": None, "prior": "propagate", "guard": 1e9}),
+    ("gkn", {"num_groups": 2}),
+]
+
+
+@pytest.mark.parametrize(
+    ("dims", "norm", "options"),
+    [
+        (dims, norm, options)
+        for dims in (0, 1, 2, 3)
+        for norm, options in _NORM_CASES
+        if dims > 0 or options.get("stat_batch_size") != 1
+    ],
+)
+def test_fused_and_composite_paths_agree_for_every_input_rank(monkeypatch, dims, norm, options):
+    model = _two_layer_model(norm, dims, options)
+    x = torch.randn(6, 3, *(3,) * dims, dtype=torch.float64)
+    fused = _forward_backward(model, x)
+    assert "FusedGroupNorm" in fused[3]
+    posterior = model[4].last_statistics.posterior_var
+    for module in ("batch_kalman", "group_kalman"):
+        monkeypatch.setattr(f"kalmannorm.layers.{module}.fused_applicable", lambda *a: False)
+    composite = _forward_backward(model, x)
+    assert "FusedGroupNorm" not in composite[3]
+    torch.testing.assert_close(fused[0], composite[0])
+    torch.testing.assert_close(fused[1], composite[1])
+    assert fused[2].keys() == composite[2].keys()
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], composite[2][name], msg=name)
+    torch.testing.assert_close(posterior, model[4].last_statistics.posterior_var)
