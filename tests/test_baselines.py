@@ -258,6 +258,32 @@ def test_brn_clips_r_and_d_and_gradcheck_where_they_are_clipped():
     _gradcheck(brn, x)
 
 
+def test_brn_moving_averages_take_batch_statistics_on_both_paths():
+    # r and d active (within bounds): the normalising statistics mu', sigma' differ from the
+    # batch's, but the moving averages must follow the batch statistics, as BatchNorm's do.
+    x = torch.randn(4, 3, 3, 3, dtype=DOUBLE) * 1.5 + 0.3
+    grad = torch.randn_like(x)
+    mean, var = [0.2, -0.1, 0.5], [1.5, 0.8, 2.0]
+    fused, composite = (_brn_with_moving_stats(mean, var) for _ in range(2))
+    bn = GhostBatchNorm2d(3, stat_batch_size=2).double()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor(mean))
+        bn.running_var.copy_(torch.tensor(var))
+    for _ in range(2):
+        y, gx = _forward_backward(fused, x, grad)
+        # channels_last is not contiguous: the composite (autograd) path, not the fused one
+        y_c, gx_c = _forward_backward(composite, x.to(memory_format=torch.channels_last), grad)
+        y_bn = bn(x).detach()
+        assert not torch.allclose(y, y_bn)  # r and d do change the output
+        torch.testing.assert_close(y_c, y)
+        torch.testing.assert_close(gx_c, gx)
+        for layer in (fused, composite):
+            torch.testing.assert_close(layer.running_mean, bn.running_mean)
+            torch.testing.assert_close(layer.running_var, bn.running_var)
+    torch.testing.assert_close(composite.weight.grad, fused.weight.grad)
+    torch.testing.assert_close(composite.bias.grad, fused.bias.grad)
+
+
 def test_brn_schedule_relaxes_linearly_and_state_dict_resumes_it():
     step = torch.tensor
     assert float(relaxed_limit(step(0), 1.0, 3.0, 5000, 35000)) == 1.0

@@ -28,6 +28,14 @@ with defaults r_max = 3, d_max = 5, warmup_steps = 5000, r_max_relax_steps = 350
 d_max_relax_steps = 20000 (the paper's numbers; "gradually" is taken to be linear). A relax length
 of 0 jumps to the final value right after the warm-up; ``warmup_steps=0`` with both relax lengths 0
 gives fixed limits from the first step. Scale the lengths to your run: they are in steps.
+
+**Short runs.** Where r and d stay inside their limits (in practice almost always once relaxed),
+the training forward is exactly (x - running_mean) / sigma: normalisation by the moving
+averages, which lag the batch statistics by about 1 / momentum steps, while the gradient is
+BatchNorm's scaled by r, so the offset d is invisible to it. When the weights move fast (a few
+hundred steps at a high learning rate) this lag costs accuracy, mostly through d; it is the
+method's behaviour (Algorithm 1), not an approximation error. See the BRN note in
+docs/results/REPORT.md for the measurements.
 """
 
 from __future__ import annotations
