@@ -154,6 +154,33 @@ class KalmanChain:
             layer.leave_chain()
 
 
+def recomputing() -> bool:
+    """Whether a module's forward runs inside a backward pass: activation checkpointing
+    (``torch.utils.checkpoint``) recomputing a segment to recreate the tensors it saved.
+
+    A layer recomputed so must reproduce its original output and leave every state (chain
+    hand-over, moving averages, step counters) as it is.
+    """
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def check_recomputation(layer_name: str) -> None:
+    """Refuse a recomputation other than non-reentrant checkpointing's for a linked layer.
+
+    ``torch.utils.checkpoint(..., use_reentrant=True)`` runs the segment without a graph and
+    re-runs it in the backward as a new graph whose gradients never reach the statistics handed
+    over from the layers before it: the prior's gradient would be lost silently.
+    """
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None or not getattr(hooks[0], "_checkpoint_internal", False):
+        raise RuntimeError(
+            f"{layer_name} ran its forward inside a backward pass other than a non-reentrant "
+            f"activation-checkpoint recomputation. With torch.utils.checkpoint pass "
+            f"use_reentrant=False: the reentrant variant cuts the statistics one Kalman layer "
+            f"hands to the next out of the gradient."
+        )
+
+
 def _kalman_layers(root: nn.Module) -> list[tuple[str, KalmanNormBase]]:
     from kalmannorm.layers.base import KalmanNormBase
 

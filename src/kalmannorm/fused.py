@@ -192,7 +192,7 @@ class FusedGroupNorm(torch.autograd.Function):
         # differentiates this graph instead of recomputing it.
         with torch.enable_grad():
             stats = (batch_mean.detach().requires_grad_(), batch_var.detach().requires_grad_())
-            leaves = [_leaf(t) for t in (weight, bias, *small)]
+            leaves = [detached_leaf(t) for t in (weight, bias, *small)]
             mean, var = estimate(*stats, *leaves[2:])
             scale, shift = layout.affine(mean, var, leaves[0], leaves[1], eps)
         y = torch.empty_like(x)  # written through a view, returned whole (in-place ops allowed)
@@ -242,7 +242,8 @@ class FusedGroupNorm(torch.autograd.Function):
         return (grad_x.view_as(x), None, None, None, None, *leaf_grads)
 
 
-def _leaf(t: Tensor | None) -> Tensor | None:
+def detached_leaf(t: Tensor | None) -> Tensor | None:
+    """``t`` detached from its graph, requiring grad as ``t`` does (``None`` stays ``None``)."""
     if t is None:
         return None
     return t.detach().requires_grad_(t.requires_grad)

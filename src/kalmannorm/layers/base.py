@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torch.nn import functional as torch_f
 
 from kalmannorm import functional as F
-from kalmannorm.chain import Posterior
-from kalmannorm.fused import FusedGroupNorm, Layout
+from kalmannorm.chain import Posterior, check_recomputation, recomputing
+from kalmannorm.fused import FusedGroupNorm, Layout, detached_leaf
 
 if TYPE_CHECKING:
     from kalmannorm.chain import KalmanChain
@@ -141,6 +141,7 @@ class KalmanNormBase(nn.Module):
         self.chain_index = -1
         self.chain_name = ""
         self.last_statistics: KalmanStatistics | None = None
+        self._replay_upstream: Posterior | None = None
         self._factory_kwargs = factory_kwargs
         self._drop_kalman_parameters()
 
@@ -243,10 +244,22 @@ class KalmanNormBase(nn.Module):
     # (hand-over, diagnostics).
 
     def upstream_posterior(self) -> Posterior | None:
-        """This pass's posterior of the upstream layer (``None`` without one); checks the order."""
+        """This pass's posterior of the upstream layer (``None`` without one); checks the order.
+
+        A recomputation by activation checkpointing gets, detached, the posterior this layer took
+        in its last forward pass: the hand-over of that pass is over, and the recomputation only
+        recreates the tensors the original graph saved.
+        """
         if self.chain is None:
             return None
-        return self.chain.upstream(self.chain_index)
+        if recomputing():
+            if self.chain_index > 0:
+                check_recomputation(self.display_name)
+            return self._replay_upstream
+        upstream = self.chain.upstream(self.chain_index)
+        if upstream is not None and not torch.compiler.is_compiling():
+            self._replay_upstream = Posterior(*(detached_leaf(t) for t in upstream))
+        return upstream
 
     def estimate_inputs(self, upstream: Posterior | None) -> tuple[Tensor | None, ...]:
         """The small tensors :meth:`estimate` depends on besides the batch statistics:
@@ -331,7 +344,11 @@ class KalmanNormBase(nn.Module):
         return y, result, batch_var
 
     def record(self, batch_mean: Tensor, batch_second: Tensor, estimate: KalmanEstimate) -> None:
-        """Hand the posterior to the next layer and keep detached diagnostics."""
+        """Hand the posterior to the next layer and keep detached diagnostics (neither when
+        activation checkpointing recomputes the pass: it checks that it recomputes the last)."""
+        if recomputing():
+            self._check_replay(batch_mean)
+            return
         if self.chain is not None:
             self.chain.publish(self.chain_index, Posterior(estimate.mean, estimate.var))
         prior_var = estimate.prior_var
@@ -344,6 +361,21 @@ class KalmanNormBase(nn.Module):
             posterior_var=_diagonal(estimate.var, batch_mean).detach(),
             gain=estimate.gain.detach(),
         )
+
+    def _check_replay(self, batch_mean: Tensor) -> None:
+        """A recomputation must see the batch of the layer's last forward pass."""
+        last = self.last_statistics
+        if (
+            last is None
+            or last.batch_mean.shape != batch_mean.shape
+            or not torch.allclose(batch_mean.detach(), last.batch_mean, rtol=1e-4, atol=1e-6)
+        ):
+            raise RuntimeError(
+                f"{self.display_name}: activation checkpointing recomputed a forward pass other "
+                f"than this layer's last one, but a recomputation can only replay the statistics "
+                f"handed over in the last pass. Run backward after each forward pass (accumulate "
+                f"gradients over micro-batches with one backward per forward)."
+            )
 
     def publish_fixed(self, mean: Tensor, var: Tensor) -> None:
         """Hand fixed (moving) statistics on to the next layer, without an order check."""

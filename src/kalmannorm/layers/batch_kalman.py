@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm.chain import recomputing
 from kalmannorm.fused import SampleGroups, fused_applicable
 from kalmannorm.layers.base import DEFAULT_NOISE, KalmanNormBase
 
@@ -156,7 +157,7 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
         self, mean: Tensor, var: Tensor, gain: Tensor, batch_var: Tensor, count: int
     ) -> None:
         """EMA of the posterior mean and of the posterior variance with S unbiased (m/(m-1) S)."""
-        if not (self.training and self.track_running_stats):
+        if not (self.training and self.track_running_stats) or recomputing():
             return
         with torch.no_grad():
             unbiased_var = torch.addcmul(var, gain, batch_var, value=1.0 / (count - 1))

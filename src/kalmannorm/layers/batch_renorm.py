@@ -51,6 +51,7 @@ from kalmannorm.layers.ghost_batch import (
     check_input,
     check_stat_batch_size,
     grouped_batch_norm,
+    refuse_recomputation,
     update_running_stats,
 )
 
@@ -214,6 +215,7 @@ class BatchRenorm(_NormBase):
             )
         if not (self.training and self.track_running_stats):
             return grouped_batch_norm(self, x).output
+        refuse_recomputation(self)
         r_max, d_max = self.limits()
         self.renorm_step.add_(1)
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype

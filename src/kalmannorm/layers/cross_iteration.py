@@ -85,6 +85,7 @@ from kalmannorm.layers.ghost_batch import (
     check_input,
     check_stat_batch_size,
     grouped_batch_norm,
+    refuse_recomputation,
     update_running_stats,
 )
 
@@ -439,6 +440,7 @@ class CrossIterationBatchNorm(_NormBase):
         if not self.training:
             return grouped_batch_norm(self, x).output
 
+        refuse_recomputation(self)
         groups = F.num_stat_groups(x.shape[0], self.stat_batch_size)
         if self.window_size > 1:
             self._check_feeding(x, captured, produced)

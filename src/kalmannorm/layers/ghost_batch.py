@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm.chain import recomputing
 from kalmannorm.fused import FusedGroupNorm, SampleGroups, fused_applicable
 
 #: ``estimate(batch_mean, batch_var, *small) -> (mean, var)``: the statistics to normalise with.
@@ -58,6 +59,18 @@ def check_group_size(layer: _NormBase, count: int) -> None:
             f"{type(layer).__name__}: each statistics group holds a single value per channel, so "
             f"its variance is undefined. Use a larger stat_batch_size (or batch), inputs with "
             f"spatial extent, or a batch-free norm ('gn', 'frn', 'evonorm_s0')."
+        )
+
+
+def refuse_recomputation(layer: _NormBase) -> None:
+    """Refuse activation checkpointing for a layer whose training forward reads state that its
+    previous forward changed (moving averages, a window of past batches): a recomputation in the
+    backward would not reproduce the original output."""
+    if recomputing():
+        raise RuntimeError(
+            f"{type(layer).__name__}: activation checkpointing recomputes this layer's forward "
+            f"after it has updated the state that forward reads, so the recomputed output would "
+            f"differ. Keep it outside checkpointed segments (or use 'bn', 'bkn', 'gkn', 'gn')."
         )
 
 
@@ -185,7 +198,8 @@ class GhostBatchNorm(_NormBase):
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         result = grouped_batch_norm(self, x)
-        if self.training and self.track_running_stats:
+        # a recomputation (activation checkpointing) must not count the batch twice
+        if self.training and self.track_running_stats and not recomputing():
             update_running_stats(self, result.batch_mean, result.batch_var, result.count)
         return result.output
 
