@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import pickle
 from pathlib import Path
@@ -8,6 +9,26 @@ import torch
 from torch import nn
 
 import kalmannorm
+from kalmannorm.train import TrainConfig
+
+
+def tiny(out: Path, **changes) -> TrainConfig:
+    """A run of a few seconds on scikit-learn's digits."""
+    values = dict(
+        dataset="digits",
+        model="small_cnn",
+        model_options={"width": 8},
+        norm="bkn",
+        stat_batch_size=2,
+        batch_size=16,
+        steps=12,
+        eval_every=6,
+        lr=0.05,
+        threads=1,
+        progress="none",
+        out=str(out),
+    )
+    return dataclasses.replace(TrainConfig(), **{**values, **changes})
 
 
 def conv_bn_stack(widths=(3, 4, 5, 2), dtype=torch.float64) -> nn.Sequential:

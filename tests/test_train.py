@@ -3,7 +3,6 @@ evaluation with moving and batch statistics, accumulation, schedules and the bad
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import itertools
 import json
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny
 from torch import nn
 
 import kalmannorm
@@ -19,33 +19,12 @@ from kalmannorm.cli import build_parser, config_from_args, main
 from kalmannorm.train import (
     CheckpointMismatchError,
     ConfigError,
-    TrainConfig,
     load_config,
     plan_batches,
     save_config,
     train,
 )
 from kalmannorm.train.schedule import lr_factor
-
-
-def tiny(out: Path, **changes) -> TrainConfig:
-    """A run of a few seconds on scikit-learn's digits."""
-    values = dict(
-        dataset="digits",
-        model="small_cnn",
-        model_options={"width": 8},
-        norm="bkn",
-        stat_batch_size=2,
-        batch_size=16,
-        steps=12,
-        eval_every=6,
-        lr=0.05,
-        threads=1,
-        progress="none",
-        out=str(out),
-    )
-    return dataclasses.replace(TrainConfig(), **{**values, **changes})
-
 
 TINY_ARGS = [
     "--dataset",

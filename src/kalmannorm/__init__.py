@@ -45,6 +45,7 @@ from kalmannorm.layers import (
     KalmanStatistics,
     link_cross_iteration,
 )
+from kalmannorm.optim import kalman_parameters, parameter_groups
 
 __version__ = "0.1.0"
 
@@ -77,9 +78,11 @@ __all__ = [
     "find_chain",
     "find_feeding_layers",
     "fold",
+    "kalman_parameters",
     "kalman_statistics",
     "link_chain",
     "link_cross_iteration",
+    "parameter_groups",
     "register_norm",
     "set_eval_statistics",
 ]

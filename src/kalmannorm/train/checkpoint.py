@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kalmannorm.train.config import differences
+from kalmannorm.train.config import TrainConfig, differences, fingerprint
 
 FORMAT = 1
 
@@ -53,8 +53,11 @@ def remove_stale_temporaries(folder: Path) -> None:
 
 
 def check_fingerprint(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse to resume a checkpoint whose configuration differs, listing the differences."""
-    diffs = differences(saved, current)
+    """Refuse to resume a checkpoint whose configuration differs, listing the differences.
+
+    Keys added to the configuration since the checkpoint was written count at their defaults.
+    """
+    diffs = differences(fingerprint(TrainConfig()) | saved, current)
     if diffs:
         raise CheckpointMismatchError(
             f"{path} was written by a run with another configuration; differing keys "

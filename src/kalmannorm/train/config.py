@@ -57,6 +57,9 @@ class TrainConfig:
     momentum: float = _option(0.9, "SGD momentum")
     nesterov: bool = _option(False, "Nesterov momentum")
     weight_decay: float = _option(5e-4, "SGD weight decay (all parameters)")
+    kalman_lr_scale: float = _option(
+        1.0, "learning-rate multiplier for the Kalman parameters q, R, A (kalmannorm.optim)"
+    )
     schedule: str = _option("cosine", "learning-rate schedule: cosine, step or constant")
     milestones: list = field(
         default_factory=lambda: [0.5, 0.75],

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as torch_f
 
+from kalmannorm.optim import parameter_groups
 from kalmannorm.train import distributed
 from kalmannorm.train.checkpoint import (
     capture_rng,
@@ -150,8 +151,15 @@ def _train(
     # model and optimizer (identical initial weights on every process)
     torch.manual_seed(config.seed)
     model = build_model_for(config, data).to(device)
+    parameters = (
+        model.parameters()
+        if config.kalman_lr_scale == 1.0
+        else parameter_groups(
+            model, config.lr, config.weight_decay, kalman_lr_scale=config.kalman_lr_scale
+        )
+    )
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        parameters,
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,
