@@ -69,11 +69,13 @@ def test_scaled_group_moves_the_kalman_parameters_that_many_times_as_far() -> No
 
 
 def test_harness_trains_the_kalman_parameters_at_their_own_rate(tmp_path: Path) -> None:
-    train(tiny(tmp_path / "run", kalman_lr_scale=10.0, steps=2, eval_every=2))
+    config = tiny(tmp_path / "run", kalman_lr_scale=10.0, kalman_weight_decay=0.0, steps=2)
+    train(dataclasses.replace(config, eval_every=2))
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert len(groups) == 2
     assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (config.weight_decay, 0.0)
 
 
 def test_resume_takes_keys_added_since_the_checkpoint_at_their_defaults(tmp_path: Path) -> None:

@@ -60,6 +60,9 @@ class TrainConfig:
     kalman_lr_scale: float = _option(
         1.0, "learning-rate multiplier for the Kalman parameters q, R, A (kalmannorm.optim)"
     )
+    kalman_weight_decay: float | None = _option(
+        None, "weight decay of the Kalman parameters q, R, A (default: weight_decay)"
+    )
     schedule: str = _option("cosine", "learning-rate schedule: cosine, step or constant")
     milestones: list = field(
         default_factory=lambda: [0.5, 0.75],

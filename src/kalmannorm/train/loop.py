@@ -151,11 +151,16 @@ def _train(
     # model and optimizer (identical initial weights on every process)
     torch.manual_seed(config.seed)
     model = build_model_for(config, data).to(device)
+    kalman_decay = config.kalman_weight_decay
     parameters = (
-        model.parameters()
-        if config.kalman_lr_scale == 1.0
+        model.parameters()  # one group: every parameter alike
+        if config.kalman_lr_scale == 1.0 and kalman_decay in (None, config.weight_decay)
         else parameter_groups(
-            model, config.lr, config.weight_decay, kalman_lr_scale=config.kalman_lr_scale
+            model,
+            config.lr,
+            config.weight_decay,
+            kalman_lr_scale=config.kalman_lr_scale,
+            kalman_weight_decay=config.kalman_weight_decay,
         )
     )
     optimizer = torch.optim.SGD(
