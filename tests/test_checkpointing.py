@@ -121,3 +121,29 @@ def test_stateful_baselines_refuse_recomputation(norm: str) -> None:
     x = torch.randn(4, 8, 5, 5, dtype=DOUBLE)
     with pytest.raises(RuntimeError, match="outside checkpointed segments"):
         checkpointed(x).sum().backward()
+
+
+def test_torchvision_resnet_with_checkpoint_sequential_matches_the_plain_model() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    plain = kalmannorm.convert_norm(
+        torchvision.models.resnet18(weights=None, num_classes=5), "bkn", stat_batch_size=2
+    ).double()
+    checkpointed = copy.deepcopy(plain)
+    kalmannorm.link_chain(checkpointed)
+    # segments must not start with an in-place ReLU (a torch.utils.checkpoint limitation)
+    stem = nn.Sequential(checkpointed.conv1, checkpointed.bn1, checkpointed.relu)
+    stages = nn.Sequential(checkpointed.maxpool, checkpointed.layer1, checkpointed.layer2)
+    head = nn.Sequential(checkpointed.layer3, checkpointed.layer4, checkpointed.avgpool)
+    x = torch.randn(4, 3, 32, 32, dtype=DOUBLE)
+    plain(x).square().sum().backward()
+    stem_out = checkpoint(stem, x, use_reentrant=False)
+    features = torch.utils.checkpoint.checkpoint_sequential(
+        stages, 2, stem_out, use_reentrant=False
+    )
+    pooled = checkpoint(head, features, use_reentrant=False).flatten(1)
+    checkpointed.fc(pooled).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, b), c in zip(plain.named_buffers(), checkpointed.buffers()):
+        torch.testing.assert_close(c, b, msg=name)
