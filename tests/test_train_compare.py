@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,28 @@ def test_grid_variants_and_bad_norms(tmp_path: Path) -> None:
         make_grid(cfg)
 
 
+def test_a_norm_entry_overrides_training_keys_for_its_runs_only(tmp_path: Path) -> None:
+    entry = {"norm": "bkn", "label": "bkn-lr100", "train": {"kalman_lr_scale": 100.0}}
+    values = {
+        "compare": {"out": str(tmp_path), "norms": ["bkn", entry], "baseline": ""},
+        "train": {"dataset": "digits", "batch_size": 16, "lr": 0.05},
+    }
+    cfg = compare_config_from_dict(values)
+    plain, scaled = make_grid(cfg)
+    assert (plain.config.kalman_lr_scale, scaled.config.kalman_lr_scale) == (1.0, 100.0)
+    assert plain.config.lr == scaled.config.lr == 0.05
+    # the resolved grid file written beside the runs reads back to the same grid
+    again = compare_config_from_dict(tomllib.loads(cfg.to_toml()))
+    assert [s.config for s in make_grid(again)] == [plain.config, scaled.config]
+    for key in ("seed", "stat_batch_size", "norm_options"):
+        bad = {**values, "compare": {**values["compare"], "norms": [{**entry, "train": {key: 1}}]}}
+        with pytest.raises(ConfigError, match="the grid sets"):
+            compare_config_from_dict(bad)
+    bad = {**values, "compare": {**values["compare"], "norms": [{**entry, "train": {"lrr": 1}}]}}
+    with pytest.raises(ValueError, match="unknown configuration key"):
+        make_grid(compare_config_from_dict(bad))
+
+
 def test_default_preset_falls_back_to_digits(monkeypatch, capsys) -> None:
     from kalmannorm.train import presets
 
@@ -110,9 +133,9 @@ def test_report_presets_build_their_grids():
     from kalmannorm.train.presets import PRESETS
 
     sweep = make_grid(PRESETS["microbatch-sweep"]())
-    # 5 batch-statistics norms x 7 sizes x 3 seeds, gn and gkn once per seed; bn at s=128 is
+    # 6 batch-statistics norms x 7 sizes x 3 seeds, gn and gkn once per seed; bn at s=128 is
     # the plain-BN baseline
-    assert len(sweep) == 5 * 7 * 3 + 2 * 3
+    assert len(sweep) == 6 * 7 * 3 + 2 * 3
     assert [spec.seed for spec in sweep] == sorted(spec.seed for spec in sweep)  # seed-major
     brn = next(s for s in sweep if s.variant.label == "brn").config.norm_options
     steps = sweep[0].config.steps
@@ -120,6 +143,8 @@ def test_report_presets_build_their_grids():
     assert {spec.stat_batch_size for spec in sweep if spec.variant.label == "gkn"} == {None}
     propagate = [s for s in sweep if s.variant.label == "bkn-propagate"]
     assert propagate and propagate[0].config.norm_options == {"prior": "propagate"}
+    scales = {s.variant.label: s.config.kalman_lr_scale for s in sweep}
+    assert scales["bkn-lr100"] == 100.0 and scales["bkn"] == scales["bkn-propagate"] == 1.0
     paper = make_grid(PRESETS["paper-cifar10"]())
     assert {spec.config.model for spec in paper} == {"inception_cifar"}
     assert all(spec.config.epochs == 400 for spec in paper)

@@ -20,8 +20,8 @@ from kalmannorm.reproduce.verdict import Difference, difference, summarise_calls
 
 #: The statistics analyses compare these labels (the paper's Fig. 8 and Table 3): BN, the
 #: paper's BKN and the authors'-code variant.
-BN, BKN, BKN_PROPAGATE = "bn", "bkn", "bkn-propagate"
-KALMAN = (BKN, BKN_PROPAGATE)
+BN, BKN, BKN_LR100, BKN_PROPAGATE = "bn", "bkn", "bkn-lr100", "bkn-propagate"
+KALMAN = (BKN, BKN_LR100, BKN_PROPAGATE)
 #: Relative difference below which two statistics errors (or gaps) are called the same.
 SAME_WITHIN = 0.05
 
@@ -422,9 +422,10 @@ def write_report(findings: Findings, path: str | Path) -> Path:
         f"Gradient batch {findings.sweep_batch_size}, statistics batch s from the columns; "
         "BN with s = "
         f"{findings.sweep_batch_size} is plain BatchNorm (the baseline). `bn` is ghost "
-        "BatchNorm, `bkn` the paper's BKN (learned A, R, q), `bkn-propagate` the authors'-code "
-        "variant (prior pushed through the layer below, fixed q), `gkn` Group Kalman "
-        "Normalization.",
+        "BatchNorm, `bkn` the paper's BKN (learned A, R, q), `bkn-lr100` the same with A, R, q "
+        "at 100 times the learning rate (not in the paper; docs/design/kalman-learning-rate.md), "
+        "`bkn-propagate` the authors'-code variant (prior pushed through the layer below, fixed "
+        "q), `gkn` Group Kalman Normalization.",
         "",
         _figure(findings, "sweep", "final accuracy against statistics batch"),
         "",

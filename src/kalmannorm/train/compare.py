@@ -5,7 +5,8 @@ training keys shared by every run::
 
     [compare]
     out = "runs/compare"
-    norms = ["bn", "bkn", {norm = "bkn", label = "bkn-propagate", options = {prior = "propagate"}}]
+    norms = ["bn", "bkn", {norm = "bkn", label = "bkn-propagate", options = {prior = "propagate"}},
+             {norm = "bkn", label = "bkn-lr100", train = {kalman_lr_scale = 100.0}}]
     stat_batch_sizes = [2]
     seeds = [0, 1, 2]
     baseline = "none"    # a run of this norm with the whole forward batch as one group
@@ -15,6 +16,9 @@ training keys shared by every run::
     dataset = "fashion_mnist"
     batch_size = 128
     steps = 1000
+
+A norm entry's ``train`` table overrides keys of ``[train]`` for that entry's runs (all but the
+keys the grid sets per run: norm, norm_options, stat_batch_size, seed, out).
 
 Each run is an ordinary ``kalmannorm train`` process with its own folder under ``out``; a run
 whose folder already holds a finished run of the same configuration is skipped, a killed one is
@@ -59,29 +63,44 @@ class RunsFailedError(RuntimeError):
     """Some runs of a grid failed (the others are summarised all the same)."""
 
 
+#: Training keys a grid sets per run; a variant's ``train`` table cannot override them.
+PER_RUN_KEYS = ("norm", "norm_options", "stat_batch_size", "seed", "out")
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A norm with options under a label (``"bkn"``, or bkn with ``prior="propagate"``)."""
+    """A norm with options under a label (``"bkn"``, or bkn with ``prior="propagate"``), and
+    training keys of its own on top of the grid's ``[train]`` table (``kalman_lr_scale``)."""
 
     norm: str
     label: str
     options: dict = field(default_factory=dict, hash=False, compare=False)
+    train: dict = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
     def parse(cls, entry: str | dict) -> Variant:
         if isinstance(entry, str):
             return cls(entry, entry)
-        unknown = set(entry) - {"norm", "label", "options"}
+        unknown = set(entry) - {"norm", "label", "options", "train"}
         if "norm" not in entry or unknown:
             raise ConfigError(
-                f"a norm entry is a name or a table {{norm, label, options}}, got {entry!r}"
+                f"a norm entry is a name or a table {{norm, label, options, train}}, got {entry!r}"
             )
-        return cls(entry["norm"], entry.get("label", entry["norm"]), dict(entry.get("options", {})))
+        train = dict(entry.get("train", {}))
+        fixed = sorted(set(train) & set(PER_RUN_KEYS))
+        if fixed:
+            raise ConfigError(
+                f"norm entry {entry.get('label', entry['norm'])!r}: the grid sets {fixed} for "
+                f"each run; put norm options under 'options', other training keys under 'train'"
+            )
+        label = entry.get("label", entry["norm"])
+        return cls(entry["norm"], label, dict(entry.get("options", {})), train)
 
     def to_toml(self) -> str | dict:
-        if self.label == self.norm and not self.options:
+        if self.label == self.norm and not self.options and not self.train:
             return self.norm
-        return {"norm": self.norm, "label": self.label, "options": self.options}
+        table = {"norm": self.norm, "label": self.label, "options": self.options}
+        return {**table, "train": self.train} if self.train else table
 
 
 @dataclass
@@ -163,7 +182,6 @@ def make_grid(cfg: CompareConfig) -> list[RunSpec]:
     for variant in [*cfg.norms, *([cfg.baseline] if cfg.baseline else [])]:
         if variant.norm not in norms:
             raise ConfigError(f"unknown norm {variant.norm!r}; available norms: {', '.join(norms)}")
-    base = config_from_dict(cfg.train)
     groups: list[tuple[Variant, int | None]] = []
     if cfg.baseline:
         groups.append((cfg.baseline, None))
@@ -176,6 +194,7 @@ def make_grid(cfg: CompareConfig) -> list[RunSpec]:
     for seed in cfg.seeds:  # seed-major: a grid cut short still has whole seeds
         for variant, stat in groups:
             name = f"{variant.label}-s{stat if stat else 'all'}-seed{seed}"
+            base = config_from_dict({**cfg.train, **variant.train})
             config = dataclasses.replace(
                 base,
                 norm=variant.norm,
