@@ -138,7 +138,7 @@ def test_small_budget_grids() -> None:
     sweep = budget.grids["sweep"]
     assert sweep.stat_batch_sizes == [1, 2, 4, 8, 16, 32, 128] and sweep.seeds == [0, 1, 2]
     labels = [v.label for v in sweep.norms]
-    assert labels == ["bn", "brn", "cbn", "gn", "bkn", "bkn-propagate", "gkn"]
+    assert labels == ["bn", "brn", "cbn", "gn", "bkn", "bkn-lr100", "bkn-propagate", "gkn"]
     # same samples at every gradient batch; learning rate scaled linearly
     for name, g in (("settings-g16-s4", 16), ("settings-g8-s2", 8)):
         train = budget.grids[name].train
