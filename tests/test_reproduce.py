@@ -84,7 +84,7 @@ def test_report_holds_the_measured_numbers(tiny_report) -> None:
     for section in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6."):
         assert section in text
     assert "kalmannorm reproduce --budget tiny" in text
-    # the training span runs from the earliest run's start to the latest run's end
+    # the training periods end with the latest run's end
     summaries = [
         spec.folder / "summary.json" for grid in budget.grids.values() for spec in make_grid(grid)
     ]
@@ -214,3 +214,14 @@ def test_verdict_lines_from_synthetic_findings() -> None:
     assert "give the same accuracy; BN has a gap* (Table 3, s = 2): **reproduced**" in text
     assert "more accurately than BN* (variance error" in text and "s=2: the same" in text
     assert "**not reproduced** — s=2: the same" in text
+
+
+def test_training_periods_join_runs_that_follow_each_other() -> None:
+    from kalmannorm.reproduce.runner import training_periods
+
+    # two overlapping jobs, a run started 5 s after the last ended, then a run hours later
+    runs = [(0.0, 100.0), (50.0, 160.0), (165.0, 300.0), (20_000.0, 20_100.0)]
+    assert training_periods(runs) == [(0.0, 300.0), (20_000.0, 20_100.0)]
+    assert training_periods(runs[::-1]) == training_periods(runs)
+    assert training_periods(runs, gap=1.0) == [(0.0, 160.0), (165.0, 300.0), (20_000.0, 20_100.0)]
+    assert training_periods([]) == []

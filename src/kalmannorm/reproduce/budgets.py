@@ -123,7 +123,10 @@ def small(root: str | Path = "runs/reproduce-small") -> Budget:
         "values (the paper trains for hundreds of epochs); what is compared is the norms under "
         "one short, identical budget. No norm was tuned: BKN keeps its defaults (q = 0.9, "
         "R = 0.1, A = 0, chosen once in docs/design/init-sweep.md on a different setting), BRN "
-        "and CBN their authors' schedules scaled to the run length by one rule.",
+        "and CBN their authors' schedules scaled to the run length by one rule. The exception "
+        "is bkn-lr100 (not in the paper): its factor 100 on the learning rate of q, R and A was "
+        "picked among 10, 100 and 1000 on this very sweep's s = 2 cell and seeds "
+        "(docs/design/kalman-learning-rate.md), so its s = 2 column is not an independent test.",
         "Test accuracy is on Fashion-MNIST's 10,000 test images; with batch statistics, whole "
         "statistics groups of whole evaluation batches only (9,920 images at s = 32, 9,856 at "
         "s = 128 and for the batch-independent norms).",

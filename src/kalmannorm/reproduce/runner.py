@@ -228,27 +228,49 @@ def reproduce(
     )
     span = training_span(selected)
     if span is not None:
-        findings.header["training wall clock (first run start to last run end)"] = span
+        findings.header["training wall clock (periods in which runs trained)"] = span
     return write_report(findings, out / "REPORT.md")
 
 
+#: Runs that end and start less than this apart (seconds) belong to one training period.
+PERIOD_GAP_S = 600.0
+
+
+def training_periods(
+    intervals: list[tuple[float, float]], gap: float = PERIOD_GAP_S
+) -> list[tuple[float, float]]:
+    """Merge (start, end) intervals into periods: sorted, joined where less than ``gap`` apart."""
+    periods: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if periods and start - periods[-1][1] < gap:
+            periods[-1] = (periods[-1][0], max(periods[-1][1], end))
+        else:
+            periods.append((start, end))
+    return periods
+
+
 def training_span(grids: dict[str, CompareConfig]) -> str | None:
-    """When the grids' finished runs trained: from the earliest start (a summary file's time less
-    the run's wall time) to the latest end (the summary file's time); ``None`` without runs."""
-    starts, ends = [], []
+    """When the grids' finished runs trained: each period of training (runs that followed each
+    other; a run's start is its summary file's time less its wall time) and their total length,
+    ``None`` without runs."""
+    intervals = []
     for config in grids.values():
         for summary in Path(config.out).glob("*/summary.json"):
             record = json.loads(summary.read_text())
             if record.get("status") != "finished":
                 continue
             end = summary.stat().st_mtime
-            starts.append(end - record["wall_time_s"])
-            ends.append(end)
-    if not ends:
+            intervals.append((end - record["wall_time_s"], end))
+    if not intervals:
         return None
-    first, last = (datetime.fromtimestamp(t, UTC) for t in (min(starts), max(ends)))
-    minutes = (last - first).total_seconds() / 60
-    return f"{first:%Y-%m-%d %H:%M}-{last:%H:%M} UTC ({minutes:.0f} min)"
+    periods = training_periods(intervals)
+    minutes = sum(end - start for start, end in periods) / 60
+    spans = ", ".join(
+        f"{datetime.fromtimestamp(a, UTC):%Y-%m-%d %H:%M}-{datetime.fromtimestamp(b, UTC):%H:%M}"
+        for a, b in periods
+    )
+    count = f" in {len(periods)} periods" if len(periods) > 1 else ""
+    return f"{spans} UTC ({minutes:.0f} min{count})"
 
 
 def training_minutes(findings: Findings) -> float:
