@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as torch_f
 
 import kalmannorm
-from kalmannorm import BatchKalmanNorm
+from kalmannorm.layers.batch_kalman import BatchKalmanNorm
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 

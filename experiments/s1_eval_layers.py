@@ -8,8 +8,8 @@ the first layer alone switched either way. Run: ``python experiments/s1_eval_lay
 
 from __future__ import annotations
 
-from kalmannorm.analysis.eval_modes import accuracy
-from kalmannorm.analysis.run import load_run
+from kalmannorm.lab.analysis.eval_modes import accuracy
+from kalmannorm.lab.analysis.run import load_run
 
 SWEEP = "runs/reproduce-small/sweep"
 SETTINGS = {

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-import kalmannorm
-from kalmannorm.train import TrainConfig
+from kalmannorm.lab.train import TrainConfig
+from kalmannorm.layers.base import KalmanNormBase
 
 
 def tiny(out: Path, **changes) -> TrainConfig:
@@ -44,7 +44,7 @@ def randomize_kalman(model: nn.Module, seed: int = 0, affine: bool = True) -> No
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.modules():
-            if isinstance(layer, kalmannorm.KalmanNormBase) and layer.gain is not None:
+            if isinstance(layer, KalmanNormBase) and layer.gain is not None:
                 if layer.gain_logit is not None:
                     layer.gain_logit.copy_(torch.randn(layer.gain_logit.shape, generator=g))
                 if layer.noise_raw is not None:

@@ -10,9 +10,10 @@ from torch import nn
 from torch.nn import functional as torch_f
 
 import kalmannorm
-from kalmannorm import analysis
-from kalmannorm.analysis.batches import iterate_batches
-from kalmannorm.models import SmallCNN
+from kalmannorm.lab import analysis
+from kalmannorm.lab.analysis.batches import iterate_batches
+from kalmannorm.lab.models import SmallCNN
+from kalmannorm.layers.batch_kalman import BatchKalmanNorm
 
 DTYPE = torch.float64
 
@@ -185,7 +186,7 @@ def test_bkn_statistics_equal_the_training_forward_posterior():
     before = state_of(model)
     stats = analysis.collect_statistics(model, (x,), batch_size=4)
     assert_same_state(model, before)
-    bkn = [m for m in model.modules() if isinstance(m, kalmannorm.BatchKalmanNorm)]
+    bkn = [m for m in model.modules() if isinstance(m, BatchKalmanNorm)]
     assert all(m.eval_statistics == "moving" and m.stat_batch_size == 2 for m in bkn)
     assert not model.training
 
@@ -197,7 +198,7 @@ def test_bkn_statistics_equal_the_training_forward_posterior():
     hooks = [
         m.register_forward_pre_hook(lambda mod, a: inputs.setdefault(names[mod], []).append(a[0]))
         for m in copy_model.modules()
-        if isinstance(m, kalmannorm.BatchKalmanNorm)
+        if isinstance(m, BatchKalmanNorm)
     ]
     with torch.no_grad():
         for batch in x.split(4):
@@ -234,7 +235,7 @@ def test_statistics_batch_size_override_and_layer_selection():
     assert stats["0.4"].groups == 2 and stats["0.4"].group_size == 4
     assert stats["0.4"].count == 4 * 16
     assert all(
-        m.stat_batch_size == 2 for m in model.modules() if isinstance(m, kalmannorm.BatchKalmanNorm)
+        m.stat_batch_size == 2 for m in model.modules() if isinstance(m, BatchKalmanNorm)
     )
 
 
@@ -330,7 +331,7 @@ def test_eval_mode_accuracy_of_a_bkn_classifier_matches_set_eval_statistics():
     assert all(
         m.eval_statistics == "moving"
         for m in model.modules()
-        if isinstance(m, kalmannorm.BatchKalmanNorm)
+        if isinstance(m, BatchKalmanNorm)
     )
 
 
@@ -389,7 +390,7 @@ def test_gain_snapshot_equals_the_layers_parameters(tmp_path):
     model = classifier_stack("bkn", stat_batch_size=2)
     randomize_kalman(model)
     snapshot = analysis.gain_snapshot(model)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, kalmannorm.BatchKalmanNorm)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, BatchKalmanNorm)}
     assert list(snapshot) == list(layers)[1:]  # the first layer has no upstream, no gain
     for name, entry in snapshot.items():
         layer = layers[name]

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from test_train import TINY_ARGS
 
-from kalmannorm import analysis
-from kalmannorm.analysis.run import load_run
-from kalmannorm.cli import main
+from kalmannorm.lab import analysis
+from kalmannorm.lab.analysis.run import load_run
+from kalmannorm.lab.cli import main
 
 
 @pytest.fixture(scope="module")

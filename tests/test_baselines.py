@@ -9,17 +9,19 @@ from torch import nn
 from torch.func import functional_call
 
 import kalmannorm
-from kalmannorm import (
+from kalmannorm.baselines import (
     BatchRenorm1d,
     BatchRenorm2d,
+    BatchRenorm3d,
     ChannelLayerNorm,
+    CrossIterationBatchNorm2d,
     EvoNormS0,
     FilterResponseNorm,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     GhostBatchNorm3d,
 )
-from kalmannorm.bench_norms import takes_stat_batch_size
+from kalmannorm.lab.bench_norms import takes_stat_batch_size
 from kalmannorm.layers.batch_renorm import relaxed_limit
 
 DOUBLE = torch.float64
@@ -424,7 +426,7 @@ def test_every_baseline_is_registered_and_built_by_name():
     expected = {
         "bn": GhostBatchNorm2d,
         "brn": BatchRenorm2d,
-        "cbn": kalmannorm.CrossIterationBatchNorm2d,
+        "cbn": CrossIterationBatchNorm2d,
         "gn": nn.GroupNorm,
         "ln": ChannelLayerNorm,
         "in": nn.InstanceNorm2d,
@@ -440,7 +442,7 @@ def test_every_baseline_is_registered_and_built_by_name():
     assert kalmannorm.build_norm("gn", 64, num_groups=8).num_groups == 8
     assert kalmannorm.build_norm("evonorm_s0", 40).num_groups == 20
     assert kalmannorm.build_norm("bn", 8, dims=1, stat_batch_size=4).stat_batch_size == 4
-    assert isinstance(kalmannorm.build_norm("brn", 8, dims=3), kalmannorm.BatchRenorm3d)
+    assert isinstance(kalmannorm.build_norm("brn", 8, dims=3), BatchRenorm3d)
     assert kalmannorm.build_norm("frn", 8).eps == 1e-6
 
 
@@ -520,7 +522,7 @@ def test_resnet50_converted_to_every_registered_norm_trains_and_evaluates(resnet
 
 
 def test_bench_rows_cover_every_registered_norm(monkeypatch):
-    from kalmannorm import bench_norms
+    from kalmannorm.lab import bench_norms
 
     tiny = {"batch": 4, "channels": 4, "size": 4, "warmup": 1, "repeats": 1, "iters": 1}
     monkeypatch.setattr(bench_norms, "_QUICK", tiny)

@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 import kalmannorm
 from kalmannorm import BatchKalmanNorm1d, BatchKalmanNorm2d, BatchKalmanNorm3d
+from kalmannorm.chain import Posterior
 
 
 def _bn_forward_backward(module, x, grad):
@@ -319,5 +320,5 @@ def test_propagate_without_a_matching_convolution_warns_and_uses_the_batch():
     )
     with pytest.warns(UserWarning, match="uses its batch statistics alone"):
         kalmannorm.convert_norm(model, "bkn", prior="propagate")
-    upstream = kalmannorm.Posterior(torch.zeros(1, 4), torch.ones(1, 4))
+    upstream = Posterior(torch.zeros(1, 4), torch.ones(1, 4))
     assert model[3].estimate_inputs(upstream) == ()

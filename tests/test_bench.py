@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kalmannorm.bench import _saved_bytes, format_table, run_benchmark
+from kalmannorm.lab.bench import _saved_bytes, format_table, run_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,8 @@ def test_format_table_reports_compile_time_with_the_cache_state(quick_results: d
 def test_reproduce_report_takes_a_saved_benchmark(quick_results: dict, tmp_path) -> None:
     import json
 
-    from kalmannorm.reproduce import Budget, reproduce
-    from kalmannorm.train.compare import CompareConfig, Variant
+    from kalmannorm.lab.reproduce import Budget, reproduce
+    from kalmannorm.lab.train.compare import CompareConfig, Variant
 
     saved = tmp_path / "bench.json"
     saved.write_text(json.dumps(quick_results))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kalmannorm.cli import main
-from kalmannorm.demo import run_demo
+from kalmannorm.lab.cli import main
+from kalmannorm.lab.demo import run_demo
 
 
 def test_demo_trains_on_real_digits_and_prints_estimated_statistics(capsys):

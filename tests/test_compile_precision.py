@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kalmannorm
-from kalmannorm.models import SmallCNN
+from kalmannorm.lab.models import SmallCNN
 
 
 @pytest.mark.parametrize(

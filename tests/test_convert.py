@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import kalmannorm
-from kalmannorm.models import PreActResNet
+from kalmannorm.lab.models import PreActResNet
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -12,7 +12,11 @@ from torch import nn
 from torch.func import functional_call
 
 import kalmannorm
-from kalmannorm import CrossIterationBatchNorm1d, CrossIterationBatchNorm2d, GhostBatchNorm2d
+from kalmannorm.baselines import (
+    CrossIterationBatchNorm1d,
+    CrossIterationBatchNorm2d,
+    GhostBatchNorm2d,
+)
 from kalmannorm.layers.cross_iteration import moment_gradients
 
 DOUBLE = torch.float64

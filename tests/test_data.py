@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kalmannorm.data import (
+from kalmannorm.lab.data import (
     Augmentation,
     DataNotFoundError,
     available_datasets,
@@ -16,7 +16,7 @@ from kalmannorm.data import (
     read_idx,
     write_idx,
 )
-from kalmannorm.data.augment import random_crop
+from kalmannorm.lab.data.augment import random_crop
 
 IDX_NAMES = (
     "train-images-idx3-ubyte",

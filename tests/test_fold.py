@@ -7,7 +7,8 @@ from torch import nn
 
 import kalmannorm
 from kalmannorm.fold import ChannelAffine, fold
-from kalmannorm.models import SmallCNN, preact_resnet20
+from kalmannorm.lab.models import SmallCNN, preact_resnet20
+from kalmannorm.layers.base import KalmanNormBase
 
 
 def _trained(model: nn.Module, x: torch.Tensor, steps: int = 3) -> nn.Module:
@@ -20,7 +21,7 @@ def _trained(model: nn.Module, x: torch.Tensor, steps: int = 3) -> nn.Module:
 
 
 def _kalman_layers(model):
-    return [m for m in model.modules() if isinstance(m, kalmannorm.KalmanNormBase)]
+    return [m for m in model.modules() if isinstance(m, KalmanNormBase)]
 
 
 @pytest.mark.parametrize("build", [lambda: SmallCNN(3, 10, 8), lambda: preact_resnet20()])

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as torch_f
 
 import kalmannorm
-from kalmannorm.models import (
+from kalmannorm.lab.models import (
     MODELS,
     PreActResNet,
     SmallCNN,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import kalmannorm
-from kalmannorm.models import BNInception, InceptionCifar, build_model
+from kalmannorm.lab.models import BNInception, InceptionCifar, build_model
 
 
 def test_cifar_inception_follows_the_papers_table() -> None:

@@ -11,9 +11,9 @@ from conftest import tiny
 from torch import nn
 
 import kalmannorm
-from kalmannorm.train import train
-from kalmannorm.train.checkpoint import CheckpointMismatchError, check_fingerprint
-from kalmannorm.train.config import TrainConfig, fingerprint
+from kalmannorm.lab.train import train
+from kalmannorm.lab.train.checkpoint import CheckpointMismatchError, check_fingerprint
+from kalmannorm.lab.train.config import TrainConfig, fingerprint
 
 
 def _model(norm: str = "bkn") -> nn.Module:

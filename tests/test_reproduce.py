@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from kalmannorm.reproduce import Budget, reproduce
-from kalmannorm.reproduce.budgets import WIDENED, paper, small, widened_width
-from kalmannorm.reproduce.evidence import Cell, collect_cells
-from kalmannorm.reproduce.verdict import difference, summarise_calls
-from kalmannorm.train.compare import CompareConfig, Variant, make_grid
-from kalmannorm.train.plan import ConfigError
+from kalmannorm.lab.reproduce import Budget, reproduce
+from kalmannorm.lab.reproduce.budgets import WIDENED, paper, small, widened_width
+from kalmannorm.lab.reproduce.evidence import Cell, collect_cells
+from kalmannorm.lab.reproduce.verdict import difference, summarise_calls
+from kalmannorm.lab.train.compare import CompareConfig, Variant, make_grid
+from kalmannorm.lab.train.plan import ConfigError
 
 TINY_TRAIN = {
     "dataset": "digits",
@@ -187,7 +187,7 @@ def test_unknown_budget_and_grid_are_refused(tmp_path) -> None:
 
 
 def test_verdict_lines_from_synthetic_findings() -> None:
-    from kalmannorm.reproduce.report import Findings, verdict_lines
+    from kalmannorm.lab.reproduce.report import Findings, verdict_lines
 
     def c(label: str, s: int | None, moving: list[float], batch: list[float]) -> Cell:
         return Cell(label, label, 128, s, moving=moving, batch=batch)
@@ -217,7 +217,7 @@ def test_verdict_lines_from_synthetic_findings() -> None:
 
 
 def test_training_periods_join_runs_that_follow_each_other() -> None:
-    from kalmannorm.reproduce.runner import training_periods
+    from kalmannorm.lab.reproduce.runner import training_periods
 
     # two overlapping jobs, a run started 5 s after the last ended, then a run hours later
     runs = [(0.0, 100.0), (50.0, 160.0), (165.0, 300.0), (20_000.0, 20_100.0)]

@@ -14,9 +14,10 @@ from conftest import tiny
 from torch import nn
 
 import kalmannorm
-from kalmannorm.analysis import batch_statistics_mode
-from kalmannorm.cli import build_parser, config_from_args, main
-from kalmannorm.train import (
+from kalmannorm.lab.analysis import batch_statistics_mode
+from kalmannorm.lab.cli import build_parser, config_from_args, main
+from kalmannorm.lab.models import SmallCNN
+from kalmannorm.lab.train import (
     CheckpointMismatchError,
     ConfigError,
     load_config,
@@ -24,7 +25,7 @@ from kalmannorm.train import (
     save_config,
     train,
 )
-from kalmannorm.train.schedule import lr_factor
+from kalmannorm.lab.train.schedule import lr_factor
 
 TINY_ARGS = [
     "--dataset",
@@ -205,7 +206,7 @@ def test_accumulation_gives_the_same_gradient_steps(tmp_path: Path) -> None:
     train(tiny(tmp_path / "two", augment=False, accumulation_steps=2))
     one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
     two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"]
-    model = kalmannorm.convert_norm(kalmannorm.models.SmallCNN(1, 10, 8), "bkn", stat_batch_size=2)
+    model = kalmannorm.convert_norm(SmallCNN(1, 10, 8), "bkn", stat_batch_size=2)
     names = [name for name, _ in model.named_parameters()]
     for name in names:
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
@@ -231,8 +232,8 @@ class _TestSet:
 
 
 def test_batch_evaluation_scores_whole_groups_only() -> None:
-    from kalmannorm.train.distributed import Distributed
-    from kalmannorm.train.evaluate import evaluate
+    from kalmannorm.lab.train.distributed import Distributed
+    from kalmannorm.lab.train.evaluate import evaluate
 
     torch.manual_seed(0)
     model = kalmannorm.convert_norm(

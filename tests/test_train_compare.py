@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kalmannorm.cli import main
-from kalmannorm.train import ConfigError
-from kalmannorm.train.compare import compare_config_from_dict, make_grid
+from kalmannorm.lab.cli import main
+from kalmannorm.lab.train import ConfigError
+from kalmannorm.lab.train.compare import compare_config_from_dict, make_grid
 
 GRID = """
 [compare]
@@ -118,7 +118,7 @@ def test_a_norm_entry_overrides_training_keys_for_its_runs_only(tmp_path: Path) 
 
 
 def test_default_preset_falls_back_to_digits(monkeypatch, capsys) -> None:
-    from kalmannorm.train import presets
+    from kalmannorm.lab.train import presets
 
     monkeypatch.setattr(presets, "dataset_available", lambda name: False)
     cfg = presets.default()
@@ -129,8 +129,8 @@ def test_default_preset_falls_back_to_digits(monkeypatch, capsys) -> None:
 
 
 def test_report_presets_build_their_grids():
-    from kalmannorm.train.compare import make_grid
-    from kalmannorm.train.presets import PRESETS
+    from kalmannorm.lab.train.compare import make_grid
+    from kalmannorm.lab.train.presets import PRESETS
 
     sweep = make_grid(PRESETS["microbatch-sweep"]())
     # 6 batch-statistics norms x 7 sizes x 3 seeds, gn and gkn once per seed; bn at s=128 is

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from kalmannorm.cli import build_parser, config_from_args
-from kalmannorm.train import train
+from kalmannorm.lab.cli import build_parser, config_from_args
+from kalmannorm.lab.train import train
 
 ARGS = [
     "train",

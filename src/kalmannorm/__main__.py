@@ -1,5 +1,5 @@
 import sys
 
-from kalmannorm.cli import main
+from kalmannorm.lab.cli import main
 
 sys.exit(main())

@@ -1,0 +1,517 @@
+"""``kalmannorm compare``: a grid of runs (norms x statistics-batch sizes x seeds) and its table.
+
+A compare configuration is a TOML file with a ``[compare]`` table and a ``[train]`` table of
+training keys shared by every run::
+
+    [compare]
+    out = "runs/compare"
+    norms = ["bn", "bkn", {norm = "bkn", label = "bkn-propagate", options = {prior = "propagate"}},
+             {norm = "bkn", label = "bkn-lr100", train = {kalman_lr_scale = 100.0}}]
+    stat_batch_sizes = [2]
+    seeds = [0, 1, 2]
+    baseline = "none"    # a run of this norm with the whole forward batch as one group
+    jobs = 2             # runs in parallel processes
+
+    [train]
+    dataset = "fashion_mnist"
+    batch_size = 128
+    steps = 1000
+
+A norm entry's ``train`` table overrides keys of ``[train]`` for that entry's runs (all but the
+keys the grid sets per run: norm, norm_options, stat_batch_size, seed, out).
+
+Each run is an ordinary ``kalmannorm train`` process with its own folder under ``out``; a run
+whose folder already holds a finished run of the same configuration is skipped, a killed one is
+resumed. The summary (``summary.md``, ``summary.csv``, ``curves.png``) reports final and best
+test accuracy with moving and with batch statistics, mean ± std over seeds, and the steps each
+configuration needed to reach the baseline's final accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kalmannorm.lab.train.config import (
+    TrainConfig,
+    config_from_dict,
+    fingerprint,
+    load_toml,
+    save_config,
+    to_toml,
+)
+from kalmannorm.lab.train.loop import CONFIG, SUMMARY, check_config
+from kalmannorm.lab.train.metrics import read_metrics
+from kalmannorm.lab.train.model import takes_stat_batch_size, valid_norms
+from kalmannorm.lab.train.plan import ConfigError
+
+COMPARE_KEYS = ("out", "norms", "stat_batch_sizes", "seeds", "baseline", "jobs")
+
+
+class RunsFailedError(RuntimeError):
+    """Some runs of a grid failed (the others are summarised all the same)."""
+
+
+#: Training keys a grid sets per run; a variant's ``train`` table cannot override them.
+PER_RUN_KEYS = ("norm", "norm_options", "stat_batch_size", "seed", "out")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A norm with options under a label (``"bkn"``, or bkn with ``prior="propagate"``), and
+    training keys of its own on top of the grid's ``[train]`` table (``kalman_lr_scale``)."""
+
+    norm: str
+    label: str
+    options: dict = field(default_factory=dict, hash=False, compare=False)
+    train: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @classmethod
+    def parse(cls, entry: str | dict) -> Variant:
+        if isinstance(entry, str):
+            return cls(entry, entry)
+        unknown = set(entry) - {"norm", "label", "options", "train"}
+        if "norm" not in entry or unknown:
+            raise ConfigError(
+                f"a norm entry is a name or a table {{norm, label, options, train}}, got {entry!r}"
+            )
+        train = dict(entry.get("train", {}))
+        fixed = sorted(set(train) & set(PER_RUN_KEYS))
+        if fixed:
+            raise ConfigError(
+                f"norm entry {entry.get('label', entry['norm'])!r}: the grid sets {fixed} for "
+                f"each run; put norm options under 'options', other training keys under 'train'"
+            )
+        label = entry.get("label", entry["norm"])
+        return cls(entry["norm"], label, dict(entry.get("options", {})), train)
+
+    def to_toml(self) -> str | dict:
+        if self.label == self.norm and not self.options and not self.train:
+            return self.norm
+        table = {"norm": self.norm, "label": self.label, "options": self.options}
+        return {**table, "train": self.train} if self.train else table
+
+
+@dataclass
+class CompareConfig:
+    train: dict[str, Any]  # training keys shared by all runs
+    norms: list[Variant]
+    stat_batch_sizes: list[int]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    baseline: Variant | None = None
+    jobs: int = 1
+    out: str = "runs/compare"
+
+    def to_toml(self) -> str:
+        table = {
+            "out": self.out,
+            "norms": [v.to_toml() for v in self.norms],
+            "stat_batch_sizes": self.stat_batch_sizes,
+            "seeds": self.seeds,
+            "baseline": self.baseline.to_toml() if self.baseline else "",
+            "jobs": self.jobs,
+        }
+        return to_toml({"compare": table, "train": self.train})
+
+
+def compare_config_from_dict(values: dict[str, Any]) -> CompareConfig:
+    """A CompareConfig from a ``{"compare": {...}, "train": {...}}`` mapping."""
+    unknown = set(values) - {"compare", "train"}
+    if unknown:
+        raise ConfigError(f"a compare file has [compare] and [train] tables, not {sorted(unknown)}")
+    table = dict(values.get("compare", {}))
+    bad = set(table) - set(COMPARE_KEYS)
+    if bad:
+        raise ConfigError(
+            f"unknown [compare] key(s) {sorted(bad)}; valid: {', '.join(COMPARE_KEYS)}"
+        )
+    baseline = table.get("baseline", "none")
+    return CompareConfig(
+        train=dict(values.get("train", {})),
+        norms=[Variant.parse(e) for e in table.get("norms", ["bkn"])],
+        stat_batch_sizes=list(table.get("stat_batch_sizes", [2])),
+        seeds=list(table.get("seeds", [0])),
+        baseline=Variant.parse(baseline) if baseline else None,
+        jobs=int(table.get("jobs", 1)),
+        out=str(table.get("out", "runs/compare")),
+    )
+
+
+def load_compare_config(path: str | Path) -> CompareConfig:
+    return compare_config_from_dict(load_toml(path))
+
+
+# -- the grid ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid."""
+
+    variant: Variant
+    stat_batch_size: int | None  # None: the baseline (one group per forward pass) or a
+    seed: int  # batch-independent norm
+    config: TrainConfig
+    baseline: bool = False
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def group(self) -> tuple[str, int | None]:
+        return (self.variant.label, self.stat_batch_size)
+
+
+def make_grid(cfg: CompareConfig) -> list[RunSpec]:
+    """All runs, seed by seed: the baseline, then every norm x statistics batch (a
+    batch-independent norm once per seed). Each configuration is checked here, before anything
+    runs."""
+    norms = valid_norms()
+    for variant in [*cfg.norms, *([cfg.baseline] if cfg.baseline else [])]:
+        if variant.norm not in norms:
+            raise ConfigError(f"unknown norm {variant.norm!r}; available norms: {', '.join(norms)}")
+    groups: list[tuple[Variant, int | None]] = []
+    if cfg.baseline:
+        groups.append((cfg.baseline, None))
+    for variant in cfg.norms:
+        if variant.norm == "none" or takes_stat_batch_size(variant.norm):
+            groups += [(variant, s) for s in cfg.stat_batch_sizes]
+        else:  # batch-independent (gn, gkn, ...): one run per seed serves every statistics batch
+            groups.append((variant, None))
+    specs = []
+    for seed in cfg.seeds:  # seed-major: a grid cut short still has whole seeds
+        for variant, stat in groups:
+            name = f"{variant.label}-s{stat if stat else 'all'}-seed{seed}"
+            base = config_from_dict({**cfg.train, **variant.train})
+            config = dataclasses.replace(
+                base,
+                norm=variant.norm,
+                norm_options={**base.norm_options, **variant.options},
+                stat_batch_size=stat,
+                seed=seed,
+                out=str(Path(cfg.out) / _safe(name)),
+            )
+            check_config(config)
+            is_baseline = cfg.baseline is not None and variant is cfg.baseline
+            specs.append(RunSpec(variant, stat, seed, config, is_baseline))
+    return specs
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+def run_status(spec: RunSpec) -> str:
+    """``"finished"``, ``"partial"`` (a checkpoint to resume), ``"new"``, or ``"conflict"``
+    (the folder holds a run of another configuration)."""
+    summary_path = spec.folder / SUMMARY
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        saved = fingerprint(config_from_dict(summary["config"]))
+        return "finished" if saved == fingerprint(spec.config) else "conflict"
+    return "partial" if (spec.folder / "checkpoint.pt").exists() else "new"
+
+
+def run_grid(specs: list[RunSpec], jobs: int, threads: int | None = None) -> dict[Path, str]:
+    """Run every unfinished spec as a ``kalmannorm train`` process, ``jobs`` at a time.
+
+    Returns each run folder's outcome: ``"skipped"``, ``"finished"`` or ``"failed: ..."``.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = threads or max(1, (cores or 1) // max(1, jobs))
+    lock = threading.Lock()
+    outcomes: dict[Path, str] = {}
+    todo = []
+    for spec in specs:
+        status = run_status(spec)
+        if status == "finished":
+            outcomes[spec.folder] = "skipped"
+        elif status == "conflict":
+            outcomes[spec.folder] = (
+                f"failed: {spec.folder} holds a finished run of another configuration; delete "
+                f"it or use another --out"
+            )
+        else:
+            todo.append(spec)
+    skipped = sum(o == "skipped" for o in outcomes.values())
+    print(f"{len(specs)} runs: {skipped} already finished, {len(todo)} to run, {jobs} at a time")
+
+    def launch(index: int, spec: RunSpec) -> None:
+        spec.folder.mkdir(parents=True, exist_ok=True)
+        config = (
+            spec.config
+            if spec.config.threads
+            else dataclasses.replace(spec.config, threads=threads)
+        )
+        save_config(config, spec.folder / CONFIG, "kalmannorm compare: one run of the grid")
+        command = [
+            sys.executable,
+            "-m",
+            "kalmannorm",
+            "train",
+            "--config",
+            str(spec.folder / CONFIG),
+            "--resume",
+            "--progress",
+            "log",
+        ]
+        stat = spec.stat_batch_size or "all"
+        tag = f"[{index + 1}/{len(todo)}] {spec.variant.label} s={stat} seed {spec.seed}"
+        with lock:
+            print(f"{tag}: started -> {spec.folder}", flush=True)
+        start = time.perf_counter()
+        with open(spec.folder / "train.log", "a") as log:
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+        seconds = time.perf_counter() - start
+        if result.returncode == 0:
+            final = json.loads((spec.folder / SUMMARY).read_text())["final"]
+            outcome = "finished"
+            note = (
+                f"test acc moving {final['test_acc_moving']:.4f} "
+                f"batch {final['test_acc_batch']:.4f}"
+            )
+        else:
+            tail = (spec.folder / "train.log").read_text().strip().splitlines()[-3:]
+            outcome = "failed: " + " | ".join(tail)
+            note = outcome
+        with lock:
+            outcomes[spec.folder] = outcome
+            print(f"{tag}: {note} ({seconds:.0f} s)", flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(launch, i, s) for i, s in enumerate(todo)]:
+            future.result()
+    return outcomes
+
+
+# -- the summary ------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    label: str
+    norm: str
+    stat_batch: str
+    seeds: int
+    final_moving: list[float]
+    final_batch: list[float]
+    best_moving: list[float]
+    best_batch: list[float]
+    steps_to_baseline: list[int | None]
+    wall_time: list[float]
+    curves: list[list[dict[str, Any]]]
+
+
+def collect(specs: list[RunSpec]) -> list[Row]:
+    """One row per (norm, statistics batch) with each finished seed's numbers."""
+    rows: dict[tuple, Row] = {}
+    for spec in specs:
+        if run_status(spec) != "finished":  # failed, or a run of another configuration
+            continue
+        summary = json.loads((spec.folder / SUMMARY).read_text())
+        records = read_metrics(spec.folder / "metrics.jsonl")
+        stat = spec.stat_batch_size or (
+            summary["derived"]["stat_batch_size_used"] if spec.baseline else "any"
+        )
+        label = f"{spec.variant.label} (baseline)" if spec.baseline else spec.variant.label
+        row = rows.setdefault(
+            spec.group, Row(label, spec.variant.norm, str(stat), 0, [], [], [], [], [], [], [])
+        )
+        row.seeds += 1
+        row.final_moving.append(summary["final"]["test_acc_moving"])
+        row.final_batch.append(summary["final"]["test_acc_batch"])
+        row.best_moving.append(summary["best"]["test_acc_moving"]["value"])
+        row.best_batch.append(summary["best"]["test_acc_batch"]["value"])
+        row.wall_time.append(summary["wall_time_s"])
+        row.curves.append(records)
+    rows_list = list(rows.values())
+    baseline = next((r for r in rows_list if r.label.endswith("(baseline)")), None)
+    if baseline is not None:
+        target = statistics.fmean(baseline.final_moving)
+        for row in rows_list:
+            row.steps_to_baseline = [
+                next((r["step"] for r in curve if r["test_acc_moving"] >= target), None)
+                for curve in row.curves
+            ]
+    return rows_list
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _percent(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if len(values) > 1 else f"{100 * mean:.2f}"
+
+
+def _steps(values: list[int | None]) -> str:
+    reached = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if not reached:
+        return "not reached"
+    text = f"{statistics.fmean(reached):.0f}"
+    return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)} seeds)"
+
+
+HEADER = (
+    "norm",
+    "stat batch",
+    "seeds",
+    "final acc % (moving)",
+    "final acc % (batch)",
+    "best acc % (moving)",
+    "best acc % (batch)",
+    "steps to baseline acc",
+    "time/run (s)",
+)
+
+
+def format_markdown(rows: list[Row]) -> str:
+    """The summary table in Markdown."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for r in rows:
+        cells = (
+            r.label,
+            r.stat_batch,
+            str(r.seeds),
+            _percent(r.final_moving),
+            _percent(r.final_batch),
+            _percent(r.best_moving),
+            _percent(r.best_batch),
+            _steps(r.steps_to_baseline),
+            f"{statistics.fmean(r.wall_time):.0f}",
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    """The summary table as CSV: means and standard deviations in separate columns."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "norm",
+                "label",
+                "stat_batch_size",
+                "seeds",
+                *[
+                    f"{k}_{s}"
+                    for k in ("final_moving", "final_batch", "best_moving", "best_batch")
+                    for s in ("mean", "std")
+                ],
+                "steps_to_baseline_mean",
+                "seeds_reaching_baseline",
+                "wall_time_s_mean",
+            ]
+        )
+        for r in rows:
+            stats = [
+                x
+                for v in (r.final_moving, r.final_batch, r.best_moving, r.best_batch)
+                for x in _mean_std(v)
+            ]
+            reached = [s for s in r.steps_to_baseline if s is not None]
+            writer.writerow(
+                [
+                    r.norm,
+                    r.label,
+                    r.stat_batch,
+                    r.seeds,
+                    *[f"{x:.6f}" for x in stats],
+                    f"{statistics.fmean(reached):.1f}" if reached else "",
+                    len(reached),
+                    f"{statistics.fmean(r.wall_time):.1f}",
+                ]
+            )
+
+
+def plot_curves(rows: list[Row], path: Path) -> bool:
+    """Validation accuracy against steps, both evaluation modes (mean over seeds, ± std band).
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for axis, key, title in zip(
+        axes, ("test_acc_moving", "test_acc_batch"), ("moving statistics", "batch statistics")
+    ):
+        for r in rows:
+            steps = [rec["step"] for rec in r.curves[0]]
+            per_seed = [
+                [rec[key] for rec in curve] for curve in r.curves if len(curve) == len(steps)
+            ]
+            mean = [statistics.fmean(v) for v in zip(*per_seed)]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*per_seed)]
+            line = axis.plot(steps, [100 * m for m in mean], label=f"{r.label}, s={r.stat_batch}")
+            axis.fill_between(
+                steps,
+                [100 * (m - s) for m, s in zip(mean, std)],
+                [100 * (m + s) for m, s in zip(mean, std)],
+                color=line[0].get_color(),
+                alpha=0.2,
+            )
+        axis.set_title(f"test accuracy, {title}")
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def compare(cfg: CompareConfig, threads: int | None = None) -> str:
+    """Run the grid of ``cfg`` (skipping finished runs), write and return the summary table."""
+    start = time.perf_counter()
+    specs = make_grid(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.toml").write_text("# kalmannorm compare: resolved grid\n" + cfg.to_toml())
+    outcomes = run_grid(specs, cfg.jobs, threads)
+    rows = collect(specs)
+    table = format_markdown(rows)
+    failed = {folder: o for folder, o in outcomes.items() if o.startswith("failed")}
+    (out / "summary.md").write_text(table)
+    write_csv(rows, out / "summary.csv")
+    print()
+    print(table)
+    if not rows:
+        print("curves: skipped (no finished runs)")
+    elif plot_curves(rows, out / "curves.png"):
+        print(f"curves: {out / 'curves.png'}")
+    else:
+        print("curves: skipped (matplotlib is not installed: pip install matplotlib)")
+    for folder, outcome in failed.items():
+        print(f"FAILED {folder}: {outcome[len('failed: ') :]}")
+    seconds = time.perf_counter() - start
+    print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'} ({seconds:.0f} s)")
+    if failed:
+        raise RunsFailedError(
+            f"{len(failed)} of {len(specs)} runs failed (logs: <run folder>/train.log)"
+        )
+    return table

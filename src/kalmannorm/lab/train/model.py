@@ -1,0 +1,104 @@
+"""The run's model: a registered (or torchvision) model with its BatchNorms converted."""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+import kalmannorm
+from kalmannorm.lab.data import load_dataset
+from kalmannorm.lab.models import TORCHVISION_PREFIX, available_models, build_model
+from kalmannorm.lab.train.plan import ConfigError
+
+if TYPE_CHECKING:
+    from kalmannorm.lab.train.config import TrainConfig
+
+#: ``--norm none``: keep the model's plain BatchNorm layers.
+NO_CONVERSION = "none"
+
+
+def valid_norms() -> list[str]:
+    return [NO_CONVERSION, *kalmannorm.available_norms()]
+
+
+def check_names(dataset: str, model: str, norm: str) -> None:
+    """Refuse unknown data set, model and norm names, listing the valid ones."""
+    from kalmannorm.lab.data import DATASETS
+
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; available datasets: {', '.join(DATASETS)}")
+    if not model.startswith(TORCHVISION_PREFIX) and model not in available_models():
+        raise ConfigError(
+            f"unknown model {model!r}; available models: {', '.join(available_models())}, or "
+            f"{TORCHVISION_PREFIX}<name> for a torchvision classification model"
+        )
+    if norm not in valid_norms():
+        raise ConfigError(f"unknown norm {norm!r}; available norms: {', '.join(valid_norms())}")
+
+
+@functools.cache
+def takes_stat_batch_size(norm: str) -> bool:
+    """Whether the registered norm accepts ``stat_batch_size`` (batch-independent ones don't)."""
+    try:
+        kalmannorm.build_norm(norm, 4, 2, stat_batch_size=2)
+    except TypeError as error:
+        if "stat_batch_size" in str(error):
+            return False
+        raise
+    return True
+
+
+def build_run_model(
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    image_size: tuple[int, int],
+    *,
+    norm: str,
+    stat_batch_size: int | None,
+    model_options: dict,
+    norm_options: dict,
+) -> nn.Module:
+    """Build ``name`` and convert its BatchNorms to ``norm`` (statistics groups of
+    ``stat_batch_size`` where the norm takes them), chain linked in traced execution order."""
+    model = build_model(name, num_classes, in_channels, **model_options)
+    if norm == NO_CONVERSION:
+        if norm_options:
+            raise ConfigError("--norm none keeps plain BatchNorm: norm options are not used")
+        return model
+    options = dict(norm_options)
+    if stat_batch_size is not None and takes_stat_batch_size(norm):
+        options["stat_batch_size"] = stat_batch_size
+    group = options.get("stat_batch_size") or 2
+    example = torch.zeros(group, in_channels, *image_size)
+    try:
+        return kalmannorm.convert_norm(model, norm, example_input=example, **options)
+    except TypeError as error:
+        raise ConfigError(
+            f"norm {norm!r} does not accept these options {options}: {error}"
+        ) from None
+
+
+def load_run_data(config: TrainConfig):
+    """The run's data set, cut to its configured subsets."""
+    data = load_dataset(config.dataset, config.data_dir, config.download, config.num_workers)
+    if config.train_subset or config.test_subset:
+        data = data.subset(config.train_subset, config.test_subset)
+    return data
+
+
+def build_model_for(config: TrainConfig, data) -> nn.Module:
+    """The run's model for ``data`` (classes, channels, image size), converted to its norm."""
+    return build_run_model(
+        config.model,
+        data.num_classes,
+        data.in_channels,
+        data.image_size,
+        norm=config.norm,
+        stat_batch_size=config.stat_batch_size,
+        model_options=config.model_options,
+        norm_options=config.norm_options,
+    )
