@@ -33,11 +33,11 @@ class Doubler(nn.Module):
 
 
 def test_registration_order_mismatch_raises_and_tracing_fixes_it():
-    model = kalmannorm.convert_norm(Swapped(), "bkn", stat_batch_size=2)
+    model = kalmannorm.convert_norm(Swapped(), "bkn", flow="execution", stat_batch_size=2)
     with pytest.raises(ChainOrderError, match="bn_a.*expects 'bn_b' right before it"):
         model(torch.randn(4, 3, 2, 2))
     x = torch.randn(4, 3, 2, 2)
-    traced = kalmannorm.convert_norm(Swapped(), "bkn", stat_batch_size=2, example_input=x)
+    traced = kalmannorm.convert_norm(Swapped(), "bkn", flow="execution", stat_batch_size=2, example_input=x)
     chain = kalmannorm.find_chain(traced)
     assert chain.names == ["bn_a", "bn_b"] and chain.order_source == "traced"
     assert traced.bn_b.transition.shape == (6, 4)
@@ -49,20 +49,20 @@ def test_registration_order_mismatch_raises_and_tracing_fixes_it():
 def test_tracing_restores_buffers_and_leaves_running_stats_alone():
     model = conv_bn_stack(dtype=torch.float32)
     before = copy.deepcopy(model.state_dict())
-    kalmannorm.convert_norm(model, "bkn", example_input=torch.randn(4, 3, 3, 3))
+    kalmannorm.convert_norm(model, "bkn", flow="execution", example_input=torch.randn(4, 3, 3, 3))
     for key, value in before.items():
         torch.testing.assert_close(model.state_dict()[key], value)
 
 
 def test_calling_a_submodule_alone_in_training_is_refused():
-    model = kalmannorm.convert_norm(conv_bn_stack(dtype=torch.float32), "bkn")
+    model = kalmannorm.convert_norm(conv_bn_stack(dtype=torch.float32), "bkn", flow="execution")
     tail = model[3:]
     with pytest.raises(ChainOrderError, match="ran after no Kalman layer"):
         tail(torch.randn(4, 4, 3, 3))
 
 
 def test_nothing_outlives_a_pass():
-    model = kalmannorm.convert_norm(conv_bn_stack(dtype=torch.float32), "bkn", stat_batch_size=2)
+    model = kalmannorm.convert_norm(conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2)
     model(torch.randn(4, 3, 3, 3))
     chain = kalmannorm.find_chain(model)
     assert chain._state.posterior is None and chain._state.index == -1
@@ -79,7 +79,7 @@ def test_nothing_outlives_a_pass():
 
 
 def test_two_models_have_separate_chains_and_do_not_interfere():
-    first = kalmannorm.convert_norm(conv_bn_stack(), "bkn", stat_batch_size=2)
+    first = kalmannorm.convert_norm(conv_bn_stack(), "bkn", flow="execution", stat_batch_size=2)
     second = copy.deepcopy(first)
     randomize_kalman(first, seed=1)
     randomize_kalman(second, seed=1)
@@ -102,7 +102,7 @@ def test_two_models_have_separate_chains_and_do_not_interfere():
 
 
 def test_threads_do_not_share_pass_state():
-    model = kalmannorm.convert_norm(conv_bn_stack(), "bkn", stat_batch_size=2)
+    model = kalmannorm.convert_norm(conv_bn_stack(), "bkn", flow="execution", stat_batch_size=2)
     randomize_kalman(model, seed=2)
     inputs = [torch.randn(4, 3, 3, 3, dtype=torch.float64) for _ in range(2)]
     expected = [model(x) for x in inputs]
@@ -133,7 +133,7 @@ def test_threads_do_not_share_pass_state():
 
 
 def test_deepcopy_and_pickle_keep_a_working_chain():
-    model = kalmannorm.convert_norm(conv_bn_stack(), "bkn", stat_batch_size=2)
+    model = kalmannorm.convert_norm(conv_bn_stack(), "bkn", flow="execution", stat_batch_size=2)
     randomize_kalman(model, seed=3)
     x = torch.randn(4, 3, 3, 3, dtype=torch.float64)
     expected = model(x)
@@ -163,7 +163,7 @@ def test_eval_with_moving_statistics_tolerates_skipped_layers():
                 x = x + self.aux(x)
             return self.head(x)
 
-    model = kalmannorm.convert_norm(WithAux(), "bkn", stat_batch_size=2)
+    model = kalmannorm.convert_norm(WithAux(), "bkn", flow="execution", stat_batch_size=2)
     model(torch.randn(4, 3, 3, 3))
     model.eval()
     assert model(torch.randn(4, 3, 3, 3)).shape == (4, 2, 3, 3)
@@ -173,7 +173,7 @@ def test_eval_with_moving_statistics_tolerates_skipped_layers():
 
 
 def test_eval_layer_hands_moving_statistics_to_a_training_layer():
-    model = kalmannorm.convert_norm(conv_bn_stack(), "bkn", stat_batch_size=2)
+    model = kalmannorm.convert_norm(conv_bn_stack(), "bkn", flow="execution", stat_batch_size=2)
     randomize_kalman(model, seed=4)
     model[1].eval()
     model(torch.randn(4, 3, 3, 3, dtype=torch.float64))
@@ -186,7 +186,7 @@ def test_statistics_group_mismatch_between_linked_layers():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), Doubler(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
     )
-    kalmannorm.convert_norm(model, "bkn", stat_batch_size=2)
+    kalmannorm.convert_norm(model, "bkn", flow="execution", stat_batch_size=2)
     with pytest.raises(ValueError, match="same batch split into the same statistics groups"):
         model(torch.randn(4, 3, 2, 2))
 
@@ -195,14 +195,16 @@ def test_a_layer_used_twice_per_pass_is_refused_when_traced():
     bn = nn.BatchNorm2d(3)
     model = nn.Sequential(bn, nn.ReLU(), bn)
     with pytest.raises(ValueError, match="runs more than once per forward pass"):
-        kalmannorm.convert_norm(model, "bkn", example_input=torch.randn(4, 3, 2, 2))
+        kalmannorm.convert_norm(model, "bkn", flow="execution", example_input=torch.randn(4, 3, 2, 2))
 
 
 def test_relinking_keeps_learned_parameters_of_unchanged_width():
-    model = kalmannorm.convert_norm(conv_bn_stack(), "bkn")
+    model = kalmannorm.convert_norm(conv_bn_stack(), "bkn", flow="execution")
     randomize_kalman(model, seed=5)
     transition = model[4].transition.detach().clone()
-    kalmannorm.link_chain(model, example_input=torch.randn(4, 3, 3, 3, dtype=torch.float64))
+    kalmannorm.link_chain(
+        model, example_input=torch.randn(4, 3, 3, 3, dtype=torch.float64), flow="execution"
+    )
     torch.testing.assert_close(model[4].transition.detach(), transition)
     assert len(model._forward_pre_hooks) == 1  # the old chain's hooks were removed
     assert "<- 1 (5 channels)" in kalmannorm.find_chain(model).describe()

@@ -50,7 +50,7 @@ def _twins(norm: str, **options: object) -> tuple[Blocks, Blocks]:
     checkpointed.checkpointed = True
     for model in (plain, checkpointed):
         if norm in KALMAN:
-            kalmannorm.link_chain(model)
+            kalmannorm.link_chain(model, example_input=torch.randn(4, 8, 5, 5, dtype=DOUBLE))
         if norm == "cbn":
             for conv, layer, _ in model.blocks:
                 layer.attach_conv(conv)
@@ -130,12 +130,12 @@ def test_torchvision_resnet_with_checkpoint_sequential_matches_the_plain_model()
         torchvision.models.resnet18(weights=None, num_classes=5), "bkn", stat_batch_size=2
     ).double()
     checkpointed = copy.deepcopy(plain)
-    kalmannorm.link_chain(checkpointed)
+    x = torch.randn(4, 3, 32, 32, dtype=DOUBLE)
+    kalmannorm.link_chain(checkpointed, example_input=x)
     # segments must not start with an in-place ReLU (a torch.utils.checkpoint limitation)
     stem = nn.Sequential(checkpointed.conv1, checkpointed.bn1, checkpointed.relu)
     stages = nn.Sequential(checkpointed.maxpool, checkpointed.layer1, checkpointed.layer2)
     head = nn.Sequential(checkpointed.layer3, checkpointed.layer4, checkpointed.avgpool)
-    x = torch.randn(4, 3, 32, 32, dtype=DOUBLE)
     plain(x).square().sum().backward()
     stem_out = checkpoint(stem, x, use_reentrant=False)
     features = torch.utils.checkpoint.checkpoint_sequential(

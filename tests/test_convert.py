@@ -41,8 +41,9 @@ def test_resnet50_bkn_forward_backward_eval_state_dict():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     chain = kalmannorm.find_chain(model)
     assert chain.names[:4] == ["bn1", "layer1.0.bn1", "layer1.0.bn2", "layer1.0.bn3"]
-    assert model.layer1[0].bn2.transition.shape == (64, 64)
-    assert model.layer2[0].bn1.transition.shape == (128, 256)
+    # data-flow chain: a diagonal transition on each layer's own channels
+    assert model.layer1[0].bn2.transition.shape == (64,)
+    assert model.layer2[0].bn1.transition.shape == (128,)
     x = torch.randn(4, 3, 32, 32)
     loss = _train_step(model, x)
     assert torch.isfinite(loss)

@@ -12,25 +12,39 @@ exact) or from module registration order (what ``model.modules()`` yields; right
 ``nn.Sequential``-style and torchvision models). A training-mode forward that runs the layers in
 any other order raises :class:`ChainOrderError` instead of silently pairing wrong statistics.
 
-Residual connections: the chain follows execution order, so the layer after a residual addition
-takes the posterior of whichever Kalman layer ran last (the end of the residual branch, or the
-shortcut's projection). We do not add the shortcut's statistics to the branch's, as the authors'
-hand-wired code does: on an arbitrary ``nn.Module`` the additions are invisible, and the learned
-transition A^k already maps the upstream statistics linearly onto the layer's, which can absorb a
-fixed sum; the gain q^k lets a layer fall back on its own batch statistics where the prior is poor.
+Two ways to link (``flow``):
+
+``"data"`` (default)
+    Each layer's upstream is the predicted moments of the tensor that actually feeds it, computed
+    from the statistics the Kalman layers that produce it publish in the same pass and the
+    operations in between (:mod:`kalmannorm.dataflow`): residual additions, concatenations,
+    activations, convolutions with their zero border. Needs one traced pass.
+``"authors"``
+    The same data flow, but the raw posteriors are pushed through the operations and padding is
+    ignored, as in the authors' TensorFlow code (which also adds the branch's and the shortcut's
+    statistics in its hand-wired ResNets).
+``"execution"``
+    The paper's chain as printed: layer k takes the posterior of the Kalman layer that ran
+    before it (on a residual network, whichever ran last).
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from kalmannorm import dataflow
+
 if TYPE_CHECKING:
-    from kalmannorm.layers.base import KalmanNormBase
+    from kalmannorm.dataflow import Node
+
+FLOWS = ("data", "authors", "execution")
+SOURCES = ("batch", "posterior")
 
 
 class Posterior(NamedTuple):
@@ -40,6 +54,32 @@ class Posterior(NamedTuple):
     var: Tensor
 
 
+class Published(NamedTuple):
+    """What a layer publishes in a pass: its batch statistics and its posterior, (G, C) each."""
+
+    batch_mean: Tensor
+    batch_var: Tensor
+    mean: Tensor
+    var: Tensor
+
+
+class ChainMember(Protocol):
+    """What the chain needs of a layer (implemented by the Kalman layers)."""
+
+    stat_width: int
+    num_features: int
+    training: bool
+
+    def join_chain(self, chain: KalmanChain, index: int, name: str) -> None: ...
+
+    def leave_chain(self) -> None: ...
+
+
+def is_chain_member(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer a chain links (a Kalman layer)."""
+    return callable(getattr(module, "join_chain", None)) and hasattr(module, "stat_width")
+
+
 class ChainOrderError(RuntimeError):
     """A forward pass ran the Kalman layers in an order other than the chain's."""
 
@@ -47,6 +87,8 @@ class ChainOrderError(RuntimeError):
 class _PassState(threading.local):
     index: int = -1
     posterior: Posterior | None = None
+    published: list[Published | None] | None = None
+    memo: dict | None = None
 
 
 class KalmanChain:
@@ -57,26 +99,40 @@ class KalmanChain:
         names: their qualified names in the model (for messages).
         preceding: for each layer, the convolution/linear module that feeds it, or ``None``.
         order_source: how the order was found (``"traced"`` or ``"registration"``), for messages.
+        flow: ``"data"``, ``"authors"`` or ``"execution"`` (module docstring).
+        programs: with a data flow, each layer's moment program (``None``: no prior).
+        source: with ``flow="data"``, whether a producer's output moments use its batch
+            statistics (``"batch"``, exact for the group) or its posterior (``"posterior"``).
     """
 
     def __init__(
         self,
-        layers: Sequence[KalmanNormBase],
+        layers: Sequence[ChainMember],
         names: Sequence[str],
         preceding: Sequence[nn.Module | None],
         order_source: str,
+        flow: str = "execution",
+        programs: Sequence[Node | None] | None = None,
+        source: str = "batch",
     ) -> None:
+        if flow not in FLOWS:
+            raise ValueError(f"flow must be one of {FLOWS}, got {flow!r}")
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         self.layers = list(layers)
         self.names = list(names)
         self.preceding = list(preceding)
         self.order_source = order_source
+        self.flow = flow
+        self.source = source
+        self.programs = list(programs) if programs is not None else [None] * len(self.layers)
         self._state = _PassState()
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def __len__(self) -> int:
         return len(self.layers)
 
-    def __iter__(self) -> Iterator[KalmanNormBase]:
+    def __iter__(self) -> Iterator[ChainMember]:
         return iter(self.layers)
 
     def __getstate__(self) -> dict:
@@ -90,11 +146,23 @@ class KalmanChain:
 
     def describe(self) -> str:
         """One line per layer: index, name, upstream and channels."""
-        lines = [f"KalmanChain of {len(self)} layers (order: {self.order_source})"]
+        lines = [
+            f"KalmanChain of {len(self)} layers (order: {self.order_source}, flow: {self.flow})"
+        ]
         for index, (layer, name) in enumerate(zip(self.layers, self.names)):
-            upstream = self.names[index - 1] if index else "-"
+            if self.flow == "execution":
+                upstream = self.names[index - 1] if index else "-"
+            else:
+                found = sorted(self.programs[index].producers()) if self.has_upstream(index) else []
+                upstream = ", ".join(self.names[j] for j in found) or "-"
             lines.append(f"  {index:3d} {name} <- {upstream} ({layer.num_features} channels)")
         return "\n".join(lines)
+
+    def has_upstream(self, index: int) -> bool:
+        """Whether layer ``index`` has a prior to fuse (else it is BatchNorm/GroupNorm)."""
+        if self.flow == "execution":
+            return index > 0
+        return self.programs[index] is not None
 
     # -- per-pass hand-over -------------------------------------------------------------------
 
@@ -102,12 +170,19 @@ class KalmanChain:
         """Forget the current pass (called at the start and end of the model's forward)."""
         self._state.index = -1
         self._state.posterior = None
+        self._state.published = None
+        self._state.memo = None
 
     def upstream(self, index: int) -> Posterior | None:
-        """Posterior of layer ``index - 1`` from this pass; checks the execution order."""
+        """This pass's upstream of layer ``index``: the posterior of layer ``index - 1``
+        (execution flow; the order is checked) or the predicted moments of its input tensor
+        (data flows; the producers must have run in this pass)."""
         state = self._state
         if index == 0:
             self.reset()
+        if self.flow != "execution":
+            return self._predicted_input(index)
+        if index == 0:
             return None
         if state.index != index - 1:
             ran = self.names[state.index] if state.index >= 0 else "no Kalman layer"
@@ -121,14 +196,48 @@ class KalmanChain:
             )
         return state.posterior
 
-    def publish(self, index: int, posterior: Posterior) -> None:
-        """Record layer ``index``'s posterior for its successor in this pass."""
+    def _predicted_input(self, index: int) -> Posterior | None:
+        program = self.programs[index]
         state = self._state
-        if index == len(self.layers) - 1:
-            self.reset()
+        if program is None or state.published is None:
+            return None
+        if state.memo is None:
+            state.memo = {}
+        ctx = dataflow.Context(
+            state.published,
+            self.names,
+            raw=self.flow == "authors",
+            source=self.source,
+            training=self.layers[index].training,
+            memo=state.memo,
+        )
+        if torch.compiler.is_compiling():
+            predicted = program.evaluate(ctx, self.names[index])
+        else:
+            # The prediction's small tensors are saved outside any activation-checkpoint hooks:
+            # a recomputation replays the prediction instead of re-evaluating the program, and
+            # must save exactly the tensors the original forward saved.
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                predicted = program.evaluate(ctx, self.names[index])
+        return None if predicted is None else Posterior(*predicted)
+
+    def publish(
+        self, index: int, posterior: Posterior, batch_mean: Tensor, batch_var: Tensor
+    ) -> None:
+        """Record layer ``index``'s statistics for the layers it feeds in this pass."""
+        state = self._state
+        if index == len(self.layers) - 1 and self.flow == "execution":
+            self.reset()  # (a data flow's hand-over ends with the root's forward)
             return
         state.index = index
         state.posterior = posterior
+        if self.flow != "execution":
+            if state.published is None:
+                state.published = [None] * len(self.layers)
+            var = posterior.var
+            if var.dim() == posterior.mean.dim() + 1:
+                var = var.diagonal(dim1=-2, dim2=-1)
+            state.published[index] = Published(batch_mean, batch_var, posterior.mean, var)
 
     # -- attaching to a model -----------------------------------------------------------------
 
@@ -152,6 +261,10 @@ class KalmanChain:
         self.remove_hooks()
         for layer in self.layers:
             layer.leave_chain()
+
+
+def _keep(t: Tensor) -> Tensor:
+    return t
 
 
 def recomputing() -> bool:
@@ -181,10 +294,8 @@ def check_recomputation(layer_name: str) -> None:
         )
 
 
-def _kalman_layers(root: nn.Module) -> list[tuple[str, KalmanNormBase]]:
-    from kalmannorm.layers.base import KalmanNormBase
-
-    return [(n, m) for n, m in root.named_modules() if isinstance(m, KalmanNormBase)]
+def _kalman_layers(root: nn.Module) -> list[tuple[str, ChainMember]]:
+    return [(n, m) for n, m in root.named_modules() if is_chain_member(m)]
 
 
 # -- which convolution feeds a layer (shared by the Kalman chain and Cross-Iteration BN) ---------
@@ -309,31 +420,145 @@ def find_feeding_layers(
     return _traced_order(root, example_input, select, kind), "traced"
 
 
-def _is_kalman(module: nn.Module) -> bool:
-    from kalmannorm.layers.base import KalmanNormBase
+def link_chain(
+    root: nn.Module,
+    example_input: object = None,
+    *,
+    flow: str | None = None,
+    source: str = "batch",
+) -> KalmanChain:
+    """Link every Kalman layer of ``root`` into one chain and return it.
 
-    return isinstance(module, KalmanNormBase)
+    ``flow="data"`` (default) and ``"authors"`` give each layer the moments of the tensor that
+    really feeds it (module docstring); they need one traced forward pass: on ``example_input``
+    (a tensor, a tuple of positional arguments or a dict of keyword arguments) now, or, without
+    it, on the model's first forward call (until then the chain is provisional, in registration
+    order). ``flow="execution"`` links each layer to the one that ran before it, traced from
+    ``example_input`` or in module registration order. A trace runs under ``torch.no_grad`` with
+    the Kalman layers passing their input through, and restores every buffer of ``root``.
 
-
-def link_chain(root: nn.Module, example_input: object = None) -> KalmanChain:
-    """Link every Kalman layer of ``root`` into one chain in execution order and return it.
-
-    With ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword
-    arguments) the order is traced from one forward pass under ``torch.no_grad``: the Kalman
-    layers pass their input through unchanged during the trace, and every buffer of ``root`` is
-    restored afterwards. Without it, module registration order is used. Relinking replaces the
-    chain the layers were in; a layer keeps its learned Kalman parameters when its upstream's width
-    is unchanged, else they are created anew for the new upstream.
+    Relinking replaces the chain the layers were in; a layer keeps its learned Kalman parameters
+    when their shapes are unchanged, else they are created anew. Layers whose input the moments
+    cannot follow use their batch statistics, with one warning for the model. ``flow=None``:
+    ``"data"`` when every layer's statistics are per channel (BKN), else ``"execution"`` (GKN's
+    per-sample channel-group statistics have no data-flow prior).
     """
+    members = _kalman_layers(root)
+    per_channel = all(getattr(m, "per_channel_statistics", False) for _, m in members)
+    if flow is None:
+        flow = "data" if per_channel else "execution"
+    if flow != "execution" and not per_channel:
+        kinds = sorted({type(m).__name__ for _, m in members if not m.per_channel_statistics})
+        raise ValueError(
+            f"flow={flow!r} predicts per-channel statistics, but {', '.join(kinds)} normalises "
+            f"per sample and channel group: link with flow='execution'."
+        )
+    if flow not in FLOWS:
+        raise ValueError(f"flow must be one of {FLOWS}, got {flow!r}")
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     for _, layer in _kalman_layers(root):
         if layer.chain is not None:
             layer.chain.remove_hooks()
-    found, source = find_feeding_layers(root, _is_kalman, example_input, kind="Kalman layer")
+    if flow == "execution":
+        found, order = find_feeding_layers(
+            root, is_chain_member, example_input, kind="Kalman layer"
+        )
+        chain = KalmanChain(
+            [entry.layer for entry in found],
+            [entry.name for entry in found],
+            [entry.feeding for entry in found],
+            order,
+        )
+        chain.attach(root)
+        return chain
+    if example_input is None:
+        return _provisional_chain(root, flow, source)
+    traced = dataflow.trace(root, example_input, is_chain_member)
+    programs, reasons = dataflow.compile_programs(traced)
     chain = KalmanChain(
-        [entry.layer for entry in found],
-        [entry.name for entry in found],
-        [entry.feeding for entry in found],
-        source,
+        traced.layers,
+        traced.names,
+        [None] * len(traced.layers),
+        "traced",
+        flow=flow,
+        programs=programs,
+        source=source,
     )
     chain.attach(root)
+    _warn_unmodelled(traced.names, reasons)
     return chain
+
+
+def _provisional_chain(root: nn.Module, flow: str, source: str) -> KalmanChain:
+    """A chain in registration order (every layer but the first with an upstream) that traces
+    the data flow on the root's first forward call and relinks itself."""
+    members = _kalman_layers(root)
+    programs = [None] + [_PENDING] * (len(members) - 1)
+    chain = KalmanChain(
+        [m for _, m in members], [n for n, _ in members], [None] * len(members),
+        "registration (the data flow is traced on the first forward call)",
+        flow=flow, programs=programs, source=source,
+    )  # fmt: skip
+    chain.attach(root)
+    chain._hooks.append(
+        root.register_forward_pre_hook(_TraceOnFirstCall(chain, flow, source), with_kwargs=True)
+    )
+    return chain
+
+
+class _TraceOnFirstCall:
+    """Forward pre-hook of a provisional chain: trace the data flow on the first call and relink.
+
+    A callable object rather than a closure, so that ``copy.deepcopy`` of the model gives the copy
+    a hook bound to the copy's chain.
+    """
+
+    def __init__(self, chain: KalmanChain, flow: str, source: str) -> None:
+        self.chain, self.flow, self.source = chain, flow, source
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not any(layer.chain is self.chain for layer in self.chain.layers):
+            return  # relinked since
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "the Kalman chain traces the model's data flow on its first forward call, which "
+                "cannot run under torch.compile: pass example_input to kalmannorm.convert_norm / "
+                "link_chain (or run one eager forward) before compiling."
+            )
+        if kwargs and args:
+            raise ValueError(
+                "the first forward call passed both positional and keyword arguments; link the "
+                "chain explicitly with kalmannorm.link_chain(model, example_input=...)"
+            )
+        example = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+        link_chain(module, example, flow=self.flow, source=self.source)
+
+
+class _Pending(dataflow.Node):
+    """Placeholder program of a provisional chain: no prior until the data flow is traced."""
+
+    def evaluate(self, ctx: dataflow.Context, reader: str) -> None:  # type: ignore[override]
+        return None
+
+    def producers(self) -> set[int]:
+        return set()
+
+
+_PENDING = _Pending()
+
+
+def _warn_unmodelled(names: Sequence[str], reasons: Sequence[str | None]) -> None:
+    """One warning for all layers whose input the moments cannot follow."""
+    failed = [(n, r) for n, r in zip(names, reasons) if r is not None]
+    if not failed:
+        return
+    shown = "; ".join(f"{n} ({r})" for n, r in failed[:4])
+    more = f" and {len(failed) - 4} more" if len(failed) > 4 else ""
+    ops = sorted({r for _, r in failed})
+    warnings.warn(
+        f"{len(failed)} of {len(names)} Kalman layers use their batch statistics alone: their "
+        f"input passes through operations the data-flow moments do not model ({', '.join(ops)}): "
+        f"{shown}{more}.",
+        stacklevel=3,
+    )

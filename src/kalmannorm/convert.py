@@ -191,6 +191,21 @@ def _build_cbn(source: SourceNorm, **options) -> nn.Module:
     return _CBN_BY_DIMS[source.dims](**_batch_norm_kwargs(source), **options)
 
 
+@register_norm(
+    "mabn", "Moving Average BatchNorm (Yan et al. 2020): second moment, SMA forward and backward"
+)
+def _build_mabn(source: SourceNorm, **options) -> nn.Module:
+    from kalmannorm.layers import moving_average_batch as mabn
+
+    by_dims = {
+        1: mabn.MovingAverageBatchNorm1d,
+        2: mabn.MovingAverageBatchNorm2d,
+        3: mabn.MovingAverageBatchNorm3d,
+    }
+    # momentum may be given (the paper's is 0.02): it overrides the replaced BatchNorm's
+    return by_dims[source.dims](**{**_batch_norm_kwargs(source), **options})
+
+
 def _group_count(num_channels: int, num_groups: int | None, name: str) -> int:
     groups = default_num_groups(num_channels) if num_groups is None else num_groups
     if groups < 1 or num_channels % groups != 0:
@@ -344,13 +359,20 @@ def _swap(
 
 
 def convert_norm(
-    module: nn.Module, name: str = "bkn", *, example_input: object = None, **options
+    module: nn.Module,
+    name: str = "bkn",
+    *,
+    example_input: object = None,
+    flow: str | None = None,
+    source: str = "batch",
+    **options,
 ) -> nn.Module:
     """Replace every BatchNorm1d/2d/3d and torchvision FrozenBatchNorm2d in ``module`` by ``name``.
 
     Weight, bias and running statistics are copied (FrozenBatchNorm2d becomes trainable), the
-    Kalman layers are linked into one chain in execution order (traced from ``example_input`` when
-    given, else module registration order; see :func:`kalmannorm.link_chain`), Cross-Iteration BN
+    Kalman layers are linked into one chain (``flow`` and ``source`` as in
+    :func:`kalmannorm.link_chain`: by default each layer's prior follows the data flow, traced on
+    ``example_input`` when given, else on the model's first forward call), Cross-Iteration BN
     layers get the convolution that feeds each (:func:`kalmannorm.link_cross_iteration`; a CBN
     layer with none is a ``ValueError``), and the module is
     returned, modified in place like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`
@@ -359,7 +381,7 @@ def convert_norm(
     """
     converted = _swap(module, _spec(name), options, {})
     if any(isinstance(m, KalmanNormBase) for m in converted.modules()):
-        link_chain(converted, example_input)
+        link_chain(converted, example_input, flow=flow, source=source)
     if any(isinstance(m, CrossIterationBatchNorm) for m in converted.modules()):
         link_cross_iteration(converted, example_input)
     return converted

@@ -104,6 +104,25 @@ def predict_prior(
     return prior_mean, prior_var + noise
 
 
+def predict_data_flow_prior(
+    input_mean: Tensor,
+    input_var: Tensor,
+    scale: Tensor | None = None,
+    noise_raw: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Prior from the data-flow prediction (m, v) of the layer's own input (:mod:`dataflow`).
+
+    Propagated (no learned parameters): mu^{k|k-1} = m, sigma^2_{k|k-1} = v. Learned, with a
+    diagonal transition a and noise R = softplus(r): mu^{k|k-1} = a o m,
+    sigma^2_{k|k-1} = (a o a) v + R — the paper's prior with A = diag(a) acting on the moments
+    the feeding operations imply instead of on the upstream posterior.
+    """
+    if scale is None:
+        return input_mean, input_var
+    noise = torch.nn.functional.softplus(noise_raw)
+    return input_mean * scale, input_var * scale.square() + noise
+
+
 def predict_prior_full(
     upstream_mean: Tensor,
     upstream_cov: Tensor,
@@ -179,8 +198,13 @@ def relu_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
 
     With s = sqrt(var), a = mean / s, Phi/phi the standard normal cdf/pdf:
     E[relu z] = mean Phi(a) + s phi(a);  E[(relu z)^2] = (mean^2 + var) Phi(a) + mean s phi(a).
+
+    For finite gradients at any input, s is taken as sqrt(var + 1e-6 mean^2 + tiny): |a| stays
+    below 1000, where Phi and phi are 0 or 1 to any precision, so a near-zero variance with a
+    large mean (a deterministic input) gives the exact moments and finite derivatives.
     """
-    std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+    floor = 1e-6 * mean.square() + torch.finfo(var.dtype).tiny
+    std = (var.clamp_min(0.0) + floor).sqrt()
     ratio = mean / std
     cdf = 0.5 * (1.0 + torch.erf(ratio / math.sqrt(2.0)))
     pdf = torch.exp(-0.5 * ratio.square()) / math.sqrt(2.0 * math.pi)

@@ -170,7 +170,8 @@ class FusedGroupNorm(torch.autograd.Function):
     :class:`ChannelGroups` layout; eps; ``estimate(batch_mean, batch_var, *small) -> (mean, var)``
     mapping batch statistics to the statistics to normalise with; ``inspect(batch_mean,
     batch_var)``, called once in the forward (checks, recording); gamma; beta; the small tensors.
-    Returns y and the estimate's mean and var (differentiable, for the next layer).
+    Returns y, the estimate's mean and var and the batch mean and var (all differentiable: the
+    layers fed by this one predict their statistics from them).
     """
 
     @staticmethod
@@ -184,7 +185,7 @@ class FusedGroupNorm(torch.autograd.Function):
         weight: Tensor | None,
         bias: Tensor | None,
         *small: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         grouped = layout.view(x)
         batch_mean, batch_var = (layout.statistics(t) for t in fast_moments(grouped))
         inspect(batch_mean, batch_var)
@@ -200,11 +201,18 @@ class FusedGroupNorm(torch.autograd.Function):
         ctx.layout = layout
         ctx.graph = (stats, leaves, mean, var, scale, shift)
         ctx.save_for_backward(x)
-        return y, mean.detach(), var.detach()
+        return y, mean.detach(), var.detach(), batch_mean, batch_var
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y: Tensor, grad_mean: Tensor | None, grad_var: Tensor | None):
+    def backward(
+        ctx,
+        grad_y: Tensor,
+        grad_mean: Tensor | None,
+        grad_var: Tensor | None,
+        grad_out_batch_mean: Tensor | None,
+        grad_out_batch_var: Tensor | None,
+    ):
         (x,) = ctx.saved_tensors
         stats, leaves, mean, var, scale, shift = ctx.graph
         layout: Layout = ctx.layout
@@ -228,8 +236,10 @@ class FusedGroupNorm(torch.autograd.Function):
             outputs, wanted, output_grads, allow_unused=True, retain_graph=True
         )
         batch_mean = layout.broadcast(stats[0].detach())
+        direct = (grad_out_batch_mean, grad_out_batch_var)
         grad_batch_mean, grad_batch_var = (
-            layout.broadcast(_zero_if_none(g, s)) for g, s in zip(found[:2], stats)
+            layout.broadcast(_zero_if_none(g, s) + _zero_if_none(d, s))
+            for g, d, s in zip(found[:2], direct, stats)
         )
         by_leaf = dict(zip(map(id, wanted[2:]), found[2:]))
         leaf_grads = [None if t is None else by_leaf.get(id(t)) for t in leaves]

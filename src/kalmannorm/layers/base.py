@@ -96,6 +96,9 @@ class KalmanNormBase(nn.Module):
     stat_width: int
     chain: KalmanChain | None
     tracing: bool
+    #: Statistics per channel (BKN), which a data-flow chain can predict; GKN's are per sample
+    #: and channel group.
+    per_channel_statistics: bool = False
 
     def _init_kalman(
         self,
@@ -153,8 +156,10 @@ class KalmanNormBase(nn.Module):
         self.register_parameter("noise_raw", None)
         self.register_parameter("transition", None)
 
-    def _create_kalman_parameters(self, upstream_width: int) -> None:
-        """Gain q, noise R and transition A (C_k x C_{k-1}, zeros) for a layer with an upstream."""
+    def _create_kalman_parameters(self, upstream_width: int | None) -> None:
+        """Gain q, noise R and transition A for a layer with an upstream: A is C_k x C_{k-1},
+        zeros (execution flow, the paper), or a diagonal a (C_k,), ones, scaling the data-flow
+        prediction of this layer's own input (``upstream_width=None``)."""
         kwargs = self._factory_kwargs
         if self.weight is not None:
             kwargs = {"device": self.weight.device, "dtype": self.weight.dtype}
@@ -167,7 +172,12 @@ class KalmanNormBase(nn.Module):
             self.noise_raw = nn.Parameter(
                 torch.full(shape, _softplus_inverse(self.initial_noise), **kwargs)
             )
-            self.transition = nn.Parameter(torch.zeros(self.stat_width, upstream_width, **kwargs))
+            if upstream_width is None:
+                self.transition = nn.Parameter(torch.ones(self.stat_width, **kwargs))
+            else:
+                self.transition = nn.Parameter(
+                    torch.zeros(self.stat_width, upstream_width, **kwargs)
+                )
 
     # -- parameters in their constrained form -------------------------------------------------
 
@@ -194,18 +204,28 @@ class KalmanNormBase(nn.Module):
     def join_chain(self, chain: KalmanChain, index: int, name: str) -> None:
         """Become layer ``index`` of ``chain``, with Kalman parameters sized to its upstream.
 
-        Relinking to an upstream of the same width keeps the learned parameters.
+        Relinking keeps the learned parameters when their shapes are unchanged.
         """
         self.chain, self.chain_index, self.chain_name = chain, index, name
-        if index == 0 or self.is_batch_only():
+        if not chain.has_upstream(index) or self.is_batch_only():
             self._drop_kalman_parameters()
             return
-        width = chain.layers[index - 1].stat_width
+        if chain.flow == "execution":
+            width = chain.layers[index - 1].stat_width
+            if self.prior == "propagate":
+                self._check_propagation(chain, index)
+        else:
+            width = None  # a data-flow prior is in this layer's own channels
         if self.prior == "propagate":
-            self._check_propagation(chain, index)
-        keeps = self.prior == "propagate" or (
-            self.transition is not None and self.transition.shape[1] == width
-        )
+            keeps = True
+        elif width is None:
+            keeps = self.transition is not None and self.transition.dim() == 1
+        else:
+            keeps = (
+                self.transition is not None
+                and self.transition.dim() == 2
+                and self.transition.shape[1] == width
+            )
         if self.gain is None or not keeps:
             self._create_kalman_parameters(width)
 
@@ -231,7 +251,7 @@ class KalmanNormBase(nn.Module):
 
     def _propagation_source(self) -> nn.Module | None:
         """The convolution/linear layer feeding this one, if it takes the upstream's channels."""
-        if self.chain is None or self.chain_index <= 0:
+        if self.chain is None or self.chain_index <= 0 or self.chain.flow != "execution":
             return None
         feeding = self.chain.preceding[self.chain_index]
         width = self.chain.layers[self.chain_index - 1].stat_width
@@ -267,6 +287,10 @@ class KalmanNormBase(nn.Module):
         if upstream is None or self.gain is None:
             return ()
         gain = self.gain_logit if self.gain_logit is not None else self.gain_value
+        if self.chain.flow != "execution":
+            if self.prior == "propagate":
+                return (upstream.mean, upstream.var, gain)
+            return (upstream.mean, upstream.var, gain, self.transition, self.noise_raw)
         if self.prior == "propagate":
             feeding = self._propagation_source()
             if feeding is None:
@@ -284,25 +308,31 @@ class KalmanNormBase(nn.Module):
         """
         if not inputs:
             return KalmanEstimate(batch_mean, batch_second, torch.ones_like(batch_mean), None, None)
-        up_mean, up_var, gain_param, first, second = inputs
+        up_mean, up_var, gain_param, *prior_params = inputs
         if up_mean.shape[0] not in (1, batch_mean.shape[0]):
             raise ValueError(
-                f"{self.display_name} has {batch_mean.shape[0]} statistics groups but its "
-                f"upstream layer '{self.chain.names[self.chain_index - 1]}' had "
-                f"{up_mean.shape[0]}: layers linked in a chain must see the same batch "
-                f"split into the same statistics groups."
+                f"{self.display_name} has {batch_mean.shape[0]} statistics groups but the layers "
+                f"that feed it had {up_mean.shape[0]}: layers linked in a chain must see the "
+                f"same batch split into the same statistics groups."
             )
-        if self.prior == "propagate":
+        if self.chain.flow != "execution":
+            prior_mean, prior_var = F.predict_data_flow_prior(up_mean, up_var, *prior_params)
+            if self.covariance == "full":
+                prior_var = torch.diag_embed(prior_var)
+        elif self.prior == "propagate":
+            first, second = prior_params
             if up_var.dim() == up_mean.dim() + 1:
                 up_var = up_var.diagonal(dim1=-2, dim2=-1)
             relu_mean, relu_var = F.relu_moments(up_mean, up_var)
             groups = getattr(self._propagation_source(), "groups", 1)
             prior_mean, prior_var = F.linear_moments(relu_mean, relu_var, first, second, groups)
         elif self.covariance == "full":
+            first, second = prior_params
             prior_mean, prior_var = F.predict_prior_full(
                 up_mean, up_var, first, torch_f.softplus(second)
             )
         else:
+            first, second = prior_params
             prior_mean, prior_var = F.predict_prior(
                 up_mean, up_var, first, torch_f.softplus(second)
             )
@@ -335,10 +365,9 @@ class KalmanNormBase(nn.Module):
             seen.setdefault("estimate", result)
             return result.mean, result.var
 
-        y, mean, var = FusedGroupNorm.apply(
+        y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
             x, layout, self.eps, estimate, inspect, self.weight, self.bias, *inputs
         )
-        batch_mean, batch_var = seen["batch"]
         result = seen["estimate"]._replace(mean=mean, var=var)
         self.record(batch_mean, batch_var, result)
         return y, result, batch_var
@@ -350,7 +379,12 @@ class KalmanNormBase(nn.Module):
             self._check_replay(batch_mean)
             return
         if self.chain is not None:
-            self.chain.publish(self.chain_index, Posterior(estimate.mean, estimate.var))
+            self.chain.publish(
+                self.chain_index,
+                Posterior(estimate.mean, estimate.var),
+                batch_mean,
+                _diagonal(batch_second, batch_mean),
+            )
         prior_var = estimate.prior_var
         self.last_statistics = KalmanStatistics(
             batch_mean=batch_mean.detach(),
@@ -380,7 +414,8 @@ class KalmanNormBase(nn.Module):
     def publish_fixed(self, mean: Tensor, var: Tensor) -> None:
         """Hand fixed (moving) statistics on to the next layer, without an order check."""
         if self.chain is not None:
-            self.chain.publish(self.chain_index, Posterior(mean.unsqueeze(0), var.unsqueeze(0)))
+            fixed = Posterior(mean.unsqueeze(0), var.unsqueeze(0))
+            self.chain.publish(self.chain_index, fixed, *fixed)
 
     def check_statistics(self, mean: Tensor, var: Tensor, count: int) -> None:
         """Reject statistics groups of one value and non-finite inputs with a clear message."""

@@ -52,6 +52,7 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
     """
 
     _expected_dims: tuple[int, ...] = ()
+    per_channel_statistics = True
 
     def __init__(
         self,
@@ -121,7 +122,7 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         if self.tracing:
-            return x
+            return x.clone()  # a tensor of its own, for the data-flow trace
         if not self.uses_batch_statistics():
             self.publish_fixed(self.running_mean, self.running_var)
             return F.normalize(

@@ -432,7 +432,7 @@ class CrossIterationBatchNorm(_NormBase):
         self._check_input_dim(x)
         captured, produced = self.feeding.take() if self.feeding is not None else (None, None)
         if self.tracing:
-            return x
+            return x.clone()
         if not (self.training or not self.track_running_stats or self.eval_statistics == "batch"):
             return F.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps

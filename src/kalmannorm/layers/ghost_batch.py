@@ -115,6 +115,10 @@ class GroupedNorm(NamedTuple):
     count: int
 
 
+def _no_inspection(batch_mean: Tensor, batch_var: Tensor) -> None:
+    """The fused node's inspection hook, unused by the batch-statistics baselines."""
+
+
 def grouped_batch_norm(
     layer: _NormBase,
     x: Tensor,
@@ -134,17 +138,13 @@ def grouped_batch_norm(
     if fused_applicable(x, (layer.weight, layer.bias)) and all(
         t.dtype in (x.dtype, torch.bool) for t in small
     ):
-        seen: dict[str, tuple[Tensor, Tensor]] = {}
-
-        def inspect(batch_mean: Tensor, batch_var: Tensor) -> None:
-            seen["batch"] = (batch_mean, batch_var)
-
-        y, mean, var = FusedGroupNorm.apply(
-            x, SampleGroups(groups), layer.eps, estimate, inspect, layer.weight, layer.bias, *small
+        y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
+            x, SampleGroups(groups), layer.eps, estimate, _no_inspection, layer.weight,
+            layer.bias, *small,
+        )  # fmt: skip
+        return GroupedNorm(
+            y, batch_mean.detach(), batch_var.detach(), mean.detach(), var.detach(), count
         )
-        # (With the identity estimate these are the node's outputs: detach them.)
-        batch_mean, batch_var = (t.detach() for t in seen["batch"])
-        return GroupedNorm(y, batch_mean, batch_var, mean.detach(), var.detach(), count)
     batch_mean, batch_var, _ = F.group_moments(x, layer.stat_batch_size)
     mean, var = estimate(batch_mean, batch_var, *small)
     y = F.normalize(x, mean, var, layer.weight, layer.bias, layer.eps)

@@ -86,7 +86,7 @@ class GroupKalmanNorm(KalmanNormBase):
                 f"{tuple(x.shape)}; build it with the input's channel count as num_channels."
             )
         if self.tracing:
-            return x
+            return x.clone()
         upstream = self.upstream_posterior()
         inputs = self.estimate_inputs(upstream)
         if fused_applicable(x, (self.weight, *inputs)):

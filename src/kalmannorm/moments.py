@@ -1,0 +1,302 @@
+"""Moments of a tensor pushed through the operations between normalization layers.
+
+Pure functions of small tensors: per statistics group g and channel c, the mean m (G, C) and the
+variance v (G, C) of the values a batch-statistics norm would reduce over (samples of the group
+and spatial positions). The data-flow prior (:mod:`kalmannorm.dataflow`) composes them to predict
+a Kalman layer's input statistics from the layers that produce it. The assumptions, stated once:
+
+* inputs of an operation are independent across channels and positions (no covariance is
+  tracked), and Gaussian where a nonlinearity needs a distribution;
+* the mean and variance are over positions too: where zero padding makes the expectation differ
+  between border and interior positions, the spread of the per-position means is added
+  (law of total variance), which is exact under the independence assumption.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn import functional as torch_f
+
+from kalmannorm.functional import relu_moments
+
+#: Gauss-Hermite nodes for the expectation of a smooth activation of a Gaussian.
+QUADRATURE_NODES = 24
+
+
+class Moments(NamedTuple):
+    """Per-group, per-channel mean and variance, shapes (G, C) (G = 1 broadcasts)."""
+
+    mean: Tensor
+    var: Tensor
+
+
+# -- normalization layers -------------------------------------------------------------------------
+
+
+def normalized_output(
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Moments:
+    """Moments of y = gamma (x - mu) / sqrt(sigma^2 + eps) + beta for x with the batch's moments.
+
+    mean_y = gamma (xbar - mu) r + beta,  var_y = gamma^2 S r^2,  r = 1 / sqrt(sigma^2 + eps),
+    where (mu, sigma^2) are the statistics the layer normalised with (its posterior) and
+    (xbar, S) the moments of its input.
+    """
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd if weight is None else rstd * weight
+    out_mean = (batch_mean - mean) * scale
+    if bias is not None:
+        out_mean = out_mean + bias
+    return Moments(out_mean, batch_var * scale.square())
+
+
+# -- elementwise activations ----------------------------------------------------------------------
+
+
+def safe_relu_moments(mean: Tensor, var: Tensor) -> Moments:
+    """ReLU moments in closed form (:func:`kalmannorm.functional.relu_moments`) for any input."""
+    return Moments(*relu_moments(mean, var))
+
+
+@functools.cache
+def _hermite(nodes: int) -> tuple[Tensor, Tensor]:
+    """Probabilists' Gauss-Hermite nodes z_i and weights w_i (sum 1): E f(Z) ~ sum w_i f(z_i).
+
+    Golub-Welsch: the nodes are the eigenvalues of the Jacobi matrix with off-diagonal sqrt(i).
+    """
+    off = torch.arange(1, nodes, dtype=torch.float64).sqrt()
+    jacobi = torch.diag(off, 1) + torch.diag(off, -1)
+    z, vectors = torch.linalg.eigh(jacobi)
+    return z, vectors[0].square()
+
+
+def gaussian_moments(fn: Callable[[Tensor], Tensor], mean: Tensor, var: Tensor) -> Moments:
+    """E f(z) and Var f(z) for z ~ N(mean, var), by Gauss-Hermite quadrature.
+
+    Exact for polynomials of degree < 2 * QUADRATURE_NODES; used for the smooth activations
+    (SiLU, GELU, Hardswish, sigmoid, tanh, ...), whose Gaussian moments have no closed form.
+    """
+    z, w = _hermite(QUADRATURE_NODES)
+    z, w = z.to(mean), w.to(mean)
+    std = var.clamp_min(0.0).add(torch.finfo(var.dtype).tiny).sqrt()
+    values = fn(mean.unsqueeze(-1) + std.unsqueeze(-1) * z)
+    first = (values * w).sum(-1)
+    second = (values.square() * w).sum(-1)
+    return Moments(first, (second - first.square()).clamp_min(0.0))
+
+
+#: Activations by name: closed form for ReLU, quadrature for the others.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu6": lambda t: t.clamp(0.0, 6.0),
+    "silu": torch_f.silu,
+    "gelu": torch_f.gelu,
+    "gelu_tanh": functools.partial(torch_f.gelu, approximate="tanh"),
+    "hardswish": torch_f.hardswish,
+    "hardsigmoid": torch_f.hardsigmoid,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "elu": torch_f.elu,
+    "mish": torch_f.mish,
+}
+
+
+def activation(kind: str, moments: Moments, negative_slope: float = 0.0) -> Moments:
+    """Moments of an elementwise activation ``kind`` of Gaussian inputs with ``moments``."""
+    if kind == "relu":
+        return safe_relu_moments(*moments)
+    if kind == "leaky_relu":
+        return gaussian_moments(lambda t: torch_f.leaky_relu(t, negative_slope), *moments)
+    return gaussian_moments(ACTIVATIONS[kind], *moments)
+
+
+# -- convolution, linear and pooling --------------------------------------------------------------
+
+
+class TapGeometry(NamedTuple):
+    """Where a kernel's taps fall on a zero-padded input, averaged over output positions.
+
+    ``valid`` (K,): the fraction of output positions at which tap t reads a real (non-padding)
+    input. ``spread`` (K, K): Cov_p of the validity indicators of taps t and t', so that the
+    variance over positions of the per-position mean sum_t v_t(p) a_t is a^T spread a.
+    ``inverse_count``: the mean over positions of 1 / (number of valid taps); ``bordered``:
+    whether any tap ever reads padding.
+    """
+
+    valid: Tensor
+    spread: Tensor
+    inverse_count: float
+    bordered: bool
+
+
+def _validity_1d(size: int, kernel: int, stride: int, padding: int, dilation: int) -> Tensor:
+    """(P, K) booleans: output position p reads a real input through tap t (one dimension)."""
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    if out < 1:
+        raise ValueError(
+            f"a kernel of {kernel} (dilation {dilation}, padding {padding}) does not fit an input "
+            f"of size {size}"
+        )
+    pos = torch.arange(out).unsqueeze(1) * stride - padding
+    where = pos + torch.arange(kernel).unsqueeze(0) * dilation
+    return (where >= 0) & (where < size)
+
+
+@functools.cache
+def tap_geometry(
+    sizes: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> TapGeometry:
+    """The tap validity of a zero-padded convolution over inputs of spatial ``sizes``.
+
+    Output positions are a product over dimensions, so the fractions are Kronecker products of
+    one-dimensional ones (computed in float64 and cached per geometry).
+    """
+    valid = torch.ones(1, dtype=torch.float64)
+    joint = torch.ones(1, 1, dtype=torch.float64)
+    counts = torch.ones(1, dtype=torch.float64)
+    for dim in range(len(sizes)):
+        v = _validity_1d(sizes[dim], kernel[dim], stride[dim], padding[dim], dilation[dim])
+        v = v.to(torch.float64)
+        valid = torch.kron(valid, v.mean(0))
+        joint = torch.kron(joint, v.T @ v / v.shape[0])
+        counts = torch.kron(counts, v.sum(1))
+    spread = joint - torch.outer(valid, valid)
+    bordered = bool((valid < 1).any())
+    return TapGeometry(valid, spread, float((1.0 / counts).mean()), bordered)
+
+
+def full_geometry(taps: int) -> TapGeometry:
+    """Every tap reads a real input at every position (no padding, or padding ignored)."""
+    ones = torch.ones(taps, dtype=torch.float64)
+    return TapGeometry(ones, torch.zeros(taps, taps, dtype=torch.float64), 1.0 / taps, False)
+
+
+def convolution(
+    moments: Moments,
+    weight: Tensor,
+    bias: Tensor | None,
+    groups: int,
+    geometry: TapGeometry,
+) -> Moments:
+    """Moments of a convolution (or linear layer, K = 1) of independent inputs.
+
+    With a_t = W_t m and c_t = (W_t o W_t) v per output channel and tap t (summed over the
+    input channels of the channel's convolution group), f_t = ``geometry.valid`` and
+    D = ``geometry.spread``:
+
+        mean = sum_t f_t a_t + b,   var = sum_t f_t c_t + a^T D a.
+    """
+    mean, var = moments
+    stat_groups = mean.shape[0]
+    out_channels, per_group = weight.shape[:2]
+    taps = weight.reshape(groups, out_channels // groups, per_group, -1)
+    grouped_mean = mean.reshape(stat_groups, groups, per_group)
+    grouped_var = var.reshape(stat_groups, groups, per_group)
+    tap_means = torch.einsum("sgi,goik->sgok", grouped_mean, taps).flatten(1, 2)
+    tap_vars = torch.einsum("sgi,goik->sgok", grouped_var, taps.square()).flatten(1, 2)
+    valid = geometry.valid.to(mean)
+    out_mean = tap_means @ valid
+    out_var = tap_vars @ valid
+    if geometry.bordered:
+        spread = geometry.spread.to(mean)
+        out_var = out_var + ((tap_means @ spread) * tap_means).sum(-1)
+    if bias is not None:
+        out_mean = out_mean + bias
+    return Moments(out_mean, out_var.clamp_min(0.0))
+
+
+def average_pool(moments: Moments, geometry: TapGeometry, include_padding: bool) -> Moments:
+    """Moments of an average over a window of independent values.
+
+    Counting padding (PyTorch's default ``count_include_pad=True``) it is a convolution with
+    weights 1/K; otherwise each output averages its n_p valid inputs: mean m, var v E_p[1/n_p].
+    """
+    taps = geometry.valid.numel()
+    if not include_padding:
+        return Moments(moments.mean, moments.var * geometry.inverse_count)
+    channels = moments.mean.shape[-1]
+    weight = torch.full(
+        (channels, 1, taps), 1.0 / taps, dtype=moments.mean.dtype, device=moments.mean.device
+    )
+    return convolution(moments, weight, None, channels, geometry)
+
+
+@functools.cache
+def _max_constants(taps: int) -> tuple[float, float]:
+    """Mean and variance of the maximum of ``taps`` independent standard normals."""
+    z = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * z.square()) / math.sqrt(2.0 * math.pi)
+    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    density = taps * pdf * cdf.pow(taps - 1)
+    step = float(z[1] - z[0])
+    first = float((z * density).sum() * step)
+    second = float((z.square() * density).sum() * step)
+    return first, second - first * first
+
+
+def max_pool(moments: Moments, taps: int) -> Moments:
+    """Approximate moments of a maximum over ``taps`` i.i.d. Gaussian values (padding ignored):
+    mean m + sqrt(v) e_K, var v s_K, with e_K, s_K the moments of the max of K standard normals.
+    """
+    if taps == 1:
+        return moments
+    shift, scale = _max_constants(taps)
+    std = moments.var.clamp_min(0.0).sqrt()
+    return Moments(moments.mean + shift * std, moments.var * scale)
+
+
+def dropout(moments: Moments, p: float) -> Moments:
+    """Inverted dropout in training: E y = m, E y^2 = (v + m^2) / (1 - p)."""
+    if p <= 0.0:
+        return moments
+    if p >= 1.0:
+        return Moments(torch.zeros_like(moments.mean), torch.zeros_like(moments.var))
+    second = (moments.var + moments.mean.square()) / (1.0 - p)
+    return Moments(moments.mean, second - moments.mean.square())
+
+
+# -- combining tensors ----------------------------------------------------------------------------
+
+
+def add(terms: Sequence[Moments], scales: Sequence[float]) -> Moments:
+    """Moments of sum_i a_i x_i for independent x_i: mean sum a_i m_i, var sum a_i^2 v_i.
+
+    Residual additions are the main use; branch and shortcut are correlated in a real network,
+    which this ignores (measured in ``kalmannorm analyze prior-error``).
+    """
+    mean = sum(a * t.mean for a, t in zip(scales, terms))
+    var = sum(a * a * t.var for a, t in zip(scales, terms))
+    return Moments(mean, var)
+
+
+def concatenate(terms: Sequence[Moments]) -> Moments:
+    """Channel concatenation: the channels' moments side by side (groups broadcast)."""
+    groups = max(t.mean.shape[0] for t in terms)
+    means = [t.mean.expand(groups, -1) for t in terms]
+    variances = [t.var.expand(groups, -1) for t in terms]
+    return Moments(torch.cat(means, -1), torch.cat(variances, -1))
+
+
+def repeat_features(moments: Moments, repeats: int) -> Moments:
+    """Flattening (N, C, *spatial) to (N, C * prod(spatial)): each feature keeps its channel's
+    moments (the border's effect on per-position moments is ignored)."""
+    if repeats == 1:
+        return moments
+    return Moments(
+        moments.mean.repeat_interleave(repeats, -1), moments.var.repeat_interleave(repeats, -1)
+    )
