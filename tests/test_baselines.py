@@ -438,7 +438,8 @@ def test_every_baseline_is_registered_and_built_by_name():
         layer = kalmannorm.build_norm(name, 64, **options)
         assert type(layer) is cls, name
         assert takes_stat_batch_size(name) == bool(options), name
-    assert kalmannorm.build_norm("gn", 48).num_groups == 24
+    assert kalmannorm.build_norm("gn", 48).num_groups == 6  # >= 8 channels per group
+    assert kalmannorm.build_norm("gn", 48, min_channels_per_group=1).num_groups == 24
     assert kalmannorm.build_norm("gn", 64, num_groups=8).num_groups == 8
     assert kalmannorm.build_norm("evonorm_s0", 40).num_groups == 20
     assert kalmannorm.build_norm("bn", 8, dims=1, stat_batch_size=4).stat_batch_size == 4

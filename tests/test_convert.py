@@ -75,7 +75,9 @@ def test_inception_v3_with_auxiliary_head():
 
 def test_resnet_gkn_trains_and_matches_group_norm_layout():
     model = kalmannorm.convert_norm(torchvision.models.resnet18(weights=None), "gkn")
-    assert model.bn1.num_groups == 32 and model.layer1[0].bn2.transition.shape == (32, 32)
+    # 64 channels: 8 groups of 8 (docs/baselines.md, "GroupNorm's group count")
+    assert model.bn1.num_groups == 8 and model.layer1[0].bn2.transition.shape == (8, 8)
+    assert model.layer4[0].bn1.num_groups == 32
     assert torch.isfinite(_train_step(model, torch.randn(1, 3, 64, 64)))
 
 

@@ -82,8 +82,21 @@ def test_group_count_must_divide_channels():
         GroupKalmanNorm(3, 8)
     with pytest.raises(ValueError, match=r"expects input \(N, 8"):
         GroupKalmanNorm(2, 8)(torch.randn(2, 4, 3, 3))
-    assert kalmannorm.convert.default_num_groups(48) == 24
-    assert kalmannorm.convert.default_num_groups(64) == 32
+    default_num_groups = kalmannorm.convert.default_num_groups
+    # at most 32 groups of at least 8 channels (GN paper, Table 3); min_channels=1: the old rule
+    channels = (4, 12, 16, 48, 64, 256, 2048)
+    assert [default_num_groups(c) for c in channels] == [1, 1, 2, 6, 8, 32, 32]
+    assert default_num_groups(48, min_channels=1) == 24
+    assert default_num_groups(16, min_channels=1) == 16
+    assert default_num_groups(16, min_channels=4) == 4
+    with pytest.raises(ValueError, match="min_channels_per_group must be a positive"):
+        default_num_groups(16, min_channels=0)
+    model = kalmannorm.convert_norm(conv_bn_stack((2, 16, 48)), "gkn")
+    assert [m.num_groups for m in model if isinstance(m, GroupKalmanNorm)] == [2, 6]
+    model = kalmannorm.convert_norm(conv_bn_stack((2, 16)), "gkn", min_channels_per_group=1)
+    assert model[1].num_groups == 16
+    with pytest.raises(ValueError, match="gkn: num_groups=3 does not divide the 16 channels"):
+        kalmannorm.convert_norm(conv_bn_stack((2, 16)), "gkn", num_groups=3)
 
 
 def _run_and_grads(model, x):

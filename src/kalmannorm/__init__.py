@@ -29,7 +29,9 @@ from kalmannorm.layers.batch_kalman import (
     BatchKalmanNorm3d,
 )
 from kalmannorm.layers.group_kalman import GroupKalmanNorm
+from kalmannorm.layers.moving_average_batch import center_conv_weights
 from kalmannorm.optim import kalman_parameters, parameter_groups
+from kalmannorm.precise import update_bn
 
 __version__ = "0.1.0"
 
@@ -42,6 +44,7 @@ __all__ = [
     "KalmanStatistics",
     "available_norms",
     "build_norm",
+    "center_conv_weights",
     "convert_norm",
     "find_chain",
     "fold",
@@ -51,4 +54,5 @@ __all__ = [
     "parameter_groups",
     "register_norm",
     "set_eval_statistics",
+    "update_bn",
 ]

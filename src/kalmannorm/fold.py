@@ -42,6 +42,8 @@ def _is_foldable(module: nn.Module) -> bool:
 
 
 def _affine_of(norm: _NormBase) -> tuple[Tensor, Tensor]:
+    if hasattr(norm, "eval_affine"):  # a norm whose eval map is not BatchNorm's (MABN)
+        return norm.eval_affine()
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight

@@ -31,6 +31,12 @@ from kalmannorm.layers.ghost_batch import (
 )
 from kalmannorm.layers.group_kalman import GroupKalmanNorm
 from kalmannorm.layers.layer_norm import ChannelLayerNorm
+from kalmannorm.layers.moving_average_batch import (
+    MovingAverageBatchNorm,
+    MovingAverageBatchNorm1d,
+    MovingAverageBatchNorm2d,
+    MovingAverageBatchNorm3d,
+)
 
 __all__ = [
     "BatchKalmanNorm",
@@ -56,5 +62,9 @@ __all__ = [
     "GroupKalmanNorm",
     "KalmanNormBase",
     "KalmanStatistics",
+    "MovingAverageBatchNorm",
+    "MovingAverageBatchNorm1d",
+    "MovingAverageBatchNorm2d",
+    "MovingAverageBatchNorm3d",
     "link_cross_iteration",
 ]
