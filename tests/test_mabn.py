@@ -315,3 +315,19 @@ def test_inplace_activation_after_the_layer_and_traced_feeding_layers():
     assert int(model[1].mabn_step) == 0 and model[1].window_sq.numel() == 0
     model(torch.randn(4, 2, 3, 3)).sum().backward()
     assert int(model[1].psi_count) == 1
+
+
+def test_lab_batch_statistics_mode_uses_the_second_moment():
+    from kalmannorm.lab.train.batch_mode import batch_statistics_mode
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).double()
+    kalmannorm.convert_norm(model, "mabn", stat_batch_size=2)
+    model(torch.randn(4, 2, 3, 3, dtype=DT)).sum().backward()
+    x = torch.randn(6, 2, 3, 3, dtype=DT)
+    model.eval()
+    kalmannorm.set_eval_statistics(model, "batch")
+    with torch.no_grad():
+        expected = model(x)
+    kalmannorm.set_eval_statistics(model, "moving")
+    with torch.no_grad(), batch_statistics_mode(model):
+        torch.testing.assert_close(model(x), expected)

@@ -216,3 +216,14 @@ def test_ranks_end_with_the_statistics_of_all_their_batches(tmp_path: Path):
         if key.endswith(("running_mean", "running_var")):
             torch.testing.assert_close(states[0][key], value, msg=key)
             torch.testing.assert_close(states[1][key], value, msg=key)
+
+
+def test_training_harness_reports_a_precise_bn_column(tmp_path: Path):
+    from conftest import tiny
+
+    from kalmannorm.lab.train import train
+
+    summary = train(tiny(tmp_path, norm="mabn", precise_bn_batches=3, steps=6, eval_every=3))
+    assert 0.0 <= summary["final"]["test_acc_precise"] <= 1.0
+    assert summary["best"]["test_acc_precise"]["step"] in (3, 6)
+    assert "precise" in (tmp_path / "metrics.jsonl").read_text()

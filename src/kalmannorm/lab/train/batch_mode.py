@@ -8,7 +8,8 @@ with statistics of that group, the way it normalises in training:
   other layer with ``running_mean``/``running_var`` that is not a Kalman layer: ghost BN, BRN, CBN)
   are BatchNorm per group: a forward hook replaces the output by
   y = (x - xbar_g) / sqrt(S_g + eps) * gamma + beta with the group mean xbar_g and biased
-  variance S_g (:func:`kalmannorm.functional.group_moments`). This is exactly
+  variance S_g (:func:`kalmannorm.functional.group_moments`); MABN, which never centres, by the
+  group's second moment: y = x / sqrt(xbar_g^2 + S_g + eps) * gamma + beta. This is exactly
   ``convert_norm(copy.deepcopy(model), "bkn", stat_batch_size=s, gain=1.0, learn_gain=False)``
   in batch mode (tested), without the copy.
 - Batch Kalman layers use their posterior mu^{k|k}_g, Sigma^{k|k}_g per group
@@ -43,6 +44,7 @@ from kalmannorm import functional as F
 from kalmannorm.layers.base import KalmanNormBase
 from kalmannorm.layers.batch_kalman import BatchKalmanNorm
 from kalmannorm.layers.group_kalman import GroupKalmanNorm
+from kalmannorm.layers.moving_average_batch import MovingAverageBatchNorm
 
 #: Layer kinds: BatchNorm-like, Batch Kalman Normalization, Group Kalman Normalization.
 BATCHNORM, BKN, GKN = "batchnorm", "bkn", "gkn"
@@ -132,16 +134,19 @@ def _batchnorm_hooks(layer: NormLayer, observe: Observer | None) -> list:
         x = args[0]
         mean, var, count = F.group_moments(x, size)
         _check_count(layer, count)
+        used_mean, used_var = mean, var
+        if isinstance(mod, MovingAverageBatchNorm):  # the second moment, no centring
+            used_mean, used_var = torch.zeros_like(mean), var + mean.square()
         y = F.normalize(
             x,
-            mean,
-            var,
+            used_mean,
+            used_var,
             getattr(mod, "weight", None),
             getattr(mod, "bias", None),
             float(getattr(mod, "eps", 1e-5)),
         )
         if observe is not None:
-            observe(layer, x, GroupStatistics(mean, var, mean, var, None, count))
+            observe(layer, x, GroupStatistics(mean, var, used_mean, used_var, None, count))
         return y
 
     return [module.register_forward_hook(forward_hook)]

@@ -74,6 +74,11 @@ class TrainConfig:
     # evaluation and output
     eval_every: int = _option(0, "evaluate every N steps (0: once per epoch) and at the end")
     eval_batch_size: int = _option(1000, "test batch for moving-statistics evaluation")
+    precise_bn_batches: int = _option(
+        0,
+        "also evaluate after PreciseBN (kalmannorm.update_bn) over this many training forward "
+        "batches (test_acc_precise; 0: off)",
+    )
     checkpoint_every: int = _option(0, "also checkpoint every N steps (0: at evaluations)")
     out: str = _option("runs/train", "output folder of the run")
     # execution
@@ -89,6 +94,7 @@ RUNTIME_KEYS = frozenset(
         "data_dir",
         "download",
         "eval_batch_size",
+        "precise_bn_batches",
         "checkpoint_every",
         "out",
         "device",

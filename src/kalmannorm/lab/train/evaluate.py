@@ -10,13 +10,21 @@ batch-independent norms (GroupNorm, LayerNorm, GKN, ...) compute the same thing 
 so a model with nothing batch-dependent scores the same in both.
 
 The model is left unchanged: buffers, modes and settings are restored.
+
+*Precise* (``precise_bn_batches``): a copy of the model whose moving statistics
+:func:`kalmannorm.update_bn` recomputes over that many training batches (PreciseBN), evaluated
+like *moving*.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
+from kalmannorm import update_bn
 from kalmannorm.lab.train.batch_mode import GKN, batch_statistics_mode, find_norm_layers
 from kalmannorm.lab.train.distributed import Distributed, all_reduce_sum
 
@@ -80,3 +88,22 @@ def evaluate(
             size = max(stat_batch_size, eval_batch_size // stat_batch_size * stat_batch_size)
             batch, _ = _accuracy(model, data, size, dist, device, stat_batch_size)
     return {"test_acc_moving": moving, "test_acc_batch": batch}
+
+
+def precise_accuracy(
+    model: nn.Module,
+    data,
+    batches: Iterable[torch.Tensor],
+    *,
+    eval_batch_size: int,
+    dist: Distributed,
+    device: torch.device,
+) -> float:
+    """``test_acc_precise``: the moving-statistics accuracy of a copy of ``model`` whose moving
+    statistics :func:`kalmannorm.update_bn` recomputed over ``batches`` (this process's training
+    inputs; the sums are all-reduced over processes). ``model`` itself is unchanged."""
+    precise = copy.deepcopy(model)
+    update_bn(batches, precise, device=device)
+    precise.eval()
+    accuracy, _ = _accuracy(precise, data, eval_batch_size, dist, device)
+    return accuracy

@@ -42,7 +42,7 @@ from kalmannorm.lab.train.config import (
     fingerprint,
     save_config,
 )
-from kalmannorm.lab.train.evaluate import evaluate
+from kalmannorm.lab.train.evaluate import evaluate, precise_accuracy
 from kalmannorm.lab.train.metrics import MetricsLog, read_metrics
 from kalmannorm.lab.train.model import build_model_for, check_names, load_run_data
 from kalmannorm.lab.train.plan import BatchPlan, ConfigError, plan_batches
@@ -279,6 +279,15 @@ def _train(
                     dist=dist,
                     device=device,
                 )
+                if config.precise_bn_batches > 0:
+                    accuracy["test_acc_precise"] = precise_accuracy(
+                        model,
+                        data,
+                        _precise_batches(data, config, part, plan.per_pass),
+                        eval_batch_size=config.eval_batch_size,
+                        dist=dist,
+                        device=device,
+                    )
                 now = time.perf_counter()
                 trained = (step - window_step) * config.batch_size
                 log.record(
@@ -342,24 +351,48 @@ def _train_step(
     return loss_total, correct
 
 
+def _precise_batches(data, config: TrainConfig, part: slice, per_pass: int):
+    """PreciseBN's inputs: the first ``precise_bn_batches`` forward batches of the training set
+    in the first epochs' order, without augmentation, this process's slice split into passes as
+    in training (so every layer sees its training statistics groups)."""
+    per_process = len(range(config.batch_size)[part])
+    wanted = -(-config.precise_bn_batches // max(1, per_process // per_pass))  # global batches
+    batches: list[tuple[torch.Tensor, int]] = []
+    epoch = 0
+    while len(batches) < wanted and data.train_size >= config.batch_size:
+        order = epoch_order(config.seed, epoch, data.train_size)
+        starts = range(0, data.train_size - config.batch_size + 1, config.batch_size)
+        batches += [(order[s : s + config.batch_size], 0) for s in starts]
+        epoch += 1
+    remaining = config.precise_bn_batches
+    for x, _ in data.train_batches(batches[:wanted], part, False):
+        for chunk in x.split(per_pass):
+            if remaining == 0:
+                return
+            remaining -= 1
+            yield chunk
+
+
 def summarize(
     records: list[dict[str, Any]], config: TrainConfig, derived: dict[str, Any]
 ) -> dict[str, Any]:
     """Final and best accuracies (both evaluation modes) of a run's metrics records."""
     final = records[-1]
+    columns = ("test_acc_moving", "test_acc_batch", "test_acc_precise")
+    columns = tuple(key for key in columns if key in final)
     best = {
         key: {
-            "value": max(r[key] for r in records),
-            "step": max(records, key=lambda r: (r[key], -r["step"]))["step"],
+            "value": max(r[key] for r in records if key in r),
+            "step": max((r for r in records if key in r), key=lambda r: (r[key], -r["step"]))[
+                "step"
+            ],
         }
-        for key in ("test_acc_moving", "test_acc_batch")
+        for key in columns
     }
     return {
         "status": "finished",
         "steps": final["step"],
-        "final": {
-            k: final[k] for k in ("train_loss", "train_acc", "test_acc_moving", "test_acc_batch")
-        },
+        "final": {k: final[k] for k in ("train_loss", "train_acc", *columns)},
         "best": best,
         "wall_time_s": final["elapsed_s"],
         "derived": derived,

@@ -95,10 +95,12 @@ class MetricsLog:
 
 
 def format_record(r: dict[str, Any]) -> str:
+    precise = f" precise {r['test_acc_precise']:.4f}" if "test_acc_precise" in r else ""
     return (
         f"step {r['step']:>6} epoch {r['epoch']:6.2f}  loss {r['train_loss']:.4f} "
         f"acc {r['train_acc']:.4f} | test acc moving {r['test_acc_moving']:.4f} "
-        f"batch {r['test_acc_batch']:.4f} | lr {r['lr']:.4g} | {r['samples_per_s']:.0f} img/s"
+        f"batch {r['test_acc_batch']:.4f}{precise} | lr {r['lr']:.4g} | "
+        f"{r['samples_per_s']:.0f} img/s"
     )
 
 
