@@ -95,7 +95,9 @@ def predict_prior(
 
     For a diagonal upstream covariance, diag(A Sigma A^T) = (A o A) sigma^2 exactly. An upstream
     full covariance (G, C', C') is also accepted: diag(A Sigma A^T)_c = sum_j (A Sigma)_cj A_cj.
+    Parameters of a half-precision model meet the statistics in the statistics' dtype.
     """
+    transition, noise = transition.to(upstream_mean.dtype), noise.to(upstream_mean.dtype)
     prior_mean = upstream_mean @ transition.T
     if upstream_var.dim() == upstream_mean.dim() + 1:
         prior_var = ((transition @ upstream_var) * transition).sum(-1)
@@ -135,6 +137,7 @@ def predict_prior_full(
     """
     if upstream_cov.dim() == upstream_mean.dim():
         upstream_cov = torch.diag_embed(upstream_cov)
+    transition, noise = transition.to(upstream_mean.dtype), noise.to(upstream_mean.dtype)
     prior_mean = upstream_mean @ transition.T
     prior_cov = transition @ upstream_cov @ transition.T + torch.diag(noise)
     return prior_mean, prior_cov
@@ -242,10 +245,10 @@ def linear_moments(
     kernel taps (border padding ignored). This is the expectation of what pushing i.i.d. Gaussian
     samples through the layer estimates, without the sampling noise.
     """
-    summed, squared = channel_weights(weight, groups)
+    summed, squared = channel_weights(weight.to(mean.dtype), groups)
     out_mean = mean @ summed.T
     if bias is not None:
-        out_mean = out_mean + bias
+        out_mean = out_mean + bias.to(mean.dtype)
     return out_mean, var @ squared.T
 
 

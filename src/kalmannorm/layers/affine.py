@@ -14,3 +14,14 @@ def init_affine(module: nn.Module, num_features: int, affine: bool, factory_kwar
     else:
         module.register_parameter("weight", None)
         module.register_parameter("bias", None)
+
+
+def empty_output(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):
+    """What :class:`torch.nn.BatchNorm2d` returns for an empty batch (N = 0): an empty tensor
+    of the input's shape, in the graph of the input and of the affine parameters (whose
+    gradients are then zero). No statistic is computed and no moving average changes."""
+    if weight is None:
+        return x.clone()
+    shape = (1, -1, *((1,) * (x.dim() - 2)))
+    y = x * weight.to(x.dtype).view(shape)
+    return y if bias is None else y + bias.to(x.dtype).view(shape)

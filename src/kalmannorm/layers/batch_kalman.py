@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from kalmannorm import functional as F
 from kalmannorm.chain import recomputing
 from kalmannorm.fused import SampleGroups, fused_applicable
+from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.base import DEFAULT_NOISE, KalmanNormBase
 
 EVAL_STATISTICS = ("moving", "batch")
@@ -123,6 +124,8 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
         self._check_input_dim(x)
         if self.tracing:
             return x.clone()  # a tensor of its own, for the data-flow trace
+        if x.shape[0] == 0:  # as torch's BatchNorm: an empty batch in, an empty batch out
+            return empty_output(x, self.weight, self.bias)
         if not self.uses_batch_statistics():
             self.publish_fixed(self.running_mean, self.running_var)
             return F.normalize(

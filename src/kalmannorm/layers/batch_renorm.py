@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
     check_input,
     check_stat_batch_size,
@@ -209,6 +210,8 @@ class BatchRenorm(_NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
+        if x.shape[0] == 0:  # as torch's BatchNorm: an empty batch in, an empty batch out
+            return empty_output(x, self.weight, self.bias)
         if not (self.training or not self.track_running_stats or self.eval_statistics == "batch"):
             return F.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps

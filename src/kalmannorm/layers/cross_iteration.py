@@ -81,6 +81,7 @@ from torch.nn import functional as torch_f
 from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
     check_input,
     check_stat_batch_size,
@@ -433,6 +434,8 @@ class CrossIterationBatchNorm(_NormBase):
         captured, produced = self.feeding.take() if self.feeding is not None else (None, None)
         if self.tracing:
             return x.clone()
+        if x.shape[0] == 0:  # as torch's BatchNorm: an empty batch in, an empty batch out
+            return empty_output(x, self.weight, self.bias)
         if not (self.training or not self.track_running_stats or self.eval_statistics == "batch"):
             return F.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps

@@ -25,6 +25,8 @@ DEFAULT_EPS = 1e-5
 def group_inverse_std(x: Tensor, num_groups: int, eps: float) -> Tensor:
     """1 / sqrt(s^2_{n,g} + eps), shape (N, G): s^2 over a group's channels and positions."""
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if x.shape[0] == 0:  # an empty batch (as GroupNorm: an empty output)
+        return work.new_empty(0, num_groups)
     var = work.reshape(x.shape[0], num_groups, -1).var(dim=-1, correction=0)
     return torch.rsqrt(var + eps)
 

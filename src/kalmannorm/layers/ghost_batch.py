@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from kalmannorm import functional as F
 from kalmannorm.chain import recomputing
 from kalmannorm.fused import FusedGroupNorm, SampleGroups, fused_applicable
+from kalmannorm.layers.affine import empty_output
 
 #: ``estimate(batch_mean, batch_var, *small) -> (mean, var)``: the statistics to normalise with.
 Estimate = Callable[..., tuple[Tensor, Tensor]]
@@ -193,6 +194,8 @@ class GhostBatchNorm(_NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
+        if x.shape[0] == 0:  # as torch's BatchNorm: an empty batch in, an empty batch out
+            return empty_output(x, self.weight, self.bias)
         if not (self.training or not self.track_running_stats or self.eval_statistics == "batch"):
             return F.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps

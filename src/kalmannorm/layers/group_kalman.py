@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kalmannorm import functional as F
 from kalmannorm.fused import ChannelGroups, fused_applicable
-from kalmannorm.layers.affine import init_affine
+from kalmannorm.layers.affine import empty_output, init_affine
 from kalmannorm.layers.base import DEFAULT_NOISE, KalmanNormBase
 
 
@@ -87,6 +87,8 @@ class GroupKalmanNorm(KalmanNormBase):
             )
         if self.tracing:
             return x.clone()
+        if x.shape[0] == 0:  # as torch's GroupNorm: an empty batch in, an empty batch out
+            return empty_output(x, self.weight, self.bias)
         upstream = self.upstream_posterior()
         inputs = self.estimate_inputs(upstream)
         if fused_applicable(x, (self.weight, *inputs)):

@@ -72,6 +72,7 @@ from torch.nn import functional as torch_f
 from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
     check_input,
     check_stat_batch_size,
@@ -344,6 +345,8 @@ class MovingAverageBatchNorm(_NormBase):
         self._check_input_dim(x)
         if self.tracing:
             return x
+        if x.shape[0] == 0:  # as torch's BatchNorm: an empty batch in, an empty batch out
+            return empty_output(x, self.weight, self.bias)
         if not self.training:
             if self.track_running_stats and self.eval_statistics == "moving":
                 return second_moment_norm(
