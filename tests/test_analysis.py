@@ -340,11 +340,14 @@ def test_eval_mode_accuracy_of_a_bkn_classifier_matches_set_eval_statistics():
 
 def test_parameter_counts_of_bn_and_bkn_networks():
     bn = classifier_stack()
-    bkn = classifier_stack("bkn", stat_batch_size=2)
+    bkn = classifier_stack("bkn", stat_batch_size=2, flow="execution")
     # Layers of 4, 5, 2 channels; the 2nd and 3rd have A (C_k x C_{k-1}), R and q.
     kalman = (5 * 4 + 2 * 5) + (2 * 5 + 2 * 2)
     count = analysis.parameter_count(bkn)
     assert count.kalman == kalman
+    # on a data flow the transition is diagonal: a, R and q per channel
+    data_flow = classifier_stack("bkn", stat_batch_size=2)
+    assert analysis.parameter_count(data_flow).kalman == 3 * 5 + 3 * 2
     assert count.norm == 2 * (4 + 5 + 2) + kalman
     assert count.total == sum(p.numel() for p in bn.parameters()) + kalman
     assert analysis.count_parameters(bn) == count.total - kalman

@@ -44,7 +44,9 @@ def test_layer_without_upstream_is_batchnorm_forward_backward_and_running_stats(
 def test_gain_one_makes_every_layer_of_a_chain_batchnorm():
     torch.manual_seed(1)
     reference = conv_bn_stack()
-    model = kalmannorm.convert_norm(copy.deepcopy(reference), "bkn", flow="execution", gain=1.0, learn_gain=False)
+    model = kalmannorm.convert_norm(
+        copy.deepcopy(reference), "bkn", flow="execution", gain=1.0, learn_gain=False
+    )
     randomize_kalman(model, affine=False)  # A and R are irrelevant when q = 1
     x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
     grad = torch.randn(6, 2, 5, 5, dtype=torch.float64)
@@ -231,7 +233,9 @@ def test_eval_with_batch_statistics_uses_test_groups():
 
 
 def test_last_statistics_are_detached_and_do_not_keep_graphs():
-    model = kalmannorm.convert_norm(conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2)
+    model = kalmannorm.convert_norm(
+        conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2
+    )
     model(torch.randn(4, 3, 3, 3))
     for stats in kalmannorm.kalman_statistics(model).values():
         for value in stats:
@@ -280,7 +284,9 @@ def test_bad_inputs_give_clear_errors():
 
 
 def test_errors_name_the_layer_in_a_converted_model():
-    model = kalmannorm.convert_norm(conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2)
+    model = kalmannorm.convert_norm(
+        conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2
+    )
     x = torch.randn(4, 3, 3, 3)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="BatchKalmanNorm2d '1'"):
@@ -290,14 +296,18 @@ def test_errors_name_the_layer_in_a_converted_model():
 def test_state_dict_round_trip_and_batchnorm_checkpoint():
     reference = conv_bn_stack(dtype=torch.float32)
     bn_checkpoint = copy.deepcopy(reference.state_dict())
-    model = kalmannorm.convert_norm(copy.deepcopy(reference), "bkn", flow="execution", stat_batch_size=2)
+    model = kalmannorm.convert_norm(
+        copy.deepcopy(reference), "bkn", flow="execution", stat_batch_size=2
+    )
     # A plain BatchNorm checkpoint loads strictly; the Kalman parameters keep their init.
     model.load_state_dict(bn_checkpoint)
     randomize_kalman(model, seed=7)
     model(torch.randn(4, 3, 3, 3))
     saved = copy.deepcopy(model.state_dict())
     assert "4.transition" in saved and saved["4.transition"].shape == (5, 4)
-    fresh = kalmannorm.convert_norm(conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2)
+    fresh = kalmannorm.convert_norm(
+        conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2
+    )
     fresh.load_state_dict(saved)
     for key, value in fresh.state_dict().items():
         torch.testing.assert_close(value, saved[key], msg=key)

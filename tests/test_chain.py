@@ -37,7 +37,9 @@ def test_registration_order_mismatch_raises_and_tracing_fixes_it():
     with pytest.raises(ChainOrderError, match="bn_a.*expects 'bn_b' right before it"):
         model(torch.randn(4, 3, 2, 2))
     x = torch.randn(4, 3, 2, 2)
-    traced = kalmannorm.convert_norm(Swapped(), "bkn", flow="execution", stat_batch_size=2, example_input=x)
+    traced = kalmannorm.convert_norm(
+        Swapped(), "bkn", flow="execution", stat_batch_size=2, example_input=x
+    )
     chain = kalmannorm.find_chain(traced)
     assert chain.names == ["bn_a", "bn_b"] and chain.order_source == "traced"
     assert traced.bn_b.transition.shape == (6, 4)
@@ -62,7 +64,9 @@ def test_calling_a_submodule_alone_in_training_is_refused():
 
 
 def test_nothing_outlives_a_pass():
-    model = kalmannorm.convert_norm(conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2)
+    model = kalmannorm.convert_norm(
+        conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2
+    )
     model(torch.randn(4, 3, 3, 3))
     chain = kalmannorm.find_chain(model)
     assert chain._state.posterior is None and chain._state.index == -1
@@ -195,7 +199,9 @@ def test_a_layer_used_twice_per_pass_is_refused_when_traced():
     bn = nn.BatchNorm2d(3)
     model = nn.Sequential(bn, nn.ReLU(), bn)
     with pytest.raises(ValueError, match="runs more than once per forward pass"):
-        kalmannorm.convert_norm(model, "bkn", flow="execution", example_input=torch.randn(4, 3, 2, 2))
+        kalmannorm.convert_norm(
+            model, "bkn", flow="execution", example_input=torch.randn(4, 3, 2, 2)
+        )
 
 
 def test_relinking_keeps_learned_parameters_of_unchanged_width():

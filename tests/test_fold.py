@@ -96,3 +96,26 @@ def test_folded_model_exports_to_onnx(tmp_path):
     ops = {node.op_type for node in graph.node}
     assert "Conv" in ops and "BatchNormalization" not in ops
     onnx.checker.check_model(onnx.load(str(path)))
+
+
+@pytest.mark.parametrize("flow", ["data", "execution"])
+def test_fold_keeps_batch_statistics_layers_predicting_from_folded_ones(flow):
+    from kalmannorm.lab.models import preact_resnet20
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 16, 16, dtype=torch.float64)
+    model = kalmannorm.convert_norm(
+        preact_resnet20(10, 1).double(), "bkn", stat_batch_size=2, example_input=x, flow=flow
+    )
+    model.train()
+    for _ in range(2):
+        model(torch.randn(8, 1, 16, 16, dtype=torch.float64))
+    model.eval()
+    for name, layer in model.named_modules():
+        if name.endswith("bn2"):  # half the layers evaluate with batch statistics
+            layer.eval_statistics = "batch"
+    with torch.no_grad():
+        expected = model(x)
+        folded = kalmannorm.fold(model)
+        torch.testing.assert_close(folded(x), expected)
+        torch.testing.assert_close(folded(x), expected)  # and again: the hand-over resets

@@ -126,6 +126,8 @@ class KalmanChain:
         self.flow = flow
         self.source = source
         self.programs = list(programs) if programs is not None else [None] * len(self.layers)
+        #: statistics of layers folded away (:func:`kalmannorm.fold`), published in every pass
+        self.frozen: dict[int, Published] = {}
         self._state = _PassState()
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -184,6 +186,8 @@ class KalmanChain:
             return self._predicted_input(index)
         if index == 0:
             return None
+        if index - 1 in self.frozen:
+            return Posterior(self.frozen[index - 1].mean, self.frozen[index - 1].var)
         if state.index != index - 1:
             ran = self.names[state.index] if state.index >= 0 else "no Kalman layer"
             raise ChainOrderError(
@@ -199,6 +203,8 @@ class KalmanChain:
     def _predicted_input(self, index: int) -> Posterior | None:
         program = self.programs[index]
         state = self._state
+        if state.published is None and self.frozen:
+            state.published = [self.frozen.get(i) for i in range(len(self.layers))]
         if program is None or state.published is None:
             return None
         if state.memo is None:
@@ -233,7 +239,7 @@ class KalmanChain:
         state.posterior = posterior
         if self.flow != "execution":
             if state.published is None:
-                state.published = [None] * len(self.layers)
+                state.published = [self.frozen.get(i) for i in range(len(self.layers))]
             var = posterior.var
             if var.dim() == posterior.mean.dim() + 1:
                 var = var.diagonal(dim1=-2, dim2=-1)
@@ -245,6 +251,20 @@ class KalmanChain:
         """Bind the layers to this chain and reset the hand-over at each forward of ``root``."""
         for index, (layer, name) in enumerate(zip(self.layers, self.names)):
             layer.join_chain(self, index, name)
+        self._hooks = [
+            root.register_forward_pre_hook(self.reset),
+            root.register_forward_hook(self.reset),
+        ]
+
+    def freeze(self, layer: ChainMember, mean: Tensor, var: Tensor) -> None:
+        """Publish fixed statistics for ``layer`` in every pass: it has been folded into a
+        convolution and no longer runs, but the layers it fed still predict from it."""
+        fixed = (mean.detach().unsqueeze(0), var.detach().unsqueeze(0))
+        self.frozen[self.layers.index(layer)] = Published(*fixed, *fixed)
+
+    def reattach(self, root: nn.Module) -> None:
+        """Reset the hand-over at each forward of another root (a folded copy of the model)."""
+        self.remove_hooks()
         self._hooks = [
             root.register_forward_pre_hook(self.reset),
             root.register_forward_hook(self.reset),

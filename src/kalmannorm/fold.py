@@ -100,7 +100,9 @@ def fold(model: nn.Module) -> nn.Module:
         tracer = _NormLeafTracer()
         graph = torch.fx.GraphModule(model, tracer.trace(model))
     except Exception:  # untraceable control flow: no convolution fusion, affine maps only
-        return _replace_with_affine(model)
+        kept = _replace_with_affine(model)
+        _keep_chains_working(model, kept)
+        return kept
     modules = dict(graph.named_modules())
     calls: dict[str, int] = {}
     for node in graph.graph.nodes:
@@ -123,7 +125,24 @@ def fold(model: nn.Module) -> nn.Module:
     graph.graph.lint()
     graph.delete_all_unused_submodules()
     graph.recompile()
+    _keep_chains_working(model, graph)
     return graph
+
+
+def _keep_chains_working(model: nn.Module, folded: nn.Module) -> None:
+    """Kalman layers kept (batch statistics at inference) still predict from the layers folded
+    away: those publish their moving statistics in every pass of the folded model."""
+    kept = {id(m) for m in folded.modules()}
+    chains: dict[int, object] = {
+        id(m.chain): m.chain for m in model.modules() if getattr(m, "chain", None) is not None
+    }
+    for chain in chains.values():
+        if not any(id(layer) in kept for layer in chain.layers):
+            continue
+        for layer in chain.layers:
+            if id(layer) not in kept:
+                chain.freeze(layer, layer.running_mean, layer.running_var)
+        chain.reattach(folded)
 
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:

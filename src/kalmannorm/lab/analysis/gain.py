@@ -91,7 +91,7 @@ def gain_snapshot(source: nn.Module | Mapping[str, Any]) -> GainSnapshot:
         snapshot[name] = LayerGain(
             name,
             gain,
-            None if transition is None else float(torch.linalg.matrix_norm(transition)),
+            None if transition is None else float(transition.norm()),  # Frobenius; diag: 2-norm
             None if noise is None else torch_f.softplus(noise),
         )
     return snapshot

@@ -1,0 +1,352 @@
+"""The data-flow chain: moments of each operation, the traced producers, and the prior."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as torch_f
+
+import kalmannorm
+from kalmannorm import dataflow
+from kalmannorm import moments as mo
+from kalmannorm.chain import is_chain_member
+from kalmannorm.diagnostics import prior_errors, summarize_by_category
+from kalmannorm.functional import relu_moments
+from kalmannorm.lab.models import preact_resnet20
+
+DOUBLE = torch.float64
+
+
+def _sample(mean: torch.Tensor, var: torch.Tensor, shape: tuple[int, ...], seed: int = 0):
+    """Independent Gaussian values (N, C, *spatial) with per-channel mean and variance."""
+    g = torch.Generator().manual_seed(seed)
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    noise = torch.randn(shape, generator=g, dtype=DOUBLE)
+    return mean.view(view) + var.sqrt().view(view) * noise
+
+
+def _channel_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = [0, *range(2, y.dim())]
+    return y.mean(dims), y.var(dims, unbiased=False)
+
+
+# -- moments of single operations against Monte Carlo --------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["relu", "relu6", "silu", "gelu", "hardswish", "sigmoid", "tanh"])
+def test_activation_moments_match_monte_carlo(kind):
+    mean = torch.tensor([-1.5, 0.0, 0.7, 3.0], dtype=DOUBLE)
+    var = torch.tensor([0.3, 1.0, 2.0, 4.0], dtype=DOUBLE)
+    x = _sample(mean, var, (400_000, 4))
+    fn = {"relu": torch.relu, **mo.ACTIVATIONS}[kind]
+    m, v = mo.activation(kind, mo.Moments(mean.unsqueeze(0), var.unsqueeze(0)))
+    em, ev = _channel_moments(fn(x))
+    torch.testing.assert_close(m[0], em, atol=0.01, rtol=0.01)
+    torch.testing.assert_close(v[0], ev, atol=0.01, rtol=0.02)
+
+
+@pytest.mark.parametrize("size", [4, 8, 16])
+def test_padded_convolution_moments_equal_the_exact_expectation(size):
+    """The exact mean and variance (over samples and positions) of a zero-padded convolution of
+    independent inputs, computed independently by convolving constant maps."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    mean = torch.tensor([0.5, -1.0, 2.0], dtype=DOUBLE)
+    var = torch.tensor([1.0, 0.5, 2.0], dtype=DOUBLE)
+    ones = torch.ones(1, 3, size, size, dtype=DOUBLE)
+    with torch.no_grad():
+        mean_map = torch_f.conv2d(ones * mean.view(1, -1, 1, 1), conv.weight, conv.bias, padding=1)
+        var_map = torch_f.conv2d(ones * var.view(1, -1, 1, 1), conv.weight.square(), padding=1)
+    exact_mean = mean_map.mean((0, 2, 3))
+    exact_var = var_map.mean((0, 2, 3)) + mean_map.var((0, 2, 3), unbiased=False)
+    geometry = mo.tap_geometry((size, size), (3, 3), (1, 1), (1, 1), (1, 1))
+    m, v = mo.convolution(
+        mo.Moments(mean.unsqueeze(0), var.unsqueeze(0)), conv.weight, conv.bias, 1, geometry
+    )
+    torch.testing.assert_close(m[0], exact_mean)
+    torch.testing.assert_close(v[0], exact_var)
+    # and ignoring the border (the authors' variant) is off by the border's share
+    full = mo.convolution(
+        mo.Moments(mean.unsqueeze(0), var.unsqueeze(0)), conv.weight, conv.bias, 1,
+        mo.full_geometry(9),
+    )  # fmt: skip
+    assert not torch.allclose(full.mean[0], exact_mean, rtol=0.01)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4),
+        nn.Conv2d(4, 6, 5, padding=2, dilation=1, groups=2),
+        nn.Conv1d(4, 6, 3, padding="same"),
+        nn.Conv3d(4, 2, 3, padding=1),
+    ],
+    ids=["strided", "depthwise", "grouped", "1d-same", "3d"],
+)
+def test_convolution_moments_match_monte_carlo(conv):
+    torch.manual_seed(1)
+    conv = conv.double()
+    mean = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=DOUBLE)
+    var = torch.tensor([1.0, 0.5, 2.0, 0.1], dtype=DOUBLE)
+    spatial = {1: (9,), 2: (7, 7), 3: (5, 5, 5)}[conv.weight.dim() - 2]
+    x = _sample(mean, var, (4000 if len(spatial) < 3 else 800, 4, *spatial))
+    with torch.no_grad():
+        em, ev = _channel_moments(conv(x))
+    record = dataflow.TensorRecord("conv", [], {"module": conv, "sizes": spatial})
+    info = {**record.info, **dataflow._geometries("conv", record.info)}
+    m, v = dataflow._conv_moments(conv, info["geometry"], mo.Moments(mean[None], var[None]))
+    torch.testing.assert_close(m[0], em, atol=0.03, rtol=0.02)
+    torch.testing.assert_close(v[0], ev, atol=0.03, rtol=0.03)
+
+
+def test_pooling_dropout_sum_concatenation_moments_match_monte_carlo():
+    mean = torch.tensor([0.5, -1.0], dtype=DOUBLE)
+    var = torch.tensor([1.0, 0.25], dtype=DOUBLE)
+    moments = mo.Moments(mean[None], var[None])
+    x = _sample(mean, var, (20000, 2, 6, 6))
+    y = _sample(-mean, 2 * var, (20000, 2, 6, 6), seed=1)
+    keep = torch.rand(x.shape, generator=torch.Generator().manual_seed(2), dtype=DOUBLE) >= 0.3
+    cases = {
+        "avg": (torch_f.avg_pool2d(x, 3, 1, 1), mo.average_pool(
+            moments, mo.tap_geometry((6, 6), (3, 3), (1, 1), (1, 1), (1, 1)), True)),
+        "avg-exclude": (torch_f.avg_pool2d(x, 3, 1, 1, count_include_pad=False), mo.average_pool(
+            moments, mo.tap_geometry((6, 6), (3, 3), (1, 1), (1, 1), (1, 1)), False)),
+        "global": (x.mean((2, 3)), mo.average_pool(
+            moments, mo.tap_geometry((6, 6), (6, 6), (6, 6), (0, 0), (1, 1)), True)),
+        "max": (torch_f.max_pool2d(x, 2), mo.max_pool(moments, 4)),
+        "dropout": (x * keep / 0.7, mo.dropout(moments, 0.3)),
+        "sum": (x - 0.5 * y, mo.add([moments, mo.Moments(-mean[None], 2 * var[None])],
+                                    [1.0, -0.5])),
+        "cat": (torch.cat([x, y], 1), mo.concatenate([moments, mo.Moments(-mean[None],
+                                                                          2 * var[None])])),
+    }  # fmt: skip
+    for name, (sampled, predicted) in cases.items():
+        em, ev = _channel_moments(sampled)
+        torch.testing.assert_close(predicted.mean[0], em, atol=0.02, rtol=0.02, msg=name)
+        torch.testing.assert_close(predicted.var[0], ev, atol=0.02, rtol=0.03, msg=name)
+
+
+def test_relu_moments_have_finite_gradients_at_the_extremes():
+    for mean_value, var_value in [(100.0, 1e-37), (-100.0, 1e-37), (0.0, 0.0), (1e-10, 0.0),
+                                  (3e4, 1e-30), (0.0, 1e8)]:  # fmt: skip
+        for dtype in (torch.float32, DOUBLE):
+            mean = torch.tensor([mean_value], dtype=dtype, requires_grad=True)
+            var = torch.tensor([var_value], dtype=dtype, requires_grad=True)
+            first, second = relu_moments(mean, var)
+            (first + second).sum().backward()
+            assert torch.isfinite(first).all() and torch.isfinite(second).all()
+            assert torch.isfinite(mean.grad).all() and torch.isfinite(var.grad).all()
+    first, second = relu_moments(torch.tensor([100.0]), torch.tensor([1e-37]))
+    torch.testing.assert_close(first, torch.tensor([100.0]))
+
+
+# -- the traced producers against an independent method ------------------------------------------
+
+
+def _true_producers(model: nn.Module, x: torch.Tensor) -> dict[str, set[str]]:
+    """For each Kalman layer, the Kalman layers whose outputs its input depends on, found by
+    autograd: every Kalman layer's output is replaced by a fresh leaf, so a dependency stops at
+    the first Kalman layer on each path."""
+    leaves: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def pre(module, args):
+        inputs[names[id(module)]] = args[0]
+
+    def post(module, args, out):
+        leaf = args[0].detach().clone().requires_grad_()
+        leaves[names[id(module)]] = leaf
+        return leaf.clone()  # (in-place activations may follow)
+
+    for m in model.modules():
+        if is_chain_member(m):
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    for layer in (m for m in model.modules() if is_chain_member(m)):
+        layer.tracing = True
+    try:
+        with torch.enable_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in (m for m in model.modules() if is_chain_member(m)):
+            layer.tracing = False
+    producers = {}
+    order = list(leaves)
+    for name, tensor in inputs.items():
+        earlier = [n for n in order if n != name and tensor.grad_fn is not None]
+        found = set()
+        if earlier:
+            grads = torch.autograd.grad(
+                tensor.sum(), [leaves[n] for n in earlier], allow_unused=True, retain_graph=True
+            )
+            found = {n for n, g in zip(earlier, grads) if g is not None}
+        producers[name] = found
+    return producers
+
+
+def _program_producers(chain) -> dict[str, set[str] | None]:
+    """Each layer's producers per its program, inputs of earlier layers expanded to their own."""
+    expanded: dict[int, set[str]] = {}
+
+    def outputs_of(node) -> set[str]:
+        if isinstance(node, dataflow.LayerOutput):
+            return {chain.names[node.index]}
+        if isinstance(node, dataflow.LayerInput):
+            return expanded[node.index]
+        return set().union(*(outputs_of(c) for c in node.children)) if node.children else set()
+
+    result = {}
+    for index, program in enumerate(chain.programs):
+        expanded[index] = outputs_of(program) if program is not None else set()
+        result[chain.names[index]] = None if program is None else expanded[index]
+    return result
+
+
+def _zoo():
+    torchvision = pytest.importorskip("torchvision")
+    m = torchvision.models
+    return {
+        "resnet18": (lambda: m.resnet18(weights=None), (2, 3, 64, 64)),
+        "resnet50": (lambda: m.resnet50(weights=None), (2, 3, 64, 64)),
+        "densenet121": (lambda: m.densenet121(weights=None), (2, 3, 64, 64)),
+        "mobilenet_v3_small": (lambda: m.mobilenet_v3_small(weights=None), (2, 3, 64, 64)),
+        "inception_v3": (
+            lambda: m.inception_v3(weights=None, aux_logits=False, init_weights=False),
+            (2, 3, 80, 80),
+        ),
+        "preact_resnet20": (lambda: preact_resnet20(10, 3), (2, 3, 32, 32)),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["resnet18", "resnet50", "densenet121", "mobilenet_v3_small", "inception_v3",
+     "preact_resnet20"],
+)  # fmt: skip
+def test_every_layers_producers_are_the_true_ones(name):
+    build, shape = _zoo()[name]
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = kalmannorm.convert_norm(build(), "bkn", stat_batch_size=2, example_input=x)
+    chain = kalmannorm.find_chain(model)
+    truth = _true_producers(model, x)
+    predicted = _program_producers(chain)
+    modelled = [n for n, p in predicted.items() if p is not None]
+    assert len(modelled) >= (len(chain) // 3 if name.startswith("mobilenet") else len(chain) - 2)
+    for layer_name, found in predicted.items():
+        if found is not None:
+            assert found == truth[layer_name], layer_name
+        elif chain.names.index(layer_name) > 0 and truth[layer_name]:
+            # a layer without a program has an operation the moments do not model
+            index = chain.names.index(layer_name)
+            assert chain.programs[index] is None
+
+
+# -- the chain ----------------------------------------------------------------------------------
+
+
+def test_default_chain_traces_the_data_flow_on_the_first_forward_call():
+    torch.manual_seed(0)
+    model = kalmannorm.convert_norm(preact_resnet20(10, 1), "bkn", stat_batch_size=2)
+    chain = kalmannorm.find_chain(model)
+    assert chain.order_source.startswith("registration")
+    parameters = {n: p for n, p in model.named_parameters()}
+    model(torch.randn(4, 1, 28, 28))
+    traced = kalmannorm.find_chain(model)
+    assert traced is not chain and traced.order_source == "traced" and traced.flow == "data"
+    # the traced relinking kept every parameter the optimizer may already hold
+    assert all(p is parameters[n] for n, p in model.named_parameters())
+    assert "layer2.1.bn1 <- layer2.0.bn1, layer2.0.bn2" in traced.describe()
+    copied = copy.deepcopy(kalmannorm.convert_norm(preact_resnet20(10, 1), "bkn"))
+    copied(torch.randn(4, 1, 28, 28))
+    assert kalmannorm.find_chain(copied).order_source == "traced"
+
+
+def test_unmodelled_operations_warn_once_and_fall_back_to_batch_statistics():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.bn(self.conv(h * torch.sigmoid(h)))
+
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.warns(UserWarning, match=r"1 of 2 Kalman layers .*mul of two tensors.*bn"):
+        model = kalmannorm.convert_norm(Gated(), "bkn", stat_batch_size=2, example_input=x)
+    assert model.bn.gain is None  # BatchNorm, no unused Kalman parameters
+    model(x).sum().backward()
+
+
+def test_data_flow_prior_gradcheck_through_a_residual_block():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0 = nn.Conv2d(2, 3, 3, padding=1)
+            self.bn0 = nn.BatchNorm2d(3)
+            self.conv1 = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(3)
+            self.bn2 = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            h = torch.relu(self.bn0(self.conv0(x)))
+            return self.bn2(h + self.conv1(torch.relu(self.bn1(h))))
+
+    for prior, source in [("propagate", "batch"), ("learned", "batch"), ("learned", "posterior")]:
+        torch.manual_seed(0)
+        x = torch.randn(4, 2, 3, 3, dtype=DOUBLE)
+        model = kalmannorm.convert_norm(
+            Block().double(), "bkn", stat_batch_size=2, prior=prior, source=source,
+            example_input=x, guard=1e9,
+        )  # fmt: skip
+        assert model.bn2.transition is None or model.bn2.transition.shape == (3,)
+        params = [p for p in model.parameters()]
+
+        def run(*values, model=model, x=x):
+            with torch.nn.utils.stateless._reparametrize_module(
+                model, {n: v for (n, _), v in zip(model.named_parameters(), values)}
+            ):
+                return model(x)
+
+        assert torch.autograd.gradcheck(run, tuple(p.detach().requires_grad_() for p in params))
+
+
+def test_prior_error_on_preact_resnet_is_within_a_tenth_of_a_batch_std():
+    torch.manual_seed(0)
+    model = kalmannorm.convert_norm(
+        preact_resnet20(10, 1), "bkn", stat_batch_size=2, prior="propagate",
+        example_input=torch.randn(4, 1, 28, 28),
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)
+        optimizer.zero_grad()
+        torch_f.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    rows = prior_errors(model, [torch.randn(32, 1, 28, 28, generator=g) for _ in range(2)])
+    summary = summarize_by_category(rows)
+    assert set(summary) == {"branch", "after addition", "after downsampling"}
+    for category, (mean_error, var_error, *_) in summary.items():
+        assert mean_error <= 0.15 and var_error <= 0.25, category
+    old = kalmannorm.convert_norm(
+        preact_resnet20(10, 1), "bkn", stat_batch_size=2, prior="propagate", flow="execution",
+        example_input=torch.randn(4, 1, 28, 28),
+    )  # fmt: skip
+    old_summary = summarize_by_category(prior_errors(old, [torch.randn(32, 1, 28, 28)]))
+    assert all(old_summary[c][0] > 3 * summary[c][0] for c in summary)
+    assert not any(math.isnan(r.mean_vs_batch) for r in rows if r.category != "first")
