@@ -28,7 +28,7 @@ def test_load_run_restores_the_trained_model(trained_run: Path):
 
 
 @pytest.mark.parametrize(
-    "what", ["variance-gap", "eval-modes", "estimation-error", "gain", "params"]
+    "what", ["variance-gap", "eval-modes", "estimation-error", "gain", "params", "prior-error"]
 )
 def test_analyze_commands_print_their_tables(trained_run: Path, what, capsys, tmp_path):
     assert main(["analyze", what, str(trained_run), "--out", str(tmp_path)]) == 0
@@ -37,6 +37,18 @@ def test_analyze_commands_print_their_tables(trained_run: Path, what, capsys, tm
     if what == "gain":
         snapshot = analysis.gain_snapshot(load_run(trained_run).model)
         assert (tmp_path / "gain.png").stat().st_size > 0 and len(snapshot) >= 2
+    if what == "prior-error":
+        # the table's layer rows are the library's measurement on the same batches
+        rows = analysis_prior_rows(trained_run)
+        assert all(f"| {r.name} ({r.category}) |" in out for r in rows)
+        assert (tmp_path / "prior_error.png").stat().st_size > 0
+
+
+def analysis_prior_rows(run_dir: Path):
+    from kalmannorm.lab.analysis.prior_error import measure_prior_error
+
+    run = load_run(run_dir)
+    return measure_prior_error(run.model, run.data.test_batches(32))
 
 
 def test_analyze_a_folder_without_a_run_says_what_it_needs(tmp_path):

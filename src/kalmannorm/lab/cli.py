@@ -5,6 +5,10 @@ torchrun --nproc_per_node=2 -m kalmannorm train ...     # data parallel
 kalmannorm compare                                       # the main job (preset "default")
 kalmannorm compare --config grid.toml --jobs 2
 kalmannorm demo | bench | norms
+
+Errors the user can fix (kalmannorm.lab.errors.UserError: a bad option, missing or corrupt data,
+a run folder in use, a diverged or interrupted run) are printed on one line; --debug shows the
+traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kalmannorm.lab.train.compare import RunsFailedError
+from kalmannorm.lab.errors import UserError
 from kalmannorm.lab.train.config import (
     TrainConfig,
     config_from_dict,
@@ -24,13 +28,48 @@ from kalmannorm.lab.train.config import (
     load_config,
     parse_value,
 )
+from kalmannorm.lab.train.plan import ConfigError
 from kalmannorm.lab.train.presets import PRESETS
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive integer"  # argparse names the type in its messages
+
+
+def _int_list(text: str, option: str, minimum: int) -> list[int]:
+    """A comma-separated list of integers >= ``minimum`` (a ConfigError otherwise)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < minimum for v in values):
+        raise ConfigError(
+            f"{option} takes comma-separated integers >= {minimum} (e.g. {option} 1,2,4), got "
+            f"{text!r}"
+        )
+    return values
+
 
 # -- demo, bench, norms -----------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> None:
     from kalmannorm.lab.demo import run_demo
+
+    if args.batch_size % args.stat_batch_size:
+        raise ConfigError(
+            f"--batch-size {args.batch_size} does not divide into statistics groups of "
+            f"--stat-batch-size {args.stat_batch_size}; use a multiple of it"
+        )
+    if args.batch_size > 1437:
+        raise ConfigError("--batch-size exceeds the 1437 training digits")
 
     run_demo(
         steps=args.steps,
@@ -42,7 +81,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     from kalmannorm.lab.bench import format_table, run_benchmark
+    from kalmannorm.lab.train.distributed import check_device
 
+    check_device(args.device)
     results = run_benchmark(quick=args.quick, compile=not args.no_compile, device=args.device)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
 
@@ -81,6 +122,14 @@ def _analyze(args: argparse.Namespace) -> None:
             print(f"\nplot: {out / 'gain.png'}")
     elif args.what == "params":
         print(analysis.parameters_markdown(analysis.compare_parameters({label: run.model}, label)))
+    elif args.what == "prior-error":
+        from kalmannorm.lab.analysis import prior_error
+
+        group = s or 2
+        rows = prior_error.measure_prior_error(run.model, data(16 * group))
+        print(prior_error.prior_error_markdown(rows))
+        prior_error.write_prior_error_plot(rows, out / "prior_error.png")
+        print(f"\nplot: {out / 'prior_error.png'}")
 
 
 def _norms(_: argparse.Namespace) -> None:
@@ -137,8 +186,8 @@ def _key_values(items: list[str], option: str) -> dict[str, Any]:
     values = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{option} takes KEY=VALUE, got {item!r}")
+        if not sep or not key.strip():
+            raise ConfigError(f"{option} takes KEY=VALUE, got {item!r}")
         values[key.strip()] = parse_value(value.strip())
     return values
 
@@ -195,7 +244,7 @@ def _compare(args: argparse.Namespace) -> None:
     from kalmannorm.lab.train.compare import Variant, compare, load_compare_config
 
     if args.config and args.preset:
-        raise ValueError("give either --config or --preset, not both")
+        raise ConfigError("give either --config or --preset, not both")
     cfg = load_compare_config(args.config) if args.config else PRESETS[args.preset or "default"]()
     given = _given(args)
     for key in ("norm_options", "model_options"):
@@ -203,12 +252,14 @@ def _compare(args: argparse.Namespace) -> None:
             cfg.train[key] = {**cfg.train.get(key, {}), **given.pop(key)}
     cfg.train.update(given)
     config_from_dict(cfg.train)  # unknown keys and wrong types are refused here
-    if args.norms:
-        cfg.norms = [Variant(n, n) for n in args.norms.split(",") if n]
-    if args.stat_batch_sizes:
-        cfg.stat_batch_sizes = [int(s) for s in args.stat_batch_sizes.split(",")]
-    if args.seeds:
-        cfg.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.norms is not None:
+        cfg.norms = [Variant(n.strip(), n.strip()) for n in args.norms.split(",") if n.strip()]
+        if not cfg.norms:
+            raise ConfigError(f"--norms takes comma-separated norm names, got {args.norms!r}")
+    if args.stat_batch_sizes is not None:
+        cfg.stat_batch_sizes = _int_list(args.stat_batch_sizes, "--stat-batch-sizes", 1)
+    if args.seeds is not None:
+        cfg.seeds = _int_list(args.seeds, "--seeds", 0)
     if args.baseline is not None:
         cfg.baseline = Variant(args.baseline, args.baseline) if args.baseline else None
     cfg.jobs = args.jobs or cfg.jobs
@@ -251,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="BN vs BKN at statistics-batch 2 on real digits")
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--stat-batch-size", type=int, default=2)
+    demo.add_argument("--steps", type=positive_int, default=300)
+    demo.add_argument("--batch-size", type=positive_int, default=32)
+    demo.add_argument("--stat-batch-size", type=positive_int, default=2)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 
@@ -266,15 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = commands.add_parser("analyze", help="the paper's evidence on a trained run")
     analyze.add_argument(
-        "what", choices=["variance-gap", "eval-modes", "estimation-error", "gain", "params"]
+        "what",
+        choices=["variance-gap", "eval-modes", "estimation-error", "gain", "params", "prior-error"],
     )
     analyze.add_argument(
         "run_dir", metavar="RUN", help="the --out folder of a `kalmannorm train` run"
     )
     analyze.add_argument("--out", help="where to write figures (default: RUN/analysis)")
-    analyze.add_argument("--max-samples", type=int, help="use at most this many test images")
     analyze.add_argument(
-        "--stat-batch-sizes", type=int, nargs="+", help="estimation-error: group sizes to measure"
+        "--max-samples", type=positive_int, help="use at most this many test images"
+    )
+    analyze.add_argument(
+        "--stat-batch-sizes",
+        type=positive_int,
+        nargs="+",
+        help="estimation-error: group sizes to measure",
     )
     analyze.set_defaults(run=_analyze)
 
@@ -307,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--out", dest="grid_out", help="folder of the grid (one sub-folder per run)"
     )
-    compare.add_argument("--jobs", type=int, help="runs in parallel processes")
+    compare.add_argument("--jobs", type=positive_int, help="runs in parallel processes")
     compare.add_argument("--norms", help="comma-separated norm names")
     compare.add_argument("--stat-batch-sizes", help="comma-separated statistics batch sizes")
     compare.add_argument("--seeds", help="comma-separated seeds")
@@ -328,12 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--runs", help="folder of the grids (default: runs/reproduce-BUDGET)")
     reproduce.add_argument("--grids", help="comma-separated grid names (default: all)")
     reproduce.add_argument("--norms", help="comma-separated norm labels (default: all)")
-    reproduce.add_argument("--steps", type=int, help="train every run for only this many steps")
+    reproduce.add_argument(
+        "--steps", type=positive_int, help="train every run for only this many steps"
+    )
     reproduce.add_argument("--device", help="override the runs' device (e.g. cpu)")
     reproduce.add_argument("--data-dir", help="override the runs' data folder")
-    reproduce.add_argument("--train-subset", type=int, help="train on this many images")
-    reproduce.add_argument("--test-subset", type=int, help="evaluate on this many images")
-    reproduce.add_argument("--threads", type=int, help="CPU threads per run")
+    reproduce.add_argument("--train-subset", type=positive_int, help="train on this many images")
+    reproduce.add_argument("--test-subset", type=positive_int, help="evaluate on this many images")
+    reproduce.add_argument("--threads", type=positive_int, help="CPU threads per run")
     reproduce.add_argument(
         "--no-train", action="store_true", help="only read finished runs and write the report"
     )
@@ -348,22 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     reproduce.set_defaults(run=_reproduce)
+
+    # Options are spelled out (no prefix matching: --stat-batch is not --stat-batch-size), and
+    # --debug (before or after the command) shows the traceback of a user error.
+    debug_help = "on an error, show the traceback instead of the one-line message"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for command in [parser, *commands.choices.values()]:
+        command.allow_abbrev = False
+        if command is not parser:
+            command.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help
+            )
     return parser
-
-
-#: Errors that are the user's to fix: printed as one message, exit status 2.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from kalmannorm.lab.data import DataNotFoundError
-    from kalmannorm.lab.train import CheckpointMismatchError, ConfigError
-
-    return (
-        ConfigError,
-        DataNotFoundError,
-        CheckpointMismatchError,
-        ValueError,
-        FileNotFoundError,
-        FloatingPointError,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,12 +426,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except _user_errors() as error:
-        print(f"kalmannorm {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except RunsFailedError as error:
-        print(f"kalmannorm {args.command}: {error}", file=sys.stderr)
-        return 1
+    except UserError as error:
+        if args.debug:
+            raise
+        failed = "" if error.exit_code == 1 else "error: "
+        print(f"kalmannorm {args.command}: {failed}{error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"kalmannorm {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
