@@ -1,6 +1,7 @@
 """torchrun with 2 processes on CPU (gloo) computes what 1 process computes with the same
 gradient batch and statistics groups: gradients are averaged, statistics stay per process, and
-the moving averages (averaged before evaluation) equal the single-process ones."""
+the moving averages (averaged before evaluation) equal the single-process ones, with
+accumulation passes too (pass j of every process together is pass j of the single process)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,21 @@ ARGS = [
 ]
 
 
-def test_two_processes_equal_one(tmp_path: Path) -> None:
+#: (norm, statistics batch, accumulation passes): the plans 2 processes must equal 1 in
+PLANS = [("bkn", 2, 1), ("bn", 4, 2), ("bkn", 2, 2)]
+
+
+@pytest.mark.parametrize(("norm", "stat", "passes"), PLANS, ids=lambda v: str(v))
+def test_two_processes_equal_one(tmp_path: Path, norm: str, stat: int, passes: int) -> None:
+    args = [
+        *ARGS,
+        "--norm",
+        norm,
+        "--stat-batch-size",
+        str(stat),
+        "--accumulation-steps",
+        str(passes),
+    ]
     two = tmp_path / "two"
     result = subprocess.run(
         [
@@ -53,7 +68,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
             "--nproc_per_node=2",
             "-m",
             "kalmannorm",
-            *ARGS,
+            *args,
             "--out",
             str(two),
         ],
@@ -62,9 +77,10 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 process(es) x 1 pass(es) x 8" in result.stdout  # rank 0 alone reports
+    per_pass = 16 // (2 * passes)
+    assert f"2 process(es) x {passes} pass(es) x {per_pass}" in result.stdout  # rank 0 reports
     one = tmp_path / "one"
-    train(config_from_args(build_parser().parse_args([*ARGS, "--out", str(one)])))
+    train(config_from_args(build_parser().parse_args([*args, "--out", str(one)])))
 
     a = torch.load(one / "checkpoint.pt", weights_only=True)
     b = torch.load(two / "checkpoint.pt", weights_only=True)

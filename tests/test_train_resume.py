@@ -93,7 +93,8 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_results(tmp_path:
     # what a kill can leave behind: half a metrics line, a half-written checkpoint
     with open(killed / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 9999, "train_lo')
-    (killed / ".checkpoint.pt.12345.tmp").write_bytes(b"\x80\x02partial")
+    # (of a process that is gone: 2**31 - 1 exceeds every pid_max)
+    (killed / ".checkpoint.pt.2147483647.tmp").write_bytes(b"\x80\x02partial")
 
     args = build_parser().parse_args(["train", "--out", str(killed), "--resume"])
     summary = train(config_from_args(args), resume=True)  # config.toml of the run is the base

@@ -7,10 +7,15 @@ from pathlib import Path
 
 from torch import nn
 
+from kalmannorm.lab.errors import UserError
 from kalmannorm.lab.train.checkpoint import load_checkpoint
 from kalmannorm.lab.train.config import TrainConfig, load_config
 from kalmannorm.lab.train.loop import CHECKPOINT, CONFIG
 from kalmannorm.lab.train.model import build_model_for, load_run_data
+
+
+class RunNotFoundError(UserError, FileNotFoundError):
+    """The folder is not (yet) a ``kalmannorm train`` run folder."""
 
 
 @dataclass
@@ -27,16 +32,16 @@ def load_run(folder: str | Path) -> LoadedRun:
     """Rebuild the run's model as ``kalmannorm train`` built it and load its last checkpoint.
 
     Raises:
-        FileNotFoundError: the folder holds no ``config.toml`` or ``checkpoint.pt`` (with the
+        RunNotFoundError: the folder holds no ``config.toml`` or ``checkpoint.pt`` (with the
             paths it looked for).
-        CheckpointMismatchError: ``checkpoint.pt`` is not a kalmannorm checkpoint (read with
-            :func:`kalmannorm.lab.train.checkpoint.load_checkpoint`, as ``train`` resumes).
+        CheckpointCorruptError: ``checkpoint.pt`` does not read or fails its checksum (read
+            with :func:`kalmannorm.lab.train.checkpoint.load_checkpoint`, as ``train`` resumes).
     """
     folder = Path(folder)
     config_path, checkpoint_path = folder / CONFIG, folder / CHECKPOINT
     for path in (config_path, checkpoint_path):
         if not path.is_file():
-            raise FileNotFoundError(
+            raise RunNotFoundError(
                 f"{path} not found: pass the --out folder of a `kalmannorm train` run"
             )
     config = load_config(config_path)

@@ -10,7 +10,7 @@ from kalmannorm.lab.data.datasets import (
     load_dataset,
 )
 from kalmannorm.lab.data.digits import load_digits_split
-from kalmannorm.lab.data.idx import read_idx, write_idx
+from kalmannorm.lab.data.idx import DataCorruptError, read_idx, write_idx
 from kalmannorm.lab.data.synthetic import make_synthetic
 from kalmannorm.lab.data.tensor_data import TensorImageData
 
@@ -18,6 +18,7 @@ __all__ = [
     "DATASETS",
     "FASHION_MNIST_DEBIAN_DIR",
     "Augmentation",
+    "DataCorruptError",
     "DataNotFoundError",
     "TensorImageData",
     "available_datasets",

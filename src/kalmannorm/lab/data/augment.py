@@ -21,7 +21,7 @@ class Draw:
     offsets: Tensor
     flips: Tensor
 
-    def __getitem__(self, part: slice) -> Draw:
+    def __getitem__(self, part: slice | Tensor) -> Draw:
         return Draw(self.offsets[part], self.flips[part])
 
 

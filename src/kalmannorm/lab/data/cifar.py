@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kalmannorm.lab.data.idx import DataCorruptError
+
 #: name -> (folder inside the archive, training files, test files, label key)
 CIFAR_LAYOUT = {
     "cifar10": (
@@ -39,11 +41,28 @@ def find_cifar_folder(root: Path, name: str) -> Path | None:
 def _read_batches(folder: Path, files: list[str], label_key: str) -> tuple[Tensor, Tensor]:
     images, labels = [], []
     for file in files:
-        with open(folder / file, "rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")  # the official format is a pickle
-        images.append(torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-        labels.append(torch.as_tensor(list(entry[label_key]), dtype=torch.long))
+        path = folder / file
+        try:
+            with open(path, "rb") as handle:
+                entry = pickle.load(handle, encoding="latin1")  # the official format is a pickle
+            x = torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32)
+            y = torch.as_tensor(list(entry[label_key]), dtype=torch.long)
+        except Exception as error:  # any unreadable pickle: truncated, garbage, another format
+            raise DataCorruptError(
+                f"{path} is not a CIFAR python-format batch ({type(error).__name__}: "
+                f"{_first_line(error)}); extract a fresh copy of the archive into --data-dir"
+            ) from None
+        if len(x) != len(y):
+            raise DataCorruptError(
+                f"{path} holds {len(x)} images but {len(y)} labels; extract a fresh copy"
+            )
+        images.append(x)
+        labels.append(y)
     return torch.cat(images), torch.cat(labels)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
 
 
 def load_cifar_folder(folder: Path, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:

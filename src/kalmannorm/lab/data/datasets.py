@@ -20,6 +20,7 @@ from kalmannorm.lab.data.digits import load_digits_split
 from kalmannorm.lab.data.idx import read_idx
 from kalmannorm.lab.data.synthetic import make_synthetic
 from kalmannorm.lab.data.tensor_data import TensorImageData
+from kalmannorm.lab.errors import UserError
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the original ``.gz`` idx files.
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -32,7 +33,7 @@ _IDX_FILES = (
 )
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     """The files of a data set are in none of the places looked at."""
 
 

@@ -87,12 +87,17 @@ class FolderImageData:
         return len(self.test_folder)
 
     def train_batches(
-        self, batches: Iterable[tuple[Tensor, int]], part: slice, augment: bool = True
+        self, batches: Iterable[tuple[Tensor, int]], part: slice | Tensor, augment: bool = True
     ) -> Iterator[Batch]:
-        """For each ``(indices, seed)`` of a global batch, the slice ``part`` of it, loaded by
-        worker processes; per-sample seeds are ``seed * 1_000_003 + position``."""
+        """For each ``(indices, seed)`` of a global batch, the part ``part`` of it (a slice or a
+        tensor of positions), loaded by worker processes; per-sample seeds are
+        ``seed * 1_000_003 + position``."""
+
+        def take(keys: list) -> list:
+            return keys[part] if isinstance(part, slice) else [keys[p] for p in part.tolist()]
+
         keys = [
-            [(int(i), seed * 1_000_003 + pos) for pos, i in enumerate(indices.tolist())][part]
+            take([(int(i), seed * 1_000_003 + pos) for pos, i in enumerate(indices.tolist())])
             for indices, seed in batches
         ]
         folder = self.train_folder if augment else self.plain_folder

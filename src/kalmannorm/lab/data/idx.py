@@ -11,10 +11,18 @@ from __future__ import annotations
 import gzip
 import struct
 import sys
+import zlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from kalmannorm.lab.errors import UserError
+
+
+class DataCorruptError(UserError, ValueError):
+    """A data file that is there but does not read (truncated, garbage, wrong format)."""
+
 
 _IDX_TYPES = {
     0x08: (torch.uint8, 1),
@@ -29,19 +37,28 @@ _IDX_TYPES = {
 def read_idx(path: str | Path) -> Tensor:
     """Read one idx file (``.gz`` or uncompressed) into a tensor of its stored type and shape."""
     path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    fix = "replace it with a fresh copy (or delete it and pass --download)"
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise DataCorruptError(f"{path} does not read ({error}); {fix}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise ValueError(f"{path} is not an idx file (bad magic number {raw[:4].hex()})")
+        raise DataCorruptError(
+            f"{path} is not an idx file (bad magic number {raw[:4].hex()}); {fix}"
+        )
     dtype, size = _IDX_TYPES[raw[2]]
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataCorruptError(f"{path}: the idx header is cut short; {fix}")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     offset = 4 + 4 * ndim
     count = 1
     for n in shape:
         count *= n
     if len(raw) - offset != count * size:
-        raise ValueError(
-            f"{path}: header says {shape} but the file holds {len(raw) - offset} bytes"
+        raise DataCorruptError(
+            f"{path}: header says {shape} but the file holds {len(raw) - offset} bytes (truncated "
+            f"or not an idx file); {fix}"
         )
     data = torch.frombuffer(bytearray(raw[offset:]), dtype=dtype)
     if size > 1 and sys.byteorder == "little":  # idx is big-endian

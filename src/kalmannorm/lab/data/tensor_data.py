@@ -66,17 +66,19 @@ class TensorImageData:
         return len(self.test_y)
 
     def train_batches(
-        self, batches: Iterable[tuple[Tensor, int]], part: slice, augment: bool = True
+        self, batches: Iterable[tuple[Tensor, int]], part: slice | Tensor, augment: bool = True
     ) -> Iterator[Batch]:
-        """For each ``(indices, seed)`` of a global batch, the augmented slice ``part`` of it."""
+        """For each ``(indices, seed)`` of a global batch, the augmented part ``part`` of it (a
+        slice or a tensor of positions)."""
         for indices, seed in batches:
             yield self.train_batch(indices, seed, part, augment)
 
     def train_batch(
-        self, indices: Tensor, seed: int, part: slice = slice(None), augment: bool = True
+        self, indices: Tensor, seed: int, part: slice | Tensor = slice(None), augment: bool = True
     ) -> Batch:
-        """The slice ``part`` of the global batch ``indices``; augmentation drawn from ``seed``
-        for the whole global batch, so any split of it sees the same images."""
+        """The part ``part`` (a slice or positions) of the global batch ``indices``;
+        augmentation drawn from ``seed`` for the whole global batch, so any split of it sees the
+        same images."""
         x = self._to_unit(self.train_x[indices[part]])
         if augment and self.augmentation.active:
             draw = self.augmentation.draw(len(indices), torch.Generator().manual_seed(seed))

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kalmannorm.lab.errors import UserError
 from kalmannorm.lab.train.config import (
     TrainConfig,
     config_from_dict,
@@ -51,7 +52,7 @@ from kalmannorm.lab.train.config import (
     save_config,
     to_toml,
 )
-from kalmannorm.lab.train.loop import CONFIG, SUMMARY, check_config
+from kalmannorm.lab.train.loop import CONFIG, SUMMARY, check_config, prepare_run_folder
 from kalmannorm.lab.train.metrics import read_metrics
 from kalmannorm.lab.train.model import takes_stat_batch_size, valid_norms
 from kalmannorm.lab.train.plan import ConfigError
@@ -59,8 +60,10 @@ from kalmannorm.lab.train.plan import ConfigError
 COMPARE_KEYS = ("out", "norms", "stat_batch_sizes", "seeds", "baseline", "jobs")
 
 
-class RunsFailedError(RuntimeError):
+class RunsFailedError(UserError, RuntimeError):
     """Some runs of a grid failed (the others are summarised all the same)."""
+
+    exit_code = 1
 
 
 #: Training keys a grid sets per run; a variant's ``train`` table cannot override them.
@@ -81,11 +84,17 @@ class Variant:
     def parse(cls, entry: str | dict) -> Variant:
         if isinstance(entry, str):
             return cls(entry, entry)
+        shape = f"a norm entry is a name or a table {{norm, label, options, train}}, got {entry!r}"
+        if not isinstance(entry, dict):
+            raise ConfigError(shape)
         unknown = set(entry) - {"norm", "label", "options", "train"}
-        if "norm" not in entry or unknown:
-            raise ConfigError(
-                f"a norm entry is a name or a table {{norm, label, options, train}}, got {entry!r}"
-            )
+        if "norm" not in entry or unknown or not isinstance(entry["norm"], str):
+            raise ConfigError(shape)
+        for key in ("options", "train"):
+            if not isinstance(entry.get(key, {}), dict):
+                raise ConfigError(f"{shape}: {key} must be a table")
+        if not isinstance(entry.get("label", ""), str):
+            raise ConfigError(f"{shape}: label must be a string")
         train = dict(entry.get("train", {}))
         fixed = sorted(set(train) & set(PER_RUN_KEYS))
         if fixed:
@@ -130,22 +139,54 @@ def compare_config_from_dict(values: dict[str, Any]) -> CompareConfig:
     unknown = set(values) - {"compare", "train"}
     if unknown:
         raise ConfigError(f"a compare file has [compare] and [train] tables, not {sorted(unknown)}")
+    if not isinstance(values.get("compare", {}), dict) or not isinstance(
+        values.get("train", {}), dict
+    ):
+        raise ConfigError("a compare file's [compare] and [train] are tables")
     table = dict(values.get("compare", {}))
     bad = set(table) - set(COMPARE_KEYS)
     if bad:
         raise ConfigError(
             f"unknown [compare] key(s) {sorted(bad)}; valid: {', '.join(COMPARE_KEYS)}"
         )
+    norms = table.get("norms", ["bkn"])
+    if not isinstance(norms, list) or not norms:
+        raise ConfigError(
+            f'[compare] norms is a non-empty list of norm entries (e.g. norms = ["bn", "bkn"]), '
+            f"got {norms!r}"
+        )
+    stat_batch_sizes = _int_list(table, "stat_batch_sizes", [2], minimum=1)
+    seeds = _int_list(table, "seeds", [0], minimum=0)
+    jobs, out = table.get("jobs", 1), table.get("out", "runs/compare")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"[compare] jobs is a positive integer, got {jobs!r}")
+    if not isinstance(out, str) or not out.strip():
+        raise ConfigError(f"[compare] out is a folder name, got {out!r}")
     baseline = table.get("baseline", "none")
     return CompareConfig(
         train=dict(values.get("train", {})),
-        norms=[Variant.parse(e) for e in table.get("norms", ["bkn"])],
-        stat_batch_sizes=list(table.get("stat_batch_sizes", [2])),
-        seeds=list(table.get("seeds", [0])),
+        norms=[Variant.parse(e) for e in norms],
+        stat_batch_sizes=stat_batch_sizes,
+        seeds=seeds,
         baseline=Variant.parse(baseline) if baseline else None,
-        jobs=int(table.get("jobs", 1)),
-        out=str(table.get("out", "runs/compare")),
+        jobs=jobs,
+        out=out,
     )
+
+
+def _int_list(table: dict[str, Any], key: str, default: list[int], minimum: int) -> list[int]:
+    """``table[key]``: a non-empty list of integers >= ``minimum``, else a ConfigError."""
+    values = table.get(key, default)
+    if (
+        not isinstance(values, list)
+        or not values
+        or any(not isinstance(v, int) or isinstance(v, bool) or v < minimum for v in values)
+    ):
+        raise ConfigError(
+            f"[compare] {key} is a non-empty list of integers >= {minimum} (e.g. {key} = "
+            f"{default}), got {values!r}"
+        )
+    return values
 
 
 def load_compare_config(path: str | Path) -> CompareConfig:
@@ -490,7 +531,7 @@ def compare(cfg: CompareConfig, threads: int | None = None) -> str:
     start = time.perf_counter()
     specs = make_grid(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out)
     (out / "compare.toml").write_text("# kalmannorm compare: resolved grid\n" + cfg.to_toml())
     outcomes = run_grid(specs, cfg.jobs, threads)
     rows = collect(specs)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kalmannorm.lab.train.plan import ConfigError
+
 
 def _option(default: Any, help: str) -> Any:
     """A field with a default and its command-line help."""
@@ -121,13 +123,18 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) ->
     """``base`` (default: the defaults) with ``values`` on top; unknown keys are refused."""
     unknown = sorted(set(values) - set(config_keys()))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown configuration key(s) {', '.join(unknown)}; valid keys: "
             f"{', '.join(config_keys())}"
         )
     merged = dataclasses.asdict(base or TrainConfig())
     for key, value in values.items():
         if key.endswith("_options"):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{key} is a table of constructor options (e.g. {key} = {{gain = 0.9}}, or "
+                    f"--{key.removesuffix('_options')}-option KEY=VALUE), got {value!r}"
+                )
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
@@ -146,10 +153,68 @@ def check_types(config: TrainConfig) -> TrainConfig:
             setattr(config, key, float(value))
             continue
         if isinstance(value, bool) and bool not in allowed:
-            raise ValueError(f"{key} must be {_describe(hint)}, got {value!r}")
+            raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}")
         if not isinstance(value, tuple(a for a in allowed if a is not type(None))):
-            raise ValueError(f"{key} must be {_describe(hint)}, got {value!r}")
+            raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}")
     return config
+
+
+def check_values(config: TrainConfig) -> None:
+    """Refuse values no run can use (a negative count, a NaN rate, an unknown choice), naming
+    the key and what it takes; the types are :func:`check_types`'s."""
+    check_types(config)
+
+    def refuse(key: str, takes: str) -> None:
+        raise ConfigError(f"{key} must be {takes}, got {getattr(config, key)!r}")
+
+    for key in ("batch_size", "accumulation_steps", "epochs", "eval_batch_size"):
+        if getattr(config, key) < 1:
+            refuse(key, "a positive integer")
+    for key in ("steps", "stat_batch_size", "train_subset", "test_subset", "threads"):
+        if getattr(config, key) is not None and getattr(config, key) < 1:
+            refuse(key, "a positive integer (or unset)")
+    for key in ("warmup_steps", "eval_every", "checkpoint_every", "precise_bn_batches"):
+        if getattr(config, key) < 0:
+            refuse(key, "a non-negative integer (0: " + _ZERO_MEANS[key] + ")")
+    if config.num_workers < 0:
+        refuse("num_workers", "a non-negative integer")
+    if not 0 <= config.seed < 2**32:
+        refuse("seed", "an integer in [0, 2**32)")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        refuse("lr", "a positive finite number")
+    if not 0 <= config.momentum < 1:
+        refuse("momentum", "in [0, 1)")
+    if config.nesterov and config.momentum == 0:
+        raise ConfigError("nesterov needs a momentum: give --momentum > 0, or --no-nesterov")
+    for key in ("weight_decay", "kalman_lr_scale", "kalman_weight_decay"):
+        value = getattr(config, key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            refuse(key, "a non-negative finite number")
+    if config.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"unknown schedule {config.schedule!r}; use one of {', '.join(SCHEDULES)}"
+        )
+    if not 0 < config.gamma <= 1:
+        refuse("gamma", "a decay factor in (0, 1]")
+    if not all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in config.milestones):
+        refuse("milestones", "a list of fractions of training")
+    if any(not 0 < m <= 1 for m in config.milestones):
+        raise ConfigError(
+            f"milestones are fractions of training in (0, 1], got {config.milestones}"
+        )
+    if config.progress not in PROGRESS:
+        raise ConfigError(f"progress must be one of {', '.join(PROGRESS)}, got {config.progress!r}")
+    for key in ("out", "data_dir", "device", "dataset", "model"):
+        if getattr(config, key) is not None and not getattr(config, key).strip():
+            refuse(key, "a non-empty string")
+
+
+_ZERO_MEANS = {
+    "warmup_steps": "no warm-up",
+    "eval_every": "once per epoch",
+    "checkpoint_every": "at evaluations",
+    "precise_bn_batches": "off",
+}
 
 
 def _describe(hint: Any) -> str:
@@ -184,9 +249,13 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML: {error}") from None
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; give a TOML file") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
 
 
 def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from kalmannorm.lab.train.plan import ConfigError
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -40,16 +42,48 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def check_device(device: str, here: bool = True) -> torch.device:
+    """The device ``device`` names, if this machine has it (``here=False``: on any machine: a
+    grid for GPUs is checked on a CPU); else a ConfigError saying which devices there are."""
+    names = ["cpu"] + (
+        [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(
+            f"unknown device {device!r}; this machine has: {', '.join(names)}"
+        ) from None
+    if target.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(
+            f"device {device!r}: the harness runs on cpu, cuda[:N] or mps; this machine has: "
+            f"{', '.join(names)}"
+        )
+    if not here:
+        return target
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device!r} requested but CUDA is not available here; use --device cpu"
+            )
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s) "
+                f"({', '.join(names[1:])})"
+            )
+    elif target.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: MPS is not available here; use --device cpu")
+    return target
+
+
 def setup(device: str) -> tuple[Distributed, torch.device]:
     """Join the process group if torchrun started us; pick this process's device."""
     world_size = world_size_from_env()
     dist = Distributed(
         int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0"))
     )
-    target = torch.device(device)
+    target = check_device(device)
     if target.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
         if dist.enabled and target.index is None:
             target = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(target)

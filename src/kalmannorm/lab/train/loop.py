@@ -6,18 +6,29 @@
 3. Resume from the run folder's checkpoint if asked (refusing another configuration).
 4. Train: each epoch visits the training set in an order drawn from (seed, epoch); each step's
    augmentation is drawn from (seed, step). Both are recomputed, never stored, so a resumed run
-   sees exactly the data the uninterrupted run would have seen. Each process takes its slice of
+   sees exactly the data the uninterrupted run would have seen. Each process takes its part of
    the global batch and may accumulate it in several passes.
 5. Every ``eval_every`` steps: test accuracy with moving and with batch statistics, one metrics
    record, a checkpoint. At the end: ``summary.json``.
+
+Nothing is lost: the run folder is locked for the run (a second process on it is refused); a
+non-finite loss stops the run at that step, and a checkpoint is written only of finite weights,
+buffers and optimizer state, so the last good checkpoint survives a divergence; SIGINT and
+SIGTERM finish the step, save a checkpoint and stop with the command that resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
+import shlex
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -26,22 +37,20 @@ import torch
 from torch import nn
 from torch.nn import functional as torch_f
 
+from kalmannorm.lab.errors import UserError
 from kalmannorm.lab.train import distributed
+from kalmannorm.lab.train.batch_mode import GKN, find_norm_layers
 from kalmannorm.lab.train.checkpoint import (
+    CheckpointError,
     capture_rng,
     check_fingerprint,
     load_checkpoint,
+    lock_run_folder,
     remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
 )
-from kalmannorm.lab.train.config import (
-    PROGRESS,
-    SCHEDULES,
-    TrainConfig,
-    fingerprint,
-    save_config,
-)
+from kalmannorm.lab.train.config import TrainConfig, check_values, fingerprint, save_config
 from kalmannorm.lab.train.evaluate import evaluate, precise_accuracy
 from kalmannorm.lab.train.metrics import MetricsLog, read_metrics
 from kalmannorm.lab.train.model import build_model_for, check_names, load_run_data
@@ -54,23 +63,27 @@ SUMMARY = "summary.json"
 CONFIG = "config.toml"
 
 
+class DivergedError(UserError, FloatingPointError):
+    """A non-finite loss, weight or statistic: the run stopped before saving it."""
+
+
+class TrainingInterruptedError(UserError):
+    """SIGINT or SIGTERM stopped the run (after saving a checkpoint, unless asked twice)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)  # the shell's convention: 130 (SIGINT), 143 (SIGTERM)
+
+
+class CheckpointWriteError(CheckpointError):
+    """The checkpoint could not be written (disk full, permissions); the previous one is kept."""
+
+
 def check_config(config: TrainConfig, processes: int = 1) -> BatchPlan:
-    """Everything that can be checked without data: names, values, batch arithmetic."""
+    """Everything that can be checked without data: names, values, device name, batches."""
     check_names(config.dataset, config.model, config.norm)
-    if config.schedule not in SCHEDULES:
-        raise ConfigError(
-            f"unknown schedule {config.schedule!r}; use one of {', '.join(SCHEDULES)}"
-        )
-    if config.progress not in PROGRESS:
-        raise ConfigError(f"progress must be one of {', '.join(PROGRESS)}")
-    if (config.steps is not None and config.steps < 1) or config.epochs < 1:
-        raise ConfigError("steps and epochs must be positive")
-    if config.seed < 0:
-        raise ConfigError(f"seed must be non-negative, got {config.seed}")
-    if any(not 0 < m <= 1 for m in config.milestones):
-        raise ConfigError(
-            f"milestones are fractions of training in (0, 1], got {config.milestones}"
-        )
+    check_values(config)
+    distributed.check_device(config.device, here=False)  # here: when the run starts
     return plan_batches(
         config.batch_size,
         config.stat_batch_size,
@@ -86,9 +99,111 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     plan = check_config(config, distributed.world_size_from_env())
     dist, device = distributed.setup(config.device)
     try:
-        return _train(config, plan, dist, device, resume)
+        if not dist.is_main:  # only the main process writes to the run folder
+            return _train(config, plan, dist, device, resume)
+        out = Path(config.out)
+        prepare_run_folder(out)
+        with lock_run_folder(out):
+            remove_stale_temporaries(out)
+            return _train(config, plan, dist, device, resume)
     finally:
         distributed.teardown(dist)
+
+
+def prepare_run_folder(out: Path) -> None:
+    """Create the run folder, or say in one line why it cannot be one."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose a folder for the run")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out {out} lies below {blocking}, which is a file; choose a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create the run folder {out}: {error.strerror or error}; choose another --out"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to the run folder {out}; choose another --out")
+
+
+def resume_command(out: Path, processes: int) -> str:
+    """The command line that continues the run in ``out``."""
+    launcher = (
+        f"torchrun --nproc_per_node={processes} -m kalmannorm" if processes > 1 else "kalmannorm"
+    )
+    return f"{launcher} train --out {shlex.quote(str(out))} --resume"
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM while training: the step finishes, a checkpoint is saved, the run stops.
+
+    A second Ctrl-C more than a second after the first stops at once, without saving (a
+    launcher that forwards the terminal's SIGINT and then sends SIGTERM does not count).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.at = 0.0
+        self.saved_step: int | None = None
+        self.out = Path()
+
+    def __call__(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self.at = signum, now
+        elif signum == signal.SIGINT and now - self.at > 1.0:
+            kept = (
+                f"{self.out / CHECKPOINT} holds step {self.saved_step}"
+                if self.saved_step is not None
+                else "no checkpoint was written"
+            )
+            raise TrainingInterruptedError(
+                f"interrupted twice: stopped without saving ({kept})", signum
+            )
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_StopRequest]:
+    """SIGINT and SIGTERM set the stop request while the block runs (main thread only: signal
+    handlers cannot be installed from other threads, where the run simply has none)."""
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _check_test_set(model: nn.Module, data, plan: BatchPlan) -> None:
+    """Refuse a test set too small for one statistics group when the model has layers whose
+    batch-statistics evaluation needs whole groups (it would score no image: NaN)."""
+    if data.test_size < 1:
+        raise ConfigError("the test set is empty; use a larger --test-subset")
+    batch_dependent = [layer for layer in find_norm_layers(model) if layer.kind != GKN]
+    if batch_dependent and data.test_size < plan.stat_batch_size:
+        raise ConfigError(
+            f"the test set holds {data.test_size} images, fewer than one statistics group of "
+            f"{plan.stat_batch_size}: the batch-statistics evaluation would score none; use "
+            f"--test-subset {plan.stat_batch_size} or more"
+        )
+
+
+def _nonfinite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the model's parameters and buffers and of optimizer state tensors that hold
+    NaN or Inf (one device-to-host transfer for all)."""
+    named = [(f"model {k}", v) for k, v in model.state_dict().items()]
+    for index, state in optimizer.state_dict()["state"].items():
+        named += [(f"optimizer state {index}.{k}", v) for k, v in state.items()]
+    named = [(k, v) for k, v in named if torch.is_tensor(v) and v.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist()
+    return [k for (k, _), ok in zip(named, finite) if not ok]
 
 
 # -- data order: pure functions of (seed, epoch, step) ------------------------------------------
@@ -127,9 +242,6 @@ def _train(
 ) -> dict[str, Any]:
     out = Path(config.out)
     checkpoint_path = out / CHECKPOINT
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
     if not resume and (checkpoint_path.exists() or (out / SUMMARY).exists()):
         raise ConfigError(
             f"{out} already holds a run; pass --resume to continue it, or choose another --out"
@@ -147,10 +259,16 @@ def _train(
     total_steps = config.steps or config.epochs * steps_per_epoch
     eval_every = config.eval_every or steps_per_epoch
     checkpoint_every = config.checkpoint_every or eval_every
+    if config.warmup_steps > total_steps:
+        raise ConfigError(
+            f"warmup_steps {config.warmup_steps} exceeds the {total_steps} training steps: the "
+            f"learning rate would never reach --lr; use fewer warm-up steps"
+        )
 
     # model and optimizer (identical initial weights on every process)
     torch.manual_seed(config.seed)
     model = build_model_for(config, data).to(device)
+    _check_test_set(model, data, plan)
     kalman_decay = config.kalman_weight_decay
     parameters = (
         model.parameters()  # one group: every parameter alike
@@ -174,6 +292,7 @@ def _train(
 
     # resume
     step, meters, elapsed = 0, Meters(), 0.0
+    saved_step: int | None = None  # the step of the checkpoint on disk
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         check_fingerprint(checkpoint_path, state["config"], fingerprint(config))
@@ -181,6 +300,7 @@ def _train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, meters, elapsed = state["step"], Meters(**state["meters"]), state["elapsed_s"]
+        saved_step = step
         if len(state["rng"]) == dist.world_size:
             restore_rng(state["rng"][dist.rank])
         else:
@@ -213,100 +333,153 @@ def _train(
         )
 
     wrapped = distributed.wrap(model, dist, device)
-    part = plan.process_slice(dist.rank)
+    part = plan.process_part(dist.rank)
+
+    def diverged(what: str) -> DivergedError:
+        if saved_step is None:
+            return DivergedError(
+                f"training diverged at step {step}: {what}; no checkpoint was written. Lower --lr "
+                f"(or raise --warmup-steps) and start again"
+            )
+        return DivergedError(
+            f"training diverged at step {step}: {what}; nothing after step {saved_step} was "
+            f"saved ({checkpoint_path} holds step {saved_step}). Lower --lr (or raise "
+            f"--warmup-steps) and start again in a new --out, or, for a transient fault, resume "
+            f"from step {saved_step}: {resume_command(out, dist.world_size)}"
+        )
+
+    def check_state() -> None:
+        """Refuse to evaluate or save non-finite weights, buffers or optimizer state."""
+        bad = _nonfinite_state(model, optimizer)
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise diverged(f"{', '.join(bad[:3])}{more} hold NaN or Inf")
 
     def checkpoint() -> None:
+        nonlocal saved_step
         distributed.average_buffers(model, dist)
+        check_state()
         rng = distributed.gather(capture_rng(), dist)
         if dist.is_main:
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "config": fingerprint(config),
-                    "step": step,
-                    "epoch": step // steps_per_epoch,
-                    "position": step % steps_per_epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "meters": dataclasses.asdict(meters),
-                    "rng": rng,
-                    "world_size": dist.world_size,
-                    "elapsed_s": elapsed + time.perf_counter() - started,
-                },
-            )
+            state = {
+                "config": fingerprint(config),
+                "step": step,
+                "epoch": step // steps_per_epoch,
+                "position": step % steps_per_epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "meters": dataclasses.asdict(meters),
+                "rng": rng,
+                "world_size": dist.world_size,
+                "elapsed_s": elapsed + time.perf_counter() - started,
+            }
+            try:
+                save_checkpoint(checkpoint_path, state)
+            except OSError as error:
+                kept = f"step {saved_step} is kept" if saved_step is not None else "none yet"
+                raise CheckpointWriteError(
+                    f"cannot write {checkpoint_path} at step {step}: {error.strerror or error} "
+                    f"(the previous checkpoint: {kept}); make room or fix the folder's "
+                    f"permissions, then: {resume_command(out, dist.world_size)}"
+                ) from None
         distributed.barrier(dist)
+        saved_step = step
 
-    started = time.perf_counter()
-    window_start, window_step = started, step
-    while step < total_steps:
-        epoch, position = divmod(step, steps_per_epoch)
-        order = epoch_order(config.seed, epoch, data.train_size)
-        last = min(steps_per_epoch, position + total_steps - step)
-        batches = [
-            (
-                order[i * config.batch_size : (i + 1) * config.batch_size],
-                batch_seed(config.seed, epoch * steps_per_epoch + i),
-            )
-            for i in range(position, last)
-        ]
-        for x, y in data.train_batches(batches, part, config.augment):
-            model.train()
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-            loss, correct = _train_step(wrapped, optimizer, x.to(device), y.to(device), plan)
-            scheduler.step()
-            step += 1
-            meters.loss_sum += loss * len(y)
-            meters.correct += correct
-            meters.count += len(y)
-            log.step(loss)
-
-            if step % eval_every == 0 or step == total_steps:
-                distributed.average_buffers(model, dist)
-                loss_sum, n_correct, count = distributed.all_reduce_sum(
-                    [meters.loss_sum, meters.correct, meters.count], dist, device
+    with _stop_on_signals() as stop:
+        stop.out, stop.saved_step = out, saved_step
+        started = time.perf_counter()
+        window_start, window_step = started, step
+        while step < total_steps:
+            epoch, position = divmod(step, steps_per_epoch)
+            order = epoch_order(config.seed, epoch, data.train_size)
+            last = min(steps_per_epoch, position + total_steps - step)
+            batches = [
+                (
+                    order[i * config.batch_size : (i + 1) * config.batch_size],
+                    batch_seed(config.seed, epoch * steps_per_epoch + i),
                 )
-                if not math.isfinite(loss_sum):
-                    raise FloatingPointError(
-                        f"training diverged: the loss is {loss_sum / count} at step {step}; try "
-                        f"a lower --lr or a warm-up"
+                for i in range(position, last)
+            ]
+            for x, y in data.train_batches(batches, part, config.augment):
+                model.train()
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+                try:
+                    loss, correct = _train_step(
+                        wrapped, optimizer, x.to(device), y.to(device), plan
                     )
-                accuracy = evaluate(
-                    model,
-                    data,
-                    stat_batch_size=plan.stat_batch_size,
-                    eval_batch_size=config.eval_batch_size,
-                    dist=dist,
-                    device=device,
+                except FloatingPointError as error:  # a layer's own finite check
+                    step += 1
+                    raise diverged(str(error)) from error
+                scheduler.step()
+                step += 1
+                meters.loss_sum += loss * len(y)
+                meters.correct += correct
+                meters.count += len(y)
+                log.step(loss)
+                # The loss is on the host already (the meters), so checking it costs no sync;
+                # under torchrun the processes agree on it and on a stop request in one
+                # all-reduce of two numbers.
+                nonfinite, stopping = distributed.all_reduce_sum(
+                    [float(not math.isfinite(loss)), float(stop.signum is not None)], dist, device
                 )
-                if config.precise_bn_batches > 0:
-                    accuracy["test_acc_precise"] = precise_accuracy(
+                if nonfinite:
+                    raise diverged(f"the training loss is {loss}")
+
+                if step % eval_every == 0 or step == total_steps:
+                    distributed.average_buffers(model, dist)
+                    check_state()
+                    loss_sum, n_correct, count = distributed.all_reduce_sum(
+                        [meters.loss_sum, meters.correct, meters.count], dist, device
+                    )
+                    accuracy = evaluate(
                         model,
                         data,
-                        _precise_batches(data, config, part, plan.per_pass),
+                        stat_batch_size=plan.stat_batch_size,
                         eval_batch_size=config.eval_batch_size,
                         dist=dist,
                         device=device,
                     )
-                now = time.perf_counter()
-                trained = (step - window_step) * config.batch_size
-                log.record(
-                    {
-                        "step": step,
-                        "epoch": step / steps_per_epoch,
-                        "train_loss": loss_sum / count,
-                        "train_acc": n_correct / count,
-                        **accuracy,
-                        "lr": lr,
-                        "samples_per_s": trained / (now - window_start),
-                        "elapsed_s": elapsed + now - started,
-                    }
-                )
-                meters = Meters()
-                checkpoint()
-                window_start, window_step = time.perf_counter(), step
-            elif step % checkpoint_every == 0:
-                checkpoint()
+                    if config.precise_bn_batches > 0:
+                        accuracy["test_acc_precise"] = precise_accuracy(
+                            model,
+                            data,
+                            _precise_batches(data, config, part, plan.per_pass),
+                            eval_batch_size=config.eval_batch_size,
+                            dist=dist,
+                            device=device,
+                        )
+                    now = time.perf_counter()
+                    trained = (step - window_step) * config.batch_size
+                    log.record(
+                        {
+                            "step": step,
+                            "epoch": step / steps_per_epoch,
+                            "train_loss": loss_sum / count,
+                            "train_acc": n_correct / count,
+                            **accuracy,
+                            "lr": lr,
+                            "samples_per_s": trained / (now - window_start),
+                            "elapsed_s": elapsed + now - started,
+                        }
+                    )
+                    meters = Meters()
+                    checkpoint()
+                    window_start, window_step = time.perf_counter(), step
+                elif step % checkpoint_every == 0:
+                    checkpoint()
+                stop.saved_step = saved_step
+                if stopping:
+                    if saved_step != step:
+                        checkpoint()
+                    log.close()
+                    name = signal.Signals(stop.signum or signal.SIGTERM).name
+                    raise TrainingInterruptedError(
+                        f"interrupted ({name}) at step {step} of {total_steps}: checkpoint saved "
+                        f"to {checkpoint_path}; continue with: "
+                        f"{resume_command(out, dist.world_size)}",
+                        stop.signum or signal.SIGTERM,
+                    )
     log.close()
     if not dist.is_main:
         return {}
@@ -351,11 +524,11 @@ def _train_step(
     return loss_total, correct
 
 
-def _precise_batches(data, config: TrainConfig, part: slice, per_pass: int):
+def _precise_batches(data, config: TrainConfig, part: slice | torch.Tensor, per_pass: int):
     """PreciseBN's inputs: the first ``precise_bn_batches`` forward batches of the training set
     in the first epochs' order, without augmentation, this process's slice split into passes as
     in training (so every layer sees its training statistics groups)."""
-    per_process = len(range(config.batch_size)[part])
+    per_process = len(range(config.batch_size)[part]) if isinstance(part, slice) else len(part)
     wanted = -(-config.precise_bn_batches // max(1, per_process // per_pass))  # global batches
     batches: list[tuple[torch.Tensor, int]] = []
     epoch = 0

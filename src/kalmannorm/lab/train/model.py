@@ -64,7 +64,17 @@ def build_run_model(
 ) -> nn.Module:
     """Build ``name`` and convert its BatchNorms to ``norm`` (statistics groups of
     ``stat_batch_size`` where the norm takes them), chain linked in traced execution order."""
-    model = build_model(name, num_classes, in_channels, **model_options)
+    try:
+        model = build_model(name, num_classes, in_channels, **model_options)
+    except (TypeError, ValueError, RuntimeError, ImportError) as error:
+        if isinstance(error, (ValueError, ImportError)) and name.startswith(TORCHVISION_PREFIX):
+            raise ConfigError(_first_line(error)) from error  # no such model, no torchvision
+        if not model_options:  # nothing of the user's in the call: a bug, with its traceback
+            raise
+        raise ConfigError(
+            f"model {name!r} does not accept the options {model_options} "
+            f"(--model-option): {_first_line(error)}"
+        ) from error
     if norm == NO_CONVERSION:
         if norm_options:
             raise ConfigError("--norm none keeps plain BatchNorm: norm options are not used")
@@ -76,10 +86,15 @@ def build_run_model(
     example = torch.zeros(group, in_channels, *image_size)
     try:
         return kalmannorm.convert_norm(model, norm, example_input=example, **options)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # the library's refusal of an option or value
         raise ConfigError(
-            f"norm {norm!r} does not accept these options {options}: {error}"
-        ) from None
+            f"norm {norm!r} does not accept these options {options} (--norm-option): "
+            f"{_first_line(error)}"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def load_run_data(config: TrainConfig):

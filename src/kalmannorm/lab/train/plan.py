@@ -4,15 +4,21 @@ A gradient batch of ``B`` samples is split over ``P`` processes (``B / P`` each)
 share into ``k`` accumulation passes of ``B / (P k)`` samples (one forward/backward each), and
 each pass into statistics groups of ``s`` samples. A group never straddles two processes or two
 passes, so the same (B, s) gives the same groups, and the same gradient up to float rounding,
-whatever P and k are. Everything is checked here, before any data is read or model built.
+whatever P and k are; the j-th passes of all processes together hold the j-th pass of a single
+process (:meth:`BatchPlan.process_part`), so moving averages agree too. Everything is checked
+here, before any data is read or model built.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 
-class ConfigError(ValueError):
+from kalmannorm.lab.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message says why and what to change."""
 
 
@@ -33,8 +39,23 @@ class BatchPlan:
         return self.per_process // self.accumulation_steps
 
     def process_slice(self, rank: int) -> slice:
-        """This process's part of each global batch."""
+        """This process's samples when it takes one contiguous share of each global batch."""
         return slice(rank * self.per_process, (rank + 1) * self.per_process)
+
+    def process_part(self, rank: int) -> slice | torch.Tensor:
+        """The positions in each global batch of this process's samples, in pass order.
+
+        Pass j of process r holds the r-th of P equal parts of the j-th of k equal parts of the
+        global batch, so the j-th passes of all processes together hold exactly the samples of
+        the j-th pass of one process with the same batch: moving averages, updated once per
+        pass, then average over processes to the single-process values in every batch plan.
+        One pass or one process: a contiguous slice.
+        """
+        if self.processes == 1 or self.accumulation_steps == 1:
+            return self.process_slice(rank)
+        chunk = self.batch_size // self.accumulation_steps  # one pass of all processes
+        starts = torch.arange(self.accumulation_steps) * chunk + rank * self.per_pass
+        return (starts[:, None] + torch.arange(self.per_pass)).reshape(-1)
 
 
 def plan_batches(
