@@ -167,7 +167,12 @@ def add_config_options(parser: argparse.ArgumentParser, exclude: set[str] = froz
 
 def _parser_for(hint: Any):
     if hint is list:
-        return lambda text: [float(v) for v in text.split(",") if v]
+
+        def numbers(text: str) -> list[float]:
+            return [float(v) for v in text.split(",") if v.strip()]
+
+        numbers.__name__ = "comma-separated numbers"  # for argparse's messages
+        return numbers
     base = next(
         (t for t in (int, float, str) if t == hint or t in getattr(hint, "__args__", ())), str
     )
@@ -295,8 +300,16 @@ def _reproduce(args: argparse.Namespace) -> None:
 # -- the parser -------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage is one ``--help`` away); its command
+    parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kalmannorm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)

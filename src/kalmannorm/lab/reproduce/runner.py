@@ -38,6 +38,7 @@ from kalmannorm.lab.reproduce.report import (
 )
 from kalmannorm.lab.train.compare import CompareConfig, RunsFailedError, compare
 from kalmannorm.lab.train.config import config_from_dict
+from kalmannorm.lab.train.loop import prepare_run_folder
 from kalmannorm.lab.train.plan import ConfigError
 
 
@@ -196,6 +197,8 @@ def reproduce(
     if not isinstance(budget, Budget):
         if budget not in BUDGETS:
             raise ConfigError(f"unknown budget {budget!r}; budgets: {', '.join(BUDGETS)}")
+        if runs and Path(runs).exists() and not Path(runs).is_dir():
+            raise ConfigError(f"--runs {runs} is a file; give the folder of the grids")
         budget = BUDGETS[budget](runs) if runs else BUDGETS[budget]()
     selected = select_grids(budget, grids)
     if norms:
@@ -203,7 +206,9 @@ def reproduce(
     if overrides:
         selected = {n: override_training(c, overrides) for n, c in selected.items()}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out)
+    if bench_json:
+        bench_saved = _read_bench_json(Path(bench_json))
     failures = train_grids(selected, threads) if train else []
     command = "kalmannorm reproduce " + shlex.join(argv if argv is not None else sys.argv[2:])
     header = {
@@ -217,7 +222,7 @@ def reproduce(
         from kalmannorm.lab.bench import format_table, run_benchmark
 
         if bench_json:  # a saved `python -m kalmannorm.lab.bench --json PATH` result
-            findings.bench = json.loads(Path(bench_json).read_text())
+            findings.bench = bench_saved
         else:
             findings.bench = run_benchmark(compile=False, threads=1)
         findings.bench_table = format_table(findings.bench)
@@ -230,6 +235,20 @@ def reproduce(
     if span is not None:
         findings.header["training wall clock (periods in which runs trained)"] = span
     return write_report(findings, out / "REPORT.md")
+
+
+def _read_bench_json(path: Path) -> dict:
+    """A saved ``python -m kalmannorm.lab.bench --json PATH`` result, or a ConfigError."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"--bench-json {path} does not read as a saved benchmark ({error}); write one with "
+            f"python -m kalmannorm.lab.bench --json {path}"
+        ) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--bench-json {path} is not a saved benchmark (a JSON object)")
+    return saved
 
 
 #: Runs that end and start less than this apart (seconds) belong to one training period.

@@ -307,6 +307,8 @@ def _train(
             torch.manual_seed(config.seed + 7919 * step + dist.rank)
     else:
         torch.manual_seed(config.seed + dist.rank)  # dropout etc.: per process
+        if resume and dist.is_main:  # not an error: compare starts every run with --resume
+            print(f"{out} holds no checkpoint to resume: starting at step 0", flush=True)
 
     derived = {
         "train_size": data.train_size,
