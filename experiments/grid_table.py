@@ -84,13 +84,38 @@ def table(cells: dict, reference: str = "none") -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    shown = [r for r in rows if not math.isnan(r["moving_mean"])]
+    fig, axes = plt.subplots(figsize=(max(6, 0.8 * len(shown)), 3.6))
+    xs = range(len(shown))
+    for offset, mode in ((-0.2, "moving"), (0.2, "batch")):
+        axes.bar([x + offset for x in xs], [r[f"{mode}_mean"] for r in shown], 0.4,
+                 yerr=[0 if math.isnan(r[f"{mode}_std"]) else r[f"{mode}_std"] for r in shown],
+                 label=f"{mode} statistics", capsize=2)  # fmt: skip
+    axes.set_xticks(list(xs), [f"{r['norm']}\ns={r['s']}" for r in shown], fontsize=7)
+    low = min(min(r["moving_mean"], r["batch_mean"]) for r in shown)
+    axes.set_ylim(max(0, low - 5), 100 if low > 90 else None)
+    axes.set_ylabel("final test accuracy (%)")
+    axes.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--figure", type=Path, help="a bar chart of the moving/batch accuracies")
     args = parser.parse_args()
     text, rows = table(load(args.folder))
     print(text)
+    if args.figure:
+        figure(rows, args.figure)
     if args.out:
         args.out.write_text(text + "\n")
         with args.out.with_suffix(".csv").open("w", newline="") as handle:
