@@ -3,13 +3,17 @@ accepts what no run can use: every such case is one line naming the fix (issue 1
 
 from __future__ import annotations
 
+import errno
+import pickle
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import tiny
 
 from kalmannorm.lab import cli
 from kalmannorm.lab.train.plan import ConfigError
@@ -42,6 +46,11 @@ def files(tmp_path: Path) -> Path:
     cifar.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (cifar / name).write_bytes(b"garbage, not a pickle")
+    labels = tmp_path / "labels" / "cifar-10-batches-py"  # a label outside the 10 classes
+    labels.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 15]}
+        (labels / name).write_bytes(pickle.dumps(entry))
     (tmp_path / "bench.json").write_text("{not json")
     return tmp_path
 
@@ -67,7 +76,7 @@ CASES = [
     ("train --dataset fashion_mnist --data-dir {t}/fashion --out {t}/r", "does not read"),
     ("train --dataset cifar10 --data-dir {t}/cifar --out {t}/r", "not a CIFAR python-format"),
     ("{T} --eval-batch-size 0 --out {t}/r", "eval_batch_size must be a positive integer"),
-    ("{T} --norm-option r_max=2 --out {t}/r", "does not accept these options"),
+    ("{T} --norm-option r_max=2 --out {t}/r", "unexpected keyword argument 'r_max'"),
     ("{T} --norm brn --norm-option r_max=-1 --out {t}/r", "r_max must be >= 1"),
     ("{T} --norm gkn --norm-option flow=data --out {t}/r", "link with flow='execution'"),
     ("{T} --norm-option =3 --out {t}/r", "takes KEY=VALUE"),
@@ -107,6 +116,12 @@ CASES = [
     ("{T} --precise-bn-batches -1 --out {t}/r", "precise_bn_batches must be a non-negative"),
     ("{T} --milestones 2 --out {t}/r", "milestones are fractions of training"),
     ("{T} --out ''", "out must be a non-empty string"),
+    # found probing again (issue 16, item 4)
+    ("train --dataset cifar10 --data-dir {t}/labels --batch-size 4 --out {t}/r", "labels range"),
+    ("{T} --norm-option eps=-1 --out {t}/r", "take these from the model's BatchNorm layers"),
+    ("{T} --norm-option momentum=5 --out {t}/r", "take these from the model's BatchNorm layers"),
+    ("{T} --threads 100000 --out {t}/r", "threads must be at most 1024"),
+    ("{T} --norm mabn --norm-option warmup_steps=-1 --out {t}/r", "warmup_steps must be >= 0"),
     # argparse: one line too, and no prefix matching
     ("train --dataset digits --stat-batch 2 --out {t}/r", "unrecognized arguments: --stat-batch"),
     ("train --dataset digits --batch 2 --out {t}/r", "unrecognized arguments: --batch"),
@@ -179,3 +194,75 @@ def test_a_bug_keeps_its_traceback(monkeypatch, files: Path) -> None:
 def test_resume_without_a_checkpoint_says_it_starts_anew(tmp_path: Path, capsys) -> None:
     assert cli.main([*TRAIN, "--out", str(tmp_path / "new"), "--resume"]) == 0
     assert "holds no checkpoint to resume: starting at step 0" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    from kalmannorm.lab.train import train
+
+    out = tmp_path_factory.mktemp("finished")
+    train(tiny(out, norm="bn", steps=2, eval_every=2))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("analyze variance-gap {run} --max-samples 1", "no batch reached the normalization"),
+        ("analyze estimation-error {run} --stat-batch-sizes 1000", "no batch reached"),
+        ("analyze params {run} --out {run}/config.toml", "is a file, not a folder"),
+    ],
+)
+def test_analyze_refuses_in_one_line(finished: Path, case: str, expected: str, capsys) -> None:
+    code = cli.main(shlex.split(case.replace("{run}", str(finished))))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_a_bad_torchrun_environment_is_one_line(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    assert cli.main([*TRAIN, "--out", str(tmp_path / "r")]) == 2
+    assert "WORLD_SIZE='abc'" in capsys.readouterr().err
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(monkeypatch, tmp_path: Path, capsys) -> None:
+    from kalmannorm.lab.train import loop
+    from kalmannorm.lab.train.checkpoint import load_checkpoint
+
+    save = loop.save_checkpoint
+    calls = []
+
+    def full(path, state):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(path, state)
+
+    monkeypatch.setattr(loop, "save_checkpoint", full)
+    argv = [*TRAIN, "--steps", "6", "--eval-every", "2", "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "step 2 is kept" in err
+    assert "--resume" in err
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+def test_metrics_lines_that_are_not_records_are_skipped(tmp_path: Path) -> None:
+    from kalmannorm.lab.train.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "train_loss": 1.0}\n3\n[1]\n{"step": "x"}\n{"step": 4}\n')
+    assert [r["step"] for r in read_metrics(path)] == [2, 4]
+
+
+def test_compare_resumes_a_run_whose_summary_is_damaged(tmp_path: Path) -> None:
+    from kalmannorm.lab.train.compare import CompareConfig, Variant, make_grid, run_status
+
+    cfg = CompareConfig(
+        train={"dataset": "digits", "steps": 2}, norms=[Variant("bn", "bn")], stat_batch_sizes=[2]
+    )
+    cfg.out = str(tmp_path)
+    spec = make_grid(cfg)[0]
+    spec.folder.mkdir(parents=True)
+    (spec.folder / "summary.json").write_text('{"status": "finis')
+    assert run_status(spec) == "partial"

@@ -94,10 +94,11 @@ def _analyze(args: argparse.Namespace) -> None:
 
     from kalmannorm.lab import analysis
     from kalmannorm.lab.analysis.run import load_run
+    from kalmannorm.lab.train.loop import prepare_run_folder
 
     run = load_run(args.run_dir)
     out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_folder(out)
     data, s = run.data.test_batches, run.config.stat_batch_size
     label = f"{run.config.norm} (s={s})"
     limit = {"max_samples": args.max_samples}

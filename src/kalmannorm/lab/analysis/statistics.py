@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from kalmannorm.lab.analysis.batches import DataSource, iterate_batches, model_device
+from kalmannorm.lab.errors import UserError
 from kalmannorm.lab.train.batch_mode import (
     GKN,
     GroupStatistics,
@@ -207,11 +208,11 @@ def collect_statistics(
     """
     found = find_norm_layers(model, stat_batch_size)
     if not found:
-        raise ValueError("the model has no BatchNorm-like, BKN or GKN layer to analyse")
+        raise AnalysisInputError("the model has no BatchNorm-like, BKN or GKN layer to analyse")
     if layers is not None:
         unknown = set(layers) - {layer.name for layer in found}
         if unknown:
-            raise ValueError(
+            raise AnalysisInputError(
                 f"no normalization layer named {sorted(unknown)}; the model's are "
                 f"{[layer.name for layer in found]}"
             )
@@ -224,5 +225,13 @@ def collect_statistics(
         ):
             model(inputs.to(device))
     if not collector.layers:
-        raise ValueError("no batch reached the normalization layers: is the data set empty?")
+        raise AnalysisInputError(
+            f"no batch reached the normalization layers: the data (max_samples={max_samples}) "
+            f"holds fewer samples than one forward batch of whole statistics groups "
+            f"({multiple}); use more samples (--max-samples) or smaller groups"
+        )
     return collector.result()
+
+
+class AnalysisInputError(UserError, ValueError):
+    """A model or data set the analysis cannot measure (no norm layer, too few samples)."""

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from kalmannorm.lab.data.augment import Augmentation
+from kalmannorm.lab.data.idx import DataCorruptError
 
 Batch = tuple[Tensor, Tensor]
 
@@ -42,10 +43,36 @@ class TensorImageData:
     std: Tensor | None = None
 
     def __post_init__(self) -> None:
+        self._check()
         if self.mean is None or self.std is None:
             scaled = self._to_unit(self.train_x)
             self.mean = scaled.mean(dim=(0, 2, 3))
             self.std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-6)
+
+    def _check(self) -> None:
+        """Refuse what would fail (or be silently wrong) deep inside training: labels outside
+        [0, num_classes), images and labels of different counts, train and test images of
+        different shapes."""
+        for split, x, y in (
+            ("train", self.train_x, self.train_y),
+            ("test", self.test_x, self.test_y),
+        ):
+            if x.dim() != 4 or len(x) != len(y):
+                raise DataCorruptError(
+                    f"{self.name}: the {split} split holds images of shape {tuple(x.shape)} and "
+                    f"{len(y)} labels; expected (N, C, H, W) images and N labels"
+                )
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise DataCorruptError(
+                    f"{self.name}: {split} labels range over {int(y.min())}..{int(y.max())}, "
+                    f"outside the {self.num_classes} classes 0..{self.num_classes - 1}; the files "
+                    f"are corrupt or of another data set"
+                )
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise DataCorruptError(
+                f"{self.name}: train images are {tuple(self.train_x.shape[1:])} but test images "
+                f"{tuple(self.test_x.shape[1:])}; the files are of different data sets"
+            )
 
     # -- what the training loop reads ---------------------------------------------------------
 

@@ -194,6 +194,7 @@ def reproduce(
     select part of the budget; ``overrides`` replace training
     keys of every grid (e.g. ``{"steps": 2}`` to check that the paper budget starts)."""
     start = time.perf_counter()
+    bench_saved = _read_bench_json(Path(bench_json)) if bench_json else None  # before any work
     if not isinstance(budget, Budget):
         if budget not in BUDGETS:
             raise ConfigError(f"unknown budget {budget!r}; budgets: {', '.join(BUDGETS)}")
@@ -207,8 +208,6 @@ def reproduce(
         selected = {n: override_training(c, overrides) for n, c in selected.items()}
     out = Path(out)
     prepare_run_folder(out)
-    if bench_json:
-        bench_saved = _read_bench_json(Path(bench_json))
     failures = train_grids(selected, threads) if train else []
     command = "kalmannorm reproduce " + shlex.join(argv if argv is not None else sys.argv[2:])
     header = {

@@ -262,8 +262,11 @@ def run_status(spec: RunSpec) -> str:
     (the folder holds a run of another configuration)."""
     summary_path = spec.folder / SUMMARY
     if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        saved = fingerprint(config_from_dict(summary["config"]))
+        try:
+            summary = json.loads(summary_path.read_text())
+            saved = fingerprint(config_from_dict(summary["config"]))
+        except (OSError, ValueError, KeyError, TypeError):  # cut or damaged: the run rewrites it
+            return "partial"
         return "finished" if saved == fingerprint(spec.config) else "conflict"
     return "partial" if (spec.folder / "checkpoint.pt").exists() else "new"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -173,6 +174,8 @@ def check_values(config: TrainConfig) -> None:
     for key in ("steps", "stat_batch_size", "train_subset", "test_subset", "threads"):
         if getattr(config, key) is not None and getattr(config, key) < 1:
             refuse(key, "a positive integer (or unset)")
+    if config.threads is not None and config.threads > MAX_THREADS:
+        refuse("threads", f"at most {MAX_THREADS} (this machine has {os.cpu_count()} CPU cores)")
     for key in ("warmup_steps", "eval_every", "checkpoint_every", "precise_bn_batches"):
         if getattr(config, key) < 0:
             refuse(key, "a non-negative integer (0: " + _ZERO_MEANS[key] + ")")
@@ -208,6 +211,9 @@ def check_values(config: TrainConfig) -> None:
         if getattr(config, key) is not None and not getattr(config, key).strip():
             refuse(key, "a non-empty string")
 
+
+#: More threads than this fail to start (libgomp aborts the process when thread creation fails).
+MAX_THREADS = 1024
 
 _ZERO_MEANS = {
     "warmup_steps": "no warm-up",

@@ -39,7 +39,10 @@ class Distributed:
 
 def world_size_from_env() -> int:
     """Processes torchrun started (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ConfigError(f"WORLD_SIZE={text!r} in the environment is not a number of processes")
+    return int(text)
 
 
 def check_device(device: str, here: bool = True) -> torch.device:
@@ -79,9 +82,11 @@ def check_device(device: str, here: bool = True) -> torch.device:
 def setup(device: str) -> tuple[Distributed, torch.device]:
     """Join the process group if torchrun started us; pick this process's device."""
     world_size = world_size_from_env()
-    dist = Distributed(
-        int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0"))
-    )
+    ranks = {key: os.environ.get(key, "0") for key in ("RANK", "LOCAL_RANK")}
+    for key, text in ranks.items():
+        if not text.strip().isdigit():
+            raise ConfigError(f"{key}={text!r} in the environment is not a process rank")
+    dist = Distributed(int(ranks["RANK"]), world_size, int(ranks["LOCAL_RANK"]))
     target = check_device(device)
     if target.type == "cuda":
         if dist.enabled and target.index is None:

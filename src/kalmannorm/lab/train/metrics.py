@@ -27,6 +27,8 @@ def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, An
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill
             continue
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            continue  # not a record of ours
         if up_to_step is None or record.get("step", 0) <= up_to_step:
             records.append(record)
     return records

@@ -84,13 +84,34 @@ def build_run_model(
         options["stat_batch_size"] = stat_batch_size
     group = options.get("stat_batch_size") or 2
     example = torch.zeros(group, in_channels, *image_size)
+    copied = sorted(set(norm_options) & _COPIED_FROM_BATCHNORM)
+    if copied and not takes_own(norm, copied):
+        raise ConfigError(
+            f"norm option(s) {copied}: the converted layers take these from the model's "
+            f"BatchNorm layers; leave them out of --norm-option"
+        )
     try:
         return kalmannorm.convert_norm(model, norm, example_input=example, **options)
     except (TypeError, ValueError) as error:  # the library's refusal of an option or value
+        if not norm_options:  # nothing of the user's in the call: a bug, with its traceback
+            raise
         raise ConfigError(
-            f"norm {norm!r} does not accept these options {options} (--norm-option): "
-            f"{_first_line(error)}"
+            f"norm {norm!r} with the options {norm_options} (--norm-option): {_first_line(error)}"
         ) from error
+
+
+#: What ``convert_norm`` copies from each BatchNorm it replaces.
+_COPIED_FROM_BATCHNORM = frozenset({"eps", "momentum", "affine", "track_running_stats"})
+
+
+def takes_own(norm: str, keys: list[str]) -> bool:
+    """Whether the registered norm's builder takes ``keys`` itself (FRN its own ``eps``)."""
+    import inspect
+
+    from kalmannorm.convert import _spec
+
+    parameters = inspect.signature(_spec(norm).build).parameters
+    return all(key in parameters for key in keys)
 
 
 def _first_line(error: BaseException) -> str:
