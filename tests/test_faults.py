@@ -441,3 +441,35 @@ def test_process_parts_make_each_pass_the_single_process_pass(processes, passes)
         assert torch.equal(together.sort().values, whole[j].sort().values)
     every = torch.cat([positions[plan.process_part(r)] for r in range(processes)])
     assert torch.equal(every.sort().values, positions)
+
+
+def test_a_second_ctrl_c_stops_at_once_a_forwarded_sigterm_does_not(monkeypatch) -> None:
+    from kalmannorm.lab.train import loop
+
+    clock = [100.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    request = loop._StopRequest()
+    request.saved_step = 40
+    request(signal.SIGINT, None)
+    request(signal.SIGTERM, None)  # torchrun's SIGTERM right after the terminal's SIGINT
+    clock[0] += 0.5
+    request(signal.SIGINT, None)  # the same keypress seen twice: still saving
+    assert request.signum == signal.SIGINT
+    clock[0] += 2.0
+    with pytest.raises(loop.TrainingInterruptedError, match="without saving .* holds step 40"):
+        request(signal.SIGINT, None)
+
+
+def test_training_in_a_thread_installs_no_signal_handler(tmp_path) -> None:
+    import threading
+
+    from conftest import tiny
+
+    from kalmannorm.lab.train import train
+
+    before = signal.getsignal(signal.SIGINT)
+    thread = threading.Thread(target=train, args=(tiny(tmp_path, steps=2, eval_every=2),))
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and (tmp_path / "summary.json").exists()
+    assert signal.getsignal(signal.SIGINT) is before
