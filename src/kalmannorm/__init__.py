@@ -11,6 +11,8 @@ This namespace holds what a user constructs and calls; the baselines are in
 :mod:`kalmannorm.lab`, which uses the library and is never imported by it.
 """
 
+import sys as _sys
+
 from kalmannorm.chain import ChainOrderError, link_chain
 from kalmannorm.convert import (
     available_norms,
@@ -18,8 +20,16 @@ from kalmannorm.convert import (
     convert_norm,
     find_chain,
     kalman_statistics,
+    last_conversion,
     register_norm,
     set_eval_statistics,
+)
+from kalmannorm.factories import (
+    KalmanNormAct2d,
+    NormLayer,
+    norm_layer,
+    register_mmcv,
+    register_timm,
 )
 from kalmannorm.fold import fold
 from kalmannorm.layers.base import KalmanStatistics
@@ -30,10 +40,14 @@ from kalmannorm.layers.batch_kalman import (
 )
 from kalmannorm.layers.group_kalman import GroupKalmanNorm
 from kalmannorm.layers.moving_average_batch import center_conv_weights
+from kalmannorm.normact import NormAct
 from kalmannorm.optim import kalman_parameters, parameter_groups
 from kalmannorm.precise import update_bn
 
 __version__ = "0.1.0"
+
+if "timm" in _sys.modules:  # timm imported first: its norm factories learn the names now
+    register_timm()
 
 __all__ = [
     "BatchKalmanNorm1d",
@@ -41,7 +55,10 @@ __all__ = [
     "BatchKalmanNorm3d",
     "ChainOrderError",
     "GroupKalmanNorm",
+    "KalmanNormAct2d",
     "KalmanStatistics",
+    "NormAct",
+    "NormLayer",
     "available_norms",
     "build_norm",
     "center_conv_weights",
@@ -50,9 +67,13 @@ __all__ = [
     "fold",
     "kalman_parameters",
     "kalman_statistics",
+    "last_conversion",
     "link_chain",
+    "norm_layer",
     "parameter_groups",
+    "register_mmcv",
     "register_norm",
+    "register_timm",
     "set_eval_statistics",
     "update_bn",
 ]

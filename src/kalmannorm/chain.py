@@ -188,6 +188,9 @@ class KalmanChain:
             return None
         if index - 1 in self.frozen:
             return Posterior(self.frozen[index - 1].mean, self.frozen[index - 1].var)
+        layer = self.layers[index]
+        if state.index != index - 1 and not layer.training and not hasattr(layer, "running_mean"):
+            return None  # GKN evaluated past a training-only branch: its own statistics alone
         if state.index != index - 1:
             ran = self.names[state.index] if state.index >= 0 else "no Kalman layer"
             raise ChainOrderError(

@@ -8,13 +8,17 @@ create layers the same way.
 from __future__ import annotations
 
 import inspect
+import warnings
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.lazy import LazyModuleMixin
 
-from kalmannorm.chain import KalmanChain, link_chain
+from kalmannorm.chain import WEIGHTED_LAYERS, KalmanChain, feeds
 from kalmannorm.layers import (
     BatchKalmanNorm1d,
     BatchKalmanNorm2d,
@@ -38,6 +42,7 @@ from kalmannorm.layers import (
     link_cross_iteration,
 )
 from kalmannorm.layers.filter_response import DEFAULT_EPS as FRN_DEFAULT_EPS
+from kalmannorm.normact import NormAct
 
 
 @dataclass(frozen=True)
@@ -322,15 +327,32 @@ def _build_evonorm_s0(
 # -- converting a model -----------------------------------------------------------------------
 
 _DIMS_BY_CLASS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+#: BatchNorm forwards that only normalise: a subclass with another forward is warned about.
+_PLAIN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+#: Frozen norms found by class name (torchvision, timm and detectron2 stay optional).
+_FROZEN_NAMES = {"FrozenBatchNorm2d": "frozen", "FrozenBatchNormAct2d": "frozen_act"}
 
 
-def _is_frozen_batchnorm(module: nn.Module) -> bool:
-    """torchvision.ops.FrozenBatchNorm2d (detected by name: torchvision is optional)."""
-    return type(module).__name__ == "FrozenBatchNorm2d" and hasattr(module, "running_var")
+def _kind(module: nn.Module) -> str | None:
+    """What ``module`` is to the converter: ``"bn"`` (a BatchNorm, SyncBatchNorm included),
+    ``"bn_act"`` (timm's BatchNormAct2d / SyncBatchNormAct), ``"lazy"`` (an uninitialised
+    LazyBatchNorm), ``"frozen"``, ``"frozen_act"`` (timm's FrozenBatchNormAct2d), or ``None``."""
+    frozen = _FROZEN_NAMES.get(type(module).__name__)
+    if frozen and hasattr(module, "running_var") and not isinstance(module, _NormBase):
+        return frozen
+    if not isinstance(module, _BatchNorm):
+        return None
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy"
+    if isinstance(getattr(module, "act", None), nn.Module):
+        return "bn_act"
+    return "bn"
 
 
-def _describe_source(module: nn.Module) -> SourceNorm | None:
-    if _is_frozen_batchnorm(module):
+def _describe_source(module: nn.Module, kind: str) -> SourceNorm:
+    """The SourceNorm of a module of kind ``kind``; ``dims`` 0 when only the input tells (a
+    SyncBatchNorm normalises any (N, C, ...) input)."""
+    if kind in ("frozen", "frozen_act"):
         reference = module.running_var
         return SourceNorm(
             num_features=reference.shape[0],
@@ -342,9 +364,7 @@ def _describe_source(module: nn.Module) -> SourceNorm | None:
             device=reference.device,
             dtype=reference.dtype,
         )
-    dims = next((d for cls, d in _DIMS_BY_CLASS.items() if isinstance(module, cls)), None)
-    if dims is None:
-        return None
+    dims = next((d for cls, d in _DIMS_BY_CLASS.items() if isinstance(module, cls)), 0)
     tensor = next(iter(module.parameters()), None)
     if tensor is None:
         tensor = module.running_var if module.running_var is not None else torch.empty(0)
@@ -372,27 +392,173 @@ def _copy_state(source: nn.Module, target: nn.Module) -> None:
                     dst.requires_grad_(src.requires_grad)
 
 
+class DimsFromInput:
+    """Forward pre-hook of a norm built for a BatchNorm of unknown dimensionality (SyncBatchNorm,
+    ``kalmannorm.norm_layer(dims=None)``): on the first call, the registered norm's class for
+    the input's dimensionality ((N, C) or (N, C, L): 1d, (N, C, H, W): 2d, (N, C, D, H, W): 3d)
+    replaces the 2d class it was built with (the 1d/2d/3d classes of a norm share their state and
+    differ only in the input they accept), then the hook removes itself. A callable object, so
+    that models holding it can be copied and pickled.
+    """
+
+    def __init__(self, name: str, options: dict) -> None:
+        self.name, self.options = name, dict(options)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        dims = {2: 1, 3: 1, 4: 2, 5: 3}.get(x.dim()) if isinstance(x, torch.Tensor) else None
+        if dims is None:
+            return  # the layer's own check names the input it expects
+        target = norm_class(self.name, dims, self.options)
+        if target is not type(module):
+            if target.__bases__ != type(module).__bases__:
+                raise TypeError(
+                    f"{type(module).__name__} got {x.dim()}D input; the norm {self.name!r} for "
+                    f"{dims}d data is a {target.__name__}, which does not share its state: build "
+                    f"it for {dims}d data (kalmannorm.norm_layer({self.name!r}, dims={dims}))"
+                )
+            module.__class__ = target
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is self:
+                del module._forward_pre_hooks[key]
+
+
+def norm_class(name: str, dims: int, options: dict | None = None) -> type[nn.Module]:
+    """The class the registered norm ``name`` builds for ``dims``-d data (built on the meta
+    device, nothing allocated)."""
+    return type(build_norm(name, 8, dims, device=torch.device("meta"), **dict(options or {})))
+
+
+_DIMS_DEPENDENT: dict[tuple, bool] = {}
+
+
+def _needs_dims_from_input(name: str, options: dict) -> bool:
+    """Whether the norm's class depends on the data's dimensionality (BKN, ghost BN, ...)."""
+    key = (name, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    if key not in _DIMS_DEPENDENT:
+        _DIMS_DEPENDENT[key] = len({norm_class(name, d, options) for d in (1, 2, 3)}) > 1
+    return _DIMS_DEPENDENT[key]
+
+
+def build_for_input(name: str, source: SourceNorm, options: dict) -> nn.Module:
+    """``spec.build(source)``; with ``source.dims == 0`` the 2d norm, which takes the input's
+    dimensionality on its first forward (:class:`DimsFromInput`)."""
+    spec = _spec(name)
+    if source.dims:
+        return spec.build(source, **options)
+    layer = spec.build(replace(source, dims=2), **options)
+    if _needs_dims_from_input(name, options):
+        layer.register_forward_pre_hook(DimsFromInput(name, options))
+    return layer
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert_norm` did, by class of the layers it found (``converted``), kept
+    (``kept``: frozen norms of frozen stages with ``keep_frozen``), and the subclasses whose own
+    forward it replaced (``overridden``)."""
+
+    converted: Counter = field(default_factory=Counter)
+    kept: Counter = field(default_factory=Counter)
+    overridden: Counter = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.converted.values())
+
+
+def _frozen_stage_norms(root: nn.Module) -> set[int]:
+    """Frozen norms whose feeding convolution does not train (a frozen stage), or that have no
+    feeding convolution: the ones ``keep_frozen=True`` leaves as they are."""
+    kept, convolutions = set(), []
+    for module in root.modules():  # registration order, as find_feeding_layers
+        if _kind(module) in ("frozen", "frozen_act"):
+            width = module.running_var.shape[0]
+            feeding = next((c for c in reversed(convolutions) if feeds(c, width)), None)
+            weight = getattr(feeding, "weight", None)
+            if not (isinstance(weight, nn.Parameter) and weight.requires_grad):
+                kept.add(id(module))
+        elif isinstance(module, WEIGHTED_LAYERS):
+            convolutions.append(module)
+    return kept
+
+
 def _swap(
-    module: nn.Module, spec: NormSpec, options: dict, done: dict[int, nn.Module]
+    module: nn.Module,
+    path: str,
+    name: str,
+    options: dict,
+    done: dict[int, nn.Module],
+    report: ConversionReport,
+    keep: set[int],
 ) -> nn.Module:
     """Replace BatchNorms below ``module``; a BatchNorm used in several places stays shared."""
     if id(module) in done:
         return done[id(module)]
-    source = _describe_source(module)
-    if source is not None:
-        new = spec.build(source, **options)
+    kind = _kind(module)
+    if kind == "lazy":
+        raise ValueError(
+            f"{type(module).__name__} '{path or 'root'}' is uninitialised (a lazy module learns "
+            f"its channels on its first forward call), so convert_norm cannot build its "
+            f"replacement: run the model once (model(x)), then convert it."
+        )
+    if kind is not None and id(module) in keep:
+        report.kept[type(module).__name__] += 1
+        done[id(module)] = module
+        return module
+    if kind is not None:
+        new = build_for_input(name, _describe_source(module, kind), options)
         _copy_state(module, new)
+        if kind in ("bn_act", "frozen_act"):
+            new = NormAct(new, getattr(module, "drop", None), module.act)
+        elif kind == "bn" and type(module).forward not in _PLAIN_FORWARDS:
+            report.overridden[type(module).__name__] += 1
         new.train(module.training)
+        report.converted[type(module).__name__] += 1
         done[id(module)] = new
         return new
     done[id(module)] = module
-    for name, child in list(module._modules.items()):  # every slot, shared modules included
+    for child_name, child in list(module._modules.items()):  # every slot, shared ones included
         if child is None:
             continue
-        replaced = _swap(child, spec, options, done)
+        replaced = _swap(child, f"{path}.{child_name}" if path else child_name, name, options,
+                         done, report, keep)  # fmt: skip
         if replaced is not child:
-            setattr(module, name, replaced)
+            setattr(module, child_name, replaced)
     return module
+
+
+def _other_norms(module: nn.Module) -> Counter:
+    """Normalization layers the converter does not replace (LayerNorm, GroupNorm, ...)."""
+    return Counter(
+        type(m).__name__
+        for m in module.modules()
+        if "Norm" in type(m).__name__ and not isinstance(m, NormAct) and _kind(m) is None
+    )
+
+
+def _warn_report(module: nn.Module, report: ConversionReport) -> None:
+    if report.total == 0 and not report.kept:
+        others = _other_norms(module)
+        found = (
+            "; its normalization layers are " + ", ".join(f"{n} x{c}" for n, c in others.items())
+            if others
+            else ""
+        )
+        warnings.warn(
+            f"convert_norm: 0 layers converted: {type(module).__name__} holds no BatchNorm1d/2d/"
+            f"3d, SyncBatchNorm, torchvision/timm/detectron2 FrozenBatchNorm2d or timm "
+            f"BatchNormAct2d/FrozenBatchNormAct2d{found}. The model is returned unchanged.",
+            stacklevel=3,
+        )
+    if report.overridden:
+        listed = ", ".join(f"{n} x{c}" for n, c in report.overridden.items())
+        warnings.warn(
+            f"convert_norm replaced BatchNorm subclasses that define their own forward ({listed}): "
+            f"the new layers normalise as their norm does; whatever else those forwards did is "
+            f"not kept.",
+            stacklevel=3,
+        )
 
 
 def convert_norm(
@@ -402,26 +568,57 @@ def convert_norm(
     example_input: object = None,
     flow: str | None = None,
     source: str = "batch",
+    keep_frozen: bool = False,
     **options,
 ) -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d and torchvision FrozenBatchNorm2d in ``module`` by ``name``.
+    """Replace every BatchNorm in ``module`` by the registered norm ``name``.
 
-    Weight, bias and running statistics are copied (FrozenBatchNorm2d becomes trainable), the
-    Kalman layers are linked into one chain (``flow`` and ``source`` as in
+    Replaced: ``BatchNorm1d/2d/3d`` and their subclasses, ``SyncBatchNorm`` (its dimensionality
+    taken from its input on the first forward call, or the traced one), torchvision's, timm's and
+    detectron2's ``FrozenBatchNorm2d`` (found by class name: those packages stay optional), and
+    timm's norm+activation layers ``BatchNormAct2d``, ``SyncBatchNormAct`` and
+    ``FrozenBatchNormAct2d``, which become a :class:`kalmannorm.NormAct`: the new norm followed by
+    the layer's own ``drop`` and ``act``, with the same state-dict keys. An uninitialised
+    ``LazyBatchNorm`` is refused (run the model once first). A model with nothing to convert is
+    returned with a warning ("0 layers converted").
+
+    Weight, bias and running statistics are copied (a shared BatchNorm stays shared). A frozen
+    norm becomes trainable (its weight and bias are parameters of the new layer: 2 C parameters
+    more each); with ``keep_frozen=True`` the frozen norms of frozen stages (whose feeding
+    convolution does not train, as torchvision's detection backbones below
+    ``trainable_backbone_layers``) stay as they are.
+
+    The Kalman layers are linked into one chain (``flow`` and ``source`` as in
     :func:`kalmannorm.link_chain`: by default each layer's prior follows the data flow, traced on
-    ``example_input`` when given, else on the model's first forward call), Cross-Iteration BN
-    layers get the convolution that feeds each (:func:`kalmannorm.link_cross_iteration`; a CBN
-    layer with none is a ``ValueError``), and the module is
-    returned, modified in place like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`
-    (a BatchNorm passed as ``module`` itself is returned replaced). ``options`` go to the norm's
-    constructor (e.g. ``stat_batch_size=2``).
+    ``example_input`` when given, else on the model's first forward call; a GKN model's
+    execution order likewise), Cross-Iteration BN layers get the convolution that feeds each
+    (:func:`kalmannorm.link_cross_iteration`; a CBN layer with none is a ``ValueError``), and the
+    module is returned, modified in place like
+    :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm` (a BatchNorm passed as ``module``
+    itself is returned replaced). ``options`` go to the norm's constructor (e.g.
+    ``stat_batch_size=2``). :func:`last_conversion` tells what was converted.
     """
-    converted = _swap(module, _spec(name), options, {})
+    from kalmannorm.autolink import link_model
+
+    _spec(name)
+    report = ConversionReport()
+    keep = _frozen_stage_norms(module) if keep_frozen else set()
+    converted = _swap(module, "", name, options, {}, report, keep)
+    _LAST_REPORT[0] = report
+    _warn_report(converted, report)
     if any(isinstance(m, KalmanNormBase) for m in converted.modules()):
-        link_chain(converted, example_input, flow=flow, source=source)
+        link_model(converted, example_input, flow=flow, source=source)
     if any(isinstance(m, CrossIterationBatchNorm) for m in converted.modules()):
         link_cross_iteration(converted, example_input)
     return converted
+
+
+_LAST_REPORT: list[ConversionReport] = [ConversionReport()]
+
+
+def last_conversion() -> ConversionReport:
+    """The :class:`ConversionReport` of the last :func:`convert_norm` call (of this process)."""
+    return _LAST_REPORT[0]
 
 
 def find_chain(model: nn.Module) -> KalmanChain | None:

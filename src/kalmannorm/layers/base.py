@@ -51,6 +51,12 @@ PROPAGATE_GUARD = 100.0
 
 PRIORS = ("learned", "propagate")
 _KALMAN_KEYS = ("gain_logit", "gain_value", "noise_raw", "transition")
+#: The state-dict version a Kalman layer writes (``_version``, in the checkpoint's metadata as
+#: torch's ``_NormBase`` does). Every norm a Kalman layer replaces writes a smaller one (torch's
+#: BatchNorm 2, GroupNorm and torchvision's FrozenBatchNorm2d 1, detectron2's FrozenBatchNorm2d
+#: 3): a layer's entry of at least this version is a Kalman checkpoint, whose missing Kalman keys
+#: are missing keys; a smaller or absent version is a plain norm's, whose Kalman keys are filled.
+KALMAN_STATE_VERSION = 10
 
 
 class KalmanEstimate(NamedTuple):
@@ -93,6 +99,7 @@ class KalmanNormBase(nn.Module):
     :meth:`estimate` and :meth:`record`.
     """
 
+    _version = KALMAN_STATE_VERSION
     stat_width: int
     chain: KalmanChain | None
     tracing: bool
@@ -437,11 +444,19 @@ class KalmanNormBase(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        # A plain BatchNorm checkpoint has no Kalman parameters: keep their initial values.
-        for key in _KALMAN_KEYS:
-            value = getattr(self, key)
-            if value is not None and prefix + key not in state_dict:
-                state_dict[prefix + key] = value.detach()
+        version = local_metadata.get("version")
+        if version is not None and version >= KALMAN_STATE_VERSION:
+            if self._links_lazily():
+                self._adopt_kalman_keys(state_dict, prefix)
+        else:
+            # A plain norm's checkpoint has no Kalman parameters: keep their initial values.
+            for key in _KALMAN_KEYS:
+                value = getattr(self, key)
+                if value is not None and prefix + key not in state_dict:
+                    state_dict[prefix + key] = value.detach()
+            if not hasattr(self, "running_mean"):  # GKN: a BatchNorm's statistics are not used
+                for key in ("running_mean", "running_var", "num_batches_tracked"):
+                    state_dict.pop(prefix + key, None)
         transition = state_dict.get(prefix + "transition")
         if transition is not None and self.transition is None and self.prior == "learned":
             error_msgs.append(
@@ -464,6 +479,46 @@ class KalmanNormBase(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _links_lazily(self) -> bool:
+        """Whether this layer's chain is still to be settled by a traced pass (a provisional
+        chain, or none yet): its Kalman parameters are then whatever a checkpoint holds."""
+        from kalmannorm.chain import _Pending
+
+        chain = self.chain
+        if chain is None:
+            return True
+        return bool(getattr(chain, "awaiting_trace", False)) or any(
+            isinstance(program, _Pending) for program in chain.programs
+        )
+
+    def _adopt_kalman_keys(self, state_dict, prefix: str) -> None:
+        """Take the Kalman parameters' set and shapes from a Kalman checkpoint (before its chain
+        is traced, a layer cannot know them; the saved model's traced chain did)."""
+        reference = self._reference_tensor()
+        kwargs = {"device": reference.device, "dtype": reference.dtype}
+        for key in _KALMAN_KEYS:
+            given = state_dict.get(prefix + key)
+            value = getattr(self, key)
+            if not isinstance(given, Tensor):
+                if value is not None:
+                    setattr(self, key, None)
+                continue
+            if value is not None and value.shape == given.shape:
+                continue
+            fresh = torch.empty(given.shape, **kwargs)
+            if key == "gain_value":
+                self.register_buffer(key, fresh)
+            else:
+                self.register_parameter(key, nn.Parameter(fresh))
+
+    def _reference_tensor(self) -> Tensor:
+        """A tensor of the layer's device and dtype."""
+        for name in ("weight", "running_var"):
+            value = getattr(self, name, None)
+            if isinstance(value, Tensor):
+                return value
+        return torch.empty(0, **{k: v for k, v in self._factory_kwargs.items() if v is not None})
 
 
 def _diagonal(var: Tensor, like: Tensor) -> Tensor:

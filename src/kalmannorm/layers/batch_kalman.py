@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm.autolink import await_link
 from kalmannorm.chain import recomputing
 from kalmannorm.fused import SampleGroups, fused_applicable
 from kalmannorm.layers.affine import empty_output
@@ -94,6 +95,7 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
             check_finite=check_finite,
             factory_kwargs=factory_kwargs,
         )
+        await_link(self)  # linked on its model's first forward unless linked before
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in self._expected_dims:

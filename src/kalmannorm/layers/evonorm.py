@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kalmannorm.layers.affine import init_affine
+from kalmannorm.layers.affine import LoadsBatchNormCheckpoints, init_affine
 
 DEFAULT_EPS = 1e-5
 
@@ -56,7 +56,7 @@ def evonorm_s0(
     return torch.addcmul(bias.view(shape).to(x.dtype), numerator, scale)
 
 
-class EvoNormS0(nn.Module):
+class EvoNormS0(LoadsBatchNormCheckpoints):
     """EvoNorm-S0 over (N, C, *spatial) inputs.
 
     Args:
@@ -67,6 +67,8 @@ class EvoNormS0(nn.Module):
         nonlinearity: multiply by sigmoid(v x) (learned ``v``); False gives the activation-free
             variant.
     """
+
+    _own_keys = ("v",)
 
     def __init__(
         self,

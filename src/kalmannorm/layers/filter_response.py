@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kalmannorm.layers.affine import init_affine
+from kalmannorm.layers.affine import LoadsBatchNormCheckpoints, init_affine
 
 #: The paper's epsilon and the initial value of the learned part.
 DEFAULT_EPS = 1e-6
@@ -59,7 +59,7 @@ def filter_response_normalize(
     return torch.relu(torch.addcmul(shift, x, scale)) + threshold
 
 
-class FilterResponseNorm(nn.Module):
+class FilterResponseNorm(LoadsBatchNormCheckpoints):
     """FRN + TLU over (N, C, *spatial) inputs.
 
     Args:
@@ -70,6 +70,8 @@ class FilterResponseNorm(nn.Module):
         tlu: apply the thresholded linear unit max(y, tau) with learned ``tau``.
         learn_eps: learn eps = eps + |eps_raw| per channel (the paper's choice for 1x1 inputs).
     """
+
+    _own_keys = ("tau", "eps_raw")
 
     def __init__(
         self,

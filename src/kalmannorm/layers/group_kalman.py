@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from kalmannorm import functional as F
+from kalmannorm.autolink import await_link
 from kalmannorm.fused import ChannelGroups, fused_applicable
 from kalmannorm.layers.affine import empty_output, init_affine
 from kalmannorm.layers.base import DEFAULT_NOISE, KalmanNormBase
@@ -75,6 +76,7 @@ class GroupKalmanNorm(KalmanNormBase):
             check_finite=check_finite,
             factory_kwargs=factory_kwargs,
         )
+        await_link(self)  # linked on its model's first forward unless linked before
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"

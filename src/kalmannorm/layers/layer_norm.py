@@ -13,13 +13,13 @@ builds that one (torch's :class:`~torch.nn.GroupNorm` with ``num_groups=1``).
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as torch_f
 
-from kalmannorm.layers.affine import init_affine
+from kalmannorm.layers.affine import LoadsBatchNormCheckpoints, init_affine
 
 
-class ChannelLayerNorm(nn.Module):
+class ChannelLayerNorm(LoadsBatchNormCheckpoints):
     """LayerNorm over the channel dimension of (N, C, *spatial) inputs, per position.
 
     Args:
@@ -27,6 +27,8 @@ class ChannelLayerNorm(nn.Module):
         eps: added to the variance.
         affine: learn per-channel gamma (``weight``) and beta (``bias``).
     """
+
+    _own_keys = ()
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None
