@@ -121,6 +121,7 @@ CASES = [
     ("{T} --norm-option eps=-1 --out {t}/r", "take these from the model's BatchNorm layers"),
     ("{T} --norm-option momentum=5 --out {t}/r", "take these from the model's BatchNorm layers"),
     ("{T} --threads 100000 --out {t}/r", "threads must be at most 1024"),
+    ("{T} --kalman-lr-scale 0 --out {t}/r", "kalman_lr_scale must be a positive finite"),
     ("{T} --norm mabn --norm-option warmup_steps=-1 --out {t}/r", "warmup_steps must be >= 0"),
     # argparse: one line too, and no prefix matching
     ("train --dataset digits --stat-batch 2 --out {t}/r", "unrecognized arguments: --stat-batch"),

@@ -189,10 +189,12 @@ def check_values(config: TrainConfig) -> None:
         refuse("momentum", "in [0, 1)")
     if config.nesterov and config.momentum == 0:
         raise ConfigError("nesterov needs a momentum: give --momentum > 0, or --no-nesterov")
-    for key in ("weight_decay", "kalman_lr_scale", "kalman_weight_decay"):
+    for key in ("weight_decay", "kalman_weight_decay"):
         value = getattr(config, key)
         if value is not None and not (math.isfinite(value) and value >= 0):
             refuse(key, "a non-negative finite number")
+    if not (math.isfinite(config.kalman_lr_scale) and config.kalman_lr_scale > 0):
+        refuse("kalman_lr_scale", "a positive finite number (kalmannorm.parameter_groups)")
     if config.schedule not in SCHEDULES:
         raise ConfigError(
             f"unknown schedule {config.schedule!r}; use one of {', '.join(SCHEDULES)}"
