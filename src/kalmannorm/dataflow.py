@@ -23,6 +23,7 @@ warns once per model, naming the operations and layers.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -558,29 +559,43 @@ def compile_programs(traced: Trace) -> tuple[list[Node | None], list[str | None]
     """One moment program per Kalman layer (``None`` where none exists) and, for each layer
     without one, the reason (``None`` for a layer whose input no Kalman layer produced: the
     first layers of a network, which are BatchNorm by design)."""
-    compiled: dict[tuple[str, int, int | None], Node] = {}
+    compiled: dict[tuple[str, int, int], Node] = {}
+    below: dict[int, list[int]] = {}
 
-    def build(record: TensorRecord, reader: int, own: TensorRecord) -> Node:
+    def consumers(record: TensorRecord) -> list[int]:
+        """Sorted chain positions of the Kalman layers that take a tensor of this subtree."""
+        key = id(record)
+        if key not in below:
+            found = set(record.consumed_by)
+            for r in record.inputs:
+                found.update(consumers(r))
+            below[key] = sorted(found)
+        return below[key]
+
+    def build(record: TensorRecord, reader: int, root: bool = False) -> Node:
         earlier = [j for j in record.consumed_by if j < reader]
-        if record is not own and earlier:
+        if not root and earlier:
             key = ("input", id(record), earlier[0])
             if key not in compiled:
                 compiled[key] = LayerInput(earlier[0])
             return compiled[key]
         if record.op == "kalman":
-            index = record.info["index"]
-            key = ("output", id(record), None)
+            key = ("output", id(record), 0)
             if key not in compiled:
+                index = record.info["index"]
                 compiled[key] = LayerOutput(index, traced.layers[index])
             return compiled[key]
         if record.op == "input":
             raise _NoProducerError(record.info.get("reason", "input"))
         if record.op == "unmodelled":
             raise UnmodelledError(record.info["reason"])
-        # Which inputs are substituted depends on the reader: one node per (tensor, reader).
-        key = ("operation", id(record), reader)
+        # Which tensors of the subtree are replaced by an earlier layer's input statistics
+        # depends on the reader only through how many of the subtree's consumers precede it:
+        # readers that agree on that share the node (and, in a pass, its evaluation).
+        preceding = bisect.bisect_left(consumers(record), reader)
+        key = ("operation" if not root else "root", id(record), preceding)
         if key not in compiled:
-            children = [build(r, reader, own) for r in record.inputs]
+            children = [build(r, reader) for r in record.inputs]
             info = {**record.info, **_geometries(record.op, record.info)}
             compiled[key] = Operation(record.op, children, info)
         return compiled[key]
@@ -589,7 +604,7 @@ def compile_programs(traced: Trace) -> tuple[list[Node | None], list[str | None]
     reasons: list[str | None] = []
     for index, record in enumerate(traced.inputs):
         try:
-            program = build(record, index, record)
+            program = build(record, index, root=True)
         except UnmodelledError as error:
             programs.append(None)
             reasons.append(str(error))
