@@ -350,3 +350,25 @@ def test_prior_error_on_preact_resnet_is_within_a_tenth_of_a_batch_std():
     old_summary = summarize_by_category(prior_errors(old, [torch.randn(32, 1, 28, 28)]))
     assert all(old_summary[c][0] > 3 * summary[c][0] for c in summary)
     assert not any(math.isnan(r.mean_vs_batch) for r in rows if r.category != "first")
+
+
+def test_the_recommended_preset_links_with_its_own_chain_options():
+    x = torch.randn(4, 1, 28, 28)
+    model = kalmannorm.convert_norm(preact_resnet20(10, 1), "bkn-flow", stat_batch_size=2)
+    model(x)  # traced on the first call, with the preset's options
+    chain = kalmannorm.find_chain(model)
+    assert (chain.flow, chain.source) == ("data", "posterior")
+    assert all(layer.prior == "propagate" for layer in chain.layers)
+    # the prior of a layer fed by a normalising layer is its beta / gamma^2 pushed through
+    # ReLU and the convolution: the producer's batch statistics enter only through eps in
+    # gamma^2 sigma^2 / (sigma^2 + eps)
+    block = model.layer1[0]
+    model.train()
+    model(x)
+    predicted = block.bn2.last_statistics.prior_mean
+    model(x * 3.0 + 1.0)  # another batch: the stem's output changes, bn1 normalises it away
+    torch.testing.assert_close(block.bn2.last_statistics.prior_mean, predicted, rtol=3e-3, atol=0)
+    overridden = kalmannorm.convert_norm(
+        preact_resnet20(10, 1), "bkn-flow", stat_batch_size=2, source="batch", example_input=x
+    )
+    assert kalmannorm.find_chain(overridden).source == "batch"

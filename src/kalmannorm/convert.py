@@ -67,18 +67,24 @@ class NormSpec:
     name: str
     build: Builder
     description: str
+    #: chain options (``flow``, ``source``) the norm links with unless the caller gives them
+    link_options: dict | None = None
 
 
 _REGISTRY: dict[str, NormSpec] = {}
 
 
-def register_norm(name: str, description: str) -> Callable[[Builder], Builder]:
-    """Register ``build(source: SourceNorm, **options) -> nn.Module`` under ``name``."""
+def register_norm(
+    name: str, description: str, link_options: dict | None = None
+) -> Callable[[Builder], Builder]:
+    """Register ``build(source: SourceNorm, **options) -> nn.Module`` under ``name``;
+    ``link_options`` are the chain options (``flow``, ``source``) :func:`convert_norm` links
+    the norm's layers with unless given."""
 
     def decorate(build: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"a norm named {name!r} is already registered")
-        _REGISTRY[name] = NormSpec(name, build, description)
+        _REGISTRY[name] = NormSpec(name, build, description, link_options)
         return build
 
     return decorate
@@ -125,6 +131,26 @@ _BKN_BY_DIMS = {1: BatchKalmanNorm1d, 2: BatchKalmanNorm2d, 3: BatchKalmanNorm3d
     "bkn", "Batch Kalman Normalization (prior='learned' as in the paper, or 'propagate')"
 )
 def _build_bkn(source: SourceNorm, **options) -> nn.Module:
+    return _BKN_BY_DIMS[source.dims](
+        source.num_features,
+        source.eps,
+        source.momentum,
+        source.affine,
+        source.track_running_stats,
+        device=source.device,
+        dtype=source.dtype,
+        **options,
+    )
+
+
+@register_norm(
+    "bkn-flow",
+    "BKN, recommended: prior propagated along the data flow from the producers' posteriors "
+    "(prior='propagate', source='posterior'; docs/results/residual.md)",
+    link_options={"flow": "data", "source": "posterior"},
+)
+def _build_bkn_flow(source: SourceNorm, **options) -> nn.Module:
+    options.setdefault("prior", "propagate")
     return _BKN_BY_DIMS[source.dims](
         source.num_features,
         source.eps,
@@ -567,7 +593,7 @@ def convert_norm(
     *,
     example_input: object = None,
     flow: str | None = None,
-    source: str = "batch",
+    source: str | None = None,
     keep_frozen: bool = False,
     **options,
 ) -> nn.Module:
@@ -589,7 +615,8 @@ def convert_norm(
     ``trainable_backbone_layers``) stay as they are.
 
     The Kalman layers are linked into one chain (``flow`` and ``source`` as in
-    :func:`kalmannorm.link_chain`: by default each layer's prior follows the data flow, traced on
+    :func:`kalmannorm.link_chain`, unset: the norm's registered defaults; by default each
+    layer's prior follows the data flow, traced on
     ``example_input`` when given, else on the model's first forward call; a GKN model's
     execution order likewise), Cross-Iteration BN layers get the convolution that feeds each
     (:func:`kalmannorm.link_cross_iteration`; a CBN layer with none is a ``ValueError``), and the
@@ -600,7 +627,9 @@ def convert_norm(
     """
     from kalmannorm.autolink import link_model
 
-    _spec(name)
+    link_options = _spec(name).link_options or {}
+    flow = link_options.get("flow") if flow is None else flow
+    source = link_options.get("source", "batch") if source is None else source
     report = ConversionReport()
     keep = _frozen_stage_norms(module) if keep_frozen else set()
     converted = _swap(module, "", name, options, {}, report, keep)
