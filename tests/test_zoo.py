@@ -13,7 +13,7 @@ import kalmannorm
 pytest.importorskip("torchvision")
 pytest.importorskip("timm")
 
-from kalmannorm.lab import zoo  # noqa: E402
+from kalmannorm.lab import zoo
 
 QUICK = {family.name: family for family in zoo.families() if family.quick}
 
@@ -53,3 +53,13 @@ def test_parameter_costs_of_a_model() -> None:
     assert costs["bn"]["mobilenet_v2"] == 1.0
     assert 1.0 < costs["frn"]["mobilenet_v2"] < costs["bkn"]["mobilenet_v2"] < 1.2
     assert "| bkn | x1." in zoo.costs_markdown(costs)
+
+
+def test_the_zoo_and_norms_commands(capsys) -> None:
+    from kalmannorm.lab.cli import main
+
+    assert main(["zoo", "--list", "--quick"]) == 0
+    assert "timm:test_efficientnet FrozenBNAct" in capsys.readouterr().out
+    assert main(["norms"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters over BatchNorm's 2C: 3C (a, R, q)" in out

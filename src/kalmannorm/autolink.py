@@ -133,7 +133,9 @@ def _on_forward(module: nn.Module, args: tuple) -> None:
 
             link_cross_iteration(root, example)
         if kalman:
-            link_model(root, example, automatic=True)
+            # a norm registered with chain options (convert_norm's defaults for it)
+            options = next((m.link_options for m in held if hasattr(m, "link_options")), {})
+            link_model(root, example, automatic=True, **options)
         for layer in held:
             _AWAITING.discard(layer)
         if top is not module:

@@ -23,7 +23,7 @@ timm builds norm+activation layers from it (``get_norm_act_layer``). One factory
     ``inplace``, ``drop_layer``) over any registered norm: a :class:`kalmannorm.NormAct`.
     :func:`register_timm` (called by :func:`norm_layer` when timm is imported) lets timm's
     ``get_norm_act_layer`` map :class:`NormLayer`, every class of this library's registered norms
-    and the names ``"kalmannorm_<name>"`` (also ``"bkn"``, ``"gkn"``) to it, so
+    and the names ``"kalmannorm_<name>"`` (``-`` as ``_``; also ``"bkn"``, ``"gkn"``) to it, so
     ``timm.create_model("efficientnet_b0", norm_layer=kalmannorm.norm_layer("bkn"))`` keeps the
     model's activations, and ``norm_layer="kalmannorm_bkn"`` works for both kinds of timm models.
 
@@ -82,6 +82,9 @@ def make_norm(
         dtype=dtype if dtype is not None else torch.get_default_dtype(),
     )
     layer = build_for_input(norm, source, options)
+    link_options = getattr(spec, "link_options", None)
+    if link_options and isinstance(layer, KalmanNormBase):
+        layer.link_options = dict(link_options)  # what its chain links with (autolink)
     _own_kalman_parameters(layer)
     if isinstance(layer, CrossIterationBatchNorm):
         await_link(layer)  # its feeding convolution is found on the model's first forward
@@ -219,7 +222,7 @@ def register_timm() -> None:
         act = _timm_norm_act(name)
         plain = _timm_norm(name)
         requires_arg.add(act)
-        keys = ["kalmannorm" + name.replace("_", "")]
+        keys = ["kalmannorm" + name.replace("_", "").replace("-", "")]  # timm cuts at "-"
         if name in _TIMM_ALIASES:
             keys.append(name)
         for key in keys:

@@ -4,7 +4,7 @@ kalmannorm train --dataset fashion_mnist --norm bkn --stat-batch-size 2 --steps 
 torchrun --nproc_per_node=2 -m kalmannorm train ...     # data parallel
 kalmannorm compare                                       # the main job (preset "default")
 kalmannorm compare --config grid.toml --jobs 2
-kalmannorm demo | bench | norms
+kalmannorm demo | bench | norms | zoo
 
 Errors the user can fix (kalmannorm.lab.errors.UserError: a bad option, missing or corrupt data,
 a run folder in use, a diverged or interrupted run) are printed on one line; --debug shows the
@@ -133,11 +133,25 @@ def _analyze(args: argparse.Namespace) -> None:
         print(f"\nplot: {out / 'prior_error.png'}")
 
 
-def _norms(_: argparse.Namespace) -> None:
+def _norms(args: argparse.Namespace) -> None:
     from kalmannorm import available_norms
+    from kalmannorm.lab import zoo
 
     for name, description in available_norms().items():
         print(f"{name:<10} {description}")
+        print(f"{'':<10} parameters over BatchNorm's 2C: {zoo.COST_FORMULA.get(name, '0')}")
+    if args.costs:
+        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        print("\nparameters of the converted model / of the BatchNorm model (chain traced):\n")
+        print(zoo.costs_markdown(zoo.parameter_costs(models, variants=True)))
+
+
+def _zoo(args: argparse.Namespace) -> None:
+    from kalmannorm.lab import zoo
+
+    code = zoo.run(args)
+    if code:
+        raise SystemExit(code)
 
 
 # -- train ------------------------------------------------------------------------------------
@@ -349,8 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.set_defaults(run=_analyze)
 
-    norms = commands.add_parser("norms", help="list the registered norms")
+    norms = commands.add_parser("norms", help="list the registered norms and their costs")
+    norms.add_argument(
+        "--costs", action="store_true", help="measure each norm's parameter cost per model"
+    )
+    norms.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,efficientnet_b0",
+                       help="torchvision models for --costs")  # fmt: skip
     norms.set_defaults(run=_norms)
+
+    zoo = commands.add_parser(
+        "zoo", help="torchvision/timm families x every norm: train, eval, checkpoints, fold"
+    )
+    from kalmannorm.lab.zoo import add_arguments as add_zoo_arguments
+
+    add_zoo_arguments(zoo)
+    zoo.set_defaults(run=_zoo)
 
     train = commands.add_parser(
         "train",

@@ -609,28 +609,51 @@ def matrix_markdown(rows) -> str:
 # -- parameter costs (kalmannorm norms) -------------------------------------------------------
 
 COST_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
+#: Variants measured beside the registered norms' defaults: (label, norm, options).
+COST_VARIANTS = (
+    ("bkn flow=execution", "bkn", {"flow": "execution"}),
+    ("bkn prior=propagate", "bkn", {"prior": "propagate"}),
+)
+#: Parameters a norm layer of C channels holds beyond BatchNorm's 2 C.
+COST_FORMULA = {
+    "bkn": "3C (a, R, q) per layer with a data-flow prior; flow='execution': C*C_up + 2C "
+    "(the paper's dense A); prior='propagate': 0",
+    "gkn": "G*(G_up + 2) per layer with an upstream (G groups)",
+    "frn": "C (tau)",
+    "evonorm_s0": "C (v)",
+}
 
 
 @functools.cache
 def parameter_costs(
-    models: tuple[str, ...] = COST_MODELS, norms: tuple[str, ...] | None = None
+    models: tuple[str, ...] = COST_MODELS, norms: tuple[str, ...] | None = None,
+    variants: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Converted / BatchNorm parameter count, per norm and torchvision model (the chain traced
-    on a 64 px batch of 4, default options but statistics groups of 2)."""
+    on a 64 px batch of 4, default options but statistics groups of 2; ``variants``: also
+    :data:`COST_VARIANTS`). ``nan`` where the norm does not fit the model."""
     import torchvision
 
-    norms = norms or tuple(kalmannorm.available_norms())
+    rows = [(norm, norm, {}) for norm in norms or kalmannorm.available_norms()]
+    if variants:
+        rows += list(COST_VARIANTS)
     x = torch.randn(4, 3, 64, 64)
-    costs: dict[str, dict[str, float]] = {norm: {} for norm in norms}
+    costs: dict[str, dict[str, float]] = {label: {} for label, _, _ in rows}
     for name in models:
         base = torchvision.models.get_model(name, weights=None)
         count = sum(p.numel() for p in base.parameters())
-        for norm in norms:
+        for label, norm, extra in rows:
             model = copy.deepcopy(base)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                kalmannorm.convert_norm(model, norm, example_input=x, **norm_options(norm))
-            costs[norm][name] = sum(p.numel() for p in model.parameters()) / count
+                try:
+                    kalmannorm.convert_norm(
+                        model, norm, example_input=x, **norm_options(norm), **extra
+                    )
+                except (ValueError, RuntimeError):  # the norm does not fit (CBN on DenseNet)
+                    costs[label][name] = math.nan
+                    continue
+            costs[label][name] = sum(p.numel() for p in model.parameters()) / count
     return costs
 
 
@@ -638,7 +661,8 @@ def costs_markdown(costs: dict[str, dict[str, float]]) -> str:
     models = list(next(iter(costs.values())))
     lines = ["| norm | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for norm, row in costs.items():
-        lines.append(f"| {norm} | " + " | ".join(f"x{row[m]:.3f}" for m in models) + " |")
+        cells = ("n/a" if math.isnan(row[m]) else f"x{row[m]:.3f}" for m in models)
+        lines.append(f"| {norm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
