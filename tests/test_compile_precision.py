@@ -15,9 +15,10 @@ from kalmannorm.lab.models import SmallCNN
 def test_compiled_kalman_model_has_no_graph_breaks_and_matches_eager(norm, options):
     """The compiled composite path against the eager fused one."""
     torch.manual_seed(0)
-    model = kalmannorm.convert_norm(SmallCNN(3, 10, 8), norm, **options)
-    twin = copy.deepcopy(model)
     x = torch.randn(4, 3, 12, 12)
+    # the data flow is traced eagerly, on example_input, before compiling
+    model = kalmannorm.convert_norm(SmallCNN(3, 10, 8), norm, example_input=x, **options)
+    twin = copy.deepcopy(model)
     expected = model(x)
     expected.sum().backward()
     compiled = torch.compile(twin, fullgraph=True)  # raises on any graph break
