@@ -40,6 +40,9 @@ def test_compare_runs_the_grid_writes_the_table_and_skips_finished_runs(tmp_path
     assert main(["compare", "--config", str(tmp_path / "grid.toml")]) == 0
     printed = capsys.readouterr().out
     assert "4 runs: 0 already finished, 4 to run, 2 at a time" in printed
+    # a progress line per evaluation of every run while it trains
+    progress = [line for line in printed.splitlines() if ": step " in line]
+    assert len(progress) == 4 * 3 and all(line.startswith("[") for line in progress)
     table = (out / "summary.md").read_text()
     assert table in printed
     lines = table.strip().splitlines()
@@ -49,6 +52,10 @@ def test_compare_runs_the_grid_writes_the_table_and_skips_finished_runs(tmp_path
     with open(out / "summary.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["label"] for r in rows] == ["none (baseline)", "bkn"]
+    # and one sentence saying what the table means, with the table's own numbers
+    mean = 100 * float(rows[1]["final_moving_mean"])
+    sentence = next(line for line in printed.splitlines() if line.startswith("Meaning:"))
+    assert "bkn trains best" in sentence and f"{mean:.2f}" in sentence
     assert 0.1 < float(rows[1]["final_moving_mean"]) <= 1.0
     assert float(rows[0]["steps_to_baseline_mean"]) <= 24  # the baseline reaches itself
     if pytest.importorskip("matplotlib"):
@@ -123,7 +130,7 @@ def test_default_preset_falls_back_to_digits(monkeypatch, capsys) -> None:
     monkeypatch.setattr(presets, "dataset_available", lambda name: False)
     cfg = presets.default()
     assert cfg.train["dataset"] == "digits" and "using digits" in capsys.readouterr().out
-    assert [v.norm for v in cfg.norms] == ["bn", "bkn", "gn"]
+    assert [v.norm for v in cfg.norms] == ["bn", "bkn-flow", "gn"]
     assert cfg.baseline.norm == "none" and cfg.stat_batch_sizes == [2]
     assert len(make_grid(cfg)) == 4
 

@@ -320,7 +320,8 @@ def run_grid(specs: list[RunSpec], jobs: int, threads: int | None = None) -> dic
             print(f"{tag}: started -> {spec.folder}", flush=True)
         start = time.perf_counter()
         with open(spec.folder / "train.log", "a") as log:
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+            returncode = _run_logged(command, log, tag, lock)
+        result = subprocess.CompletedProcess(command, returncode)
         seconds = time.perf_counter() - start
         if result.returncode == 0:
             final = json.loads((spec.folder / SUMMARY).read_text())["final"]
@@ -341,6 +342,22 @@ def run_grid(specs: list[RunSpec], jobs: int, threads: int | None = None) -> dic
         for future in [pool.submit(launch, i, s) for i, s in enumerate(todo)]:
             future.result()
     return outcomes
+
+
+def _run_logged(command: list[str], log: Any, tag: str, lock: threading.Lock) -> int:
+    """Run ``command``, copying its output to ``log`` and echoing its progress lines (the
+    training log's ``step ...`` lines) to the screen under ``tag``."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        log.write(line)
+        log.flush()
+        if line.startswith("step"):
+            with lock:
+                print(f"{tag}: {' '.join(line.split())}", flush=True)
+    return process.wait()
 
 
 # -- the summary ------------------------------------------------------------------------------
@@ -446,6 +463,28 @@ def format_markdown(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def conclusion(rows: list[Row]) -> str:
+    """One sentence on what the table means: the micro-batch norm with the best final accuracy
+    (moving statistics) and where it stands between the baseline and the others."""
+    baseline = next((r for r in rows if r.label.endswith("(baseline)")), None)
+    others = [r for r in rows if r is not baseline and r.final_moving]
+    if baseline is None or not others:
+        return ""
+    ranked = sorted(others, key=lambda r: statistics.fmean(r.final_moving), reverse=True)
+    best, rest = ranked[0], ranked[1:]
+    top = statistics.fmean(baseline.final_moving)
+    gap = 100 * (top - statistics.fmean(best.final_moving))
+    seeds = f"{best.seeds} seed{'s' if best.seeds > 1 else ''}"
+    behind = ", ".join(f"{r.label} {_percent(r.final_moving)} %" for r in rest)
+    where = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above"
+    return (
+        f"Meaning: with statistics groups of {best.stat_batch}, {best.label} trains best "
+        f"({_percent(best.final_moving)} % with moving statistics, {seeds}), {where} "
+        f"{baseline.label.removesuffix(' (baseline)')} with the whole batch "
+        f"({_percent(baseline.final_moving)} %); then {behind}."
+    )
+
+
 def write_csv(rows: list[Row], path: Path) -> None:
     """The summary table as CSV: means and standard deviations in separate columns."""
     with open(path, "w", newline="") as handle:
@@ -544,6 +583,10 @@ def compare(cfg: CompareConfig, threads: int | None = None) -> str:
     write_csv(rows, out / "summary.csv")
     print()
     print(table)
+    sentence = conclusion(rows)
+    if sentence:
+        print(sentence)
+        (out / "summary.md").write_text(table + "\n" + sentence + "\n")
     if not rows:
         print("curves: skipped (no finished runs)")
     elif plot_curves(rows, out / "curves.png"):

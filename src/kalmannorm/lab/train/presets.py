@@ -1,10 +1,10 @@
 """Ready-made compare grids: ``kalmannorm compare --preset NAME``.
 
 ``default`` is the project's main job: plain BatchNorm with the whole batch of 128 as one
-statistics group (the baseline) against ghost BN ("bn"), BKN and GroupNorm with statistics
-groups of 2, on Fashion-MNIST when it is installed (Debian: ``apt-get install
-dataset-fashion-mnist``), otherwise on scikit-learn's digits. It takes about 10 minutes on 2 CPU
-cores. ``tiny`` is the same grid in seconds, for smoke tests.
+statistics group (the baseline) against ghost BN ("bn"), the recommended BKN ("bkn-flow") and
+GroupNorm with statistics groups of 2, on Fashion-MNIST when it is installed (Debian:
+``apt-get install dataset-fashion-mnist``), otherwise on scikit-learn's digits. It takes about
+10 minutes on 2 CPU cores. ``tiny`` is the same grid in seconds, for smoke tests.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from kalmannorm.lab.data import dataset_available
 from kalmannorm.lab.train.compare import CompareConfig, Variant
 
 #: The norms the main job compares at statistics-batch 2.
-DEFAULT_NORMS = ("bn", "bkn", "gn")
+DEFAULT_NORMS = ("bn", "bkn-flow", "gn")
 
 
 def _registered(names: tuple[str, ...]) -> list[Variant]:
