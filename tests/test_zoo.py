@@ -63,3 +63,12 @@ def test_the_zoo_and_norms_commands(capsys) -> None:
     assert main(["norms"]) == 0
     out = capsys.readouterr().out
     assert "parameters over BatchNorm's 2C: 3C (a, R, q)" in out
+
+
+@pytest.mark.parametrize("family", ["tv:video resnet(1,1,1,1)", "tv:resnet(1,1,1,1) SyncBN"])
+def test_zoo_cell_of_3d_and_sync_batchnorm_models(family: str) -> None:
+    """A video model (BatchNorm3d) and SyncBatchNorm, with BKN (the full matrix: all norms)."""
+    chosen = next(f for f in zoo.families() if f.name == family)
+    result = zoo.run_cell(chosen, "bkn")
+    failed = {check: value for check, value in result.items() if value not in ("ok", "-")}
+    assert not failed, failed

@@ -176,10 +176,10 @@ def link_model(
     per_channel = all(getattr(m, "per_channel_statistics", False) for m in members)
     before = {id(p) for p in root.parameters()}
     if flow is not None or per_channel:
-        with summarised_propagate_warnings(len(members)):
+        with summarised_propagate_warnings(len(members)), _same_parameter_objects(root):
             chain = link_chain(root, example_input, flow=flow, source=source)
     else:
-        with summarised_propagate_warnings(len(members)):
+        with summarised_propagate_warnings(len(members)), _same_parameter_objects(root):
             chain = link_chain(root, None, flow="execution", source=source)
         traced = None
         if example_input is not None:
@@ -191,6 +191,35 @@ def link_model(
     if automatic:
         _warn_new_parameters(root, before, len(members), _FIX_UNLINKED)
     return chain
+
+
+@contextmanager
+def _same_parameter_objects(root: nn.Module) -> Iterator[None]:
+    """Relinking may give a layer Kalman parameters of other shapes (a GKN transition sized by
+    another upstream): keep the layer's parameter objects, with the new shapes and values, so that
+    an optimizer built before (and not yet stepped) still holds the layer's parameters."""
+    before = {
+        (id(m), key): m._parameters[key]
+        for m in root.modules()
+        if is_chain_member(m)
+        for key in _KALMAN_PARAMETERS
+        if m._parameters.get(key) is not None
+    }
+    try:
+        yield
+    finally:
+        for module in root.modules():
+            if not is_chain_member(module):
+                continue
+            for key in _KALMAN_PARAMETERS:
+                new, old = module._parameters.get(key), before.get((id(module), key))
+                if new is not None and old is not None and new is not old:
+                    with torch.no_grad():
+                        old.data = new.data
+                    module._parameters[key] = old
+
+
+_KALMAN_PARAMETERS = ("gain_logit", "noise_raw", "transition")
 
 
 def _wait_for_trace(root: nn.Module, chain: KalmanChain, source: str) -> None:
@@ -276,7 +305,7 @@ def _trace_in_training_mode(root: nn.Module, example: object, source: str) -> Ka
         try:
             if train:
                 root.train()
-            with summarised_propagate_warnings(count):
+            with summarised_propagate_warnings(count), _same_parameter_objects(root):
                 return link_chain(root, example, flow="execution", source=source)
         except Exception as error:
             if train:

@@ -224,7 +224,7 @@ def families() -> list[Family]:
         found.append(Family(
             "tv:inception_v3", cls,
             _tv("inception_v3", num_classes=10, aux_logits=True, init_weights=False),
-            _images(160), _images(160), _classification_loss,
+            _images(299, batch=2), _images(299, batch=2), _classification_loss,  # (aux: 299)
         ))  # fmt: skip
         found.append(Family("tv:mobilenet_v2(0.25)", cls,
                             _tv("mobilenet_v2", num_classes=10, width_mult=0.25), tiny, tiny,

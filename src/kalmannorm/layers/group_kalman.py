@@ -35,6 +35,10 @@ class GroupKalmanNorm(KalmanNormBase):
         num_channels: channels C.
         eps, affine: as in :class:`torch.nn.GroupNorm`.
         gain, learn_gain, noise, guard, check_finite: as in :class:`BatchKalmanNorm`.
+
+    Groups come first, as in :class:`torch.nn.GroupNorm`; the channel-first factory for a
+    ``norm_layer`` argument is ``kalmannorm.norm_layer("gkn", num_groups=...)`` (unset: the
+    default groups, at most 32 of at least 8 channels).
     """
 
     def __init__(
