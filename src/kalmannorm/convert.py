@@ -151,16 +151,7 @@ def _build_bkn(source: SourceNorm, **options) -> nn.Module:
 )
 def _build_bkn_flow(source: SourceNorm, **options) -> nn.Module:
     options.setdefault("prior", "propagate")
-    return _BKN_BY_DIMS[source.dims](
-        source.num_features,
-        source.eps,
-        source.momentum,
-        source.affine,
-        source.track_running_stats,
-        device=source.device,
-        dtype=source.dtype,
-        **options,
-    )
+    return _build_bkn(source, **options)
 
 
 #: Fewest channels a default group holds ("gn", "gkn"). The GN paper (Wu & He 2018, Table 3)
