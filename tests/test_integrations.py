@@ -232,6 +232,21 @@ def test_a_model_built_by_the_factory_trains_with_an_optimizer_built_at_once():
     assert model.bn1.transition is None and model.layer4[1].bn2.transition.grad is not None
 
 
+def test_a_relink_keeps_the_parameter_objects_an_optimizer_holds():
+    """GKN's transitions are sized by the upstream; the traced order differs from the build
+    order at each downsampling block, and the relink keeps the objects (new shapes)."""
+    model = torchvision.models.resnet18(num_classes=3, norm_layer=kalmannorm.norm_layer("gkn"))
+    guessed = model.layer2[0].bn1.transition
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert model.layer2[0].bn1.transition is guessed and guessed.shape == (16, 8)
+    held = {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert all(id(p) in held for p in model.parameters())
+    optimizer.step()
+
+
 def test_a_part_called_before_the_model_links_the_whole_model_with_a_warning():
     model = nn.Sequential(_stack(kalmannorm.norm_layer("bkn")), nn.Flatten())
     with pytest.warns(UserWarning, match="a part of Sequential, ran before the whole model"):
