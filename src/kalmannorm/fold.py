@@ -140,7 +140,8 @@ def _keep_chains_working(model: nn.Module, folded: nn.Module) -> None:
         if not any(id(layer) in kept for layer in chain.layers):
             continue
         for layer in chain.layers:
-            if id(layer) not in kept:
+            # (a GKN layer removed as unused in eval, an auxiliary head's, publishes nothing)
+            if id(layer) not in kept and getattr(layer, "running_mean", None) is not None:
                 chain.freeze(layer, layer.running_mean, layer.running_var)
         chain.reattach(folded)
 
