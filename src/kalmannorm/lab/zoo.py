@@ -273,8 +273,9 @@ def families() -> list[Family]:
     found.append(Family("timm:test_efficientnet FrozenBNAct", group,
                         _timm("test_efficientnet", frozen=True), tiny, tiny,
                         _classification_loss, quick=True))  # fmt: skip
+    # (timm's MobileNetV3 builders set norm_layer themselves: convert those, as above)
     for name, quick in (("test_efficientnet", True), ("test_resnet", False),
-                        ("efficientnet_b0", False), ("mobilenetv3_large_100", False)):
+                        ("efficientnet_b0", False), ("regnety_008", False)):
         inputs = tiny if quick else small
         found.append(Family(f"timm:{name} norm_layer=", "timm factories", _timm(name), inputs,
                             inputs, _classification_loss, factory=_timm_factory(name),
