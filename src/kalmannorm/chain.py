@@ -360,11 +360,6 @@ def _registration_order(root: nn.Module, select: Callable[[nn.Module], bool]) ->
     return found
 
 
-def _pass_through_layers(root: nn.Module) -> list[nn.Module]:
-    """Layers that can pass their input through unchanged (a boolean ``tracing`` attribute)."""
-    return [m for m in root.modules() if isinstance(getattr(m, "tracing", None), bool)]
-
-
 def _traced_order(
     root: nn.Module, example_input: object, select: Callable[[nn.Module], bool], kind: str
 ) -> list[FedLayer]:
@@ -392,27 +387,7 @@ def _traced_order(
             handles.append(module.register_forward_pre_hook(on_layer))
         elif isinstance(module, WEIGHTED_LAYERS):
             handles.append(module.register_forward_hook(on_weighted))
-    saved = {name: buf.clone() for name, buf in root.named_buffers()}
-    passing = _pass_through_layers(root)
-    was_tracing = [m.tracing for m in passing]
-    for layer in passing:
-        layer.tracing = True
-    try:
-        with torch.no_grad():
-            if isinstance(example_input, tuple):
-                root(*example_input)
-            elif isinstance(example_input, dict):
-                root(**example_input)
-            else:
-                root(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for layer, flag in zip(passing, was_tracing):
-            layer.tracing = flag
-        with torch.no_grad():
-            for name, buf in root.named_buffers():
-                buf.copy_(saved[name])
+    dataflow.run_passing_through(root, example_input, handles)
     ran = {id(entry.layer) for entry in found}
     missing = [n for n, m in root.named_modules() if select(m) and id(m) not in ran]
     if missing:

@@ -24,6 +24,7 @@ warns once per model, naming the operations and layers.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -365,21 +366,43 @@ def trace(root: nn.Module, example_input: object, is_kalman) -> Trace:
         if is_kalman(module) or _modelled(module):
             handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(leave))
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    for t in inputs:
+        if isinstance(t, Tensor):
+            recorder.assign(t, TensorRecord("input", [], {"reason": "model input"}))
+    run_passing_through(root, example_input, handles, recorder)
+    ran = {id(layer) for layer, _ in found}
+    for module in root.modules():
+        if is_kalman(module) and id(module) not in ran:
+            # A branch the traced pass skipped (an auxiliary head in eval mode): the layer joins
+            # the chain without a prior.
+            found.append((module, TensorRecord("input", [], {"reason": "not run in the trace"})))
+    return Trace([m for m, _ in found], [names[id(m)] for m, _ in found], [r for _, r in found])
+
+
+def run_passing_through(
+    root: nn.Module,
+    example_input: object,
+    handles: Sequence[torch.utils.hooks.RemovableHandle],
+    mode: contextlib.AbstractContextManager | None = None,
+) -> None:
+    """One forward of ``root`` on ``example_input`` (a tensor, a tuple of positional arguments or
+    a dict of keyword arguments) under ``torch.no_grad`` (and ``mode``), with every module that
+    has a boolean ``tracing`` flag passing its input through; afterwards ``handles`` are removed,
+    the flags reset and every buffer of ``root`` restored."""
     saved = {name: buf.clone() for name, buf in root.named_buffers()}
     passing = [m for m in root.modules() if isinstance(getattr(m, "tracing", None), bool)]
     was_tracing = [m.tracing for m in passing]
     for layer in passing:
         layer.tracing = True
     try:
-        with torch.no_grad(), recorder:
-            inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-            for t in inputs:
-                if isinstance(t, Tensor):
-                    recorder.assign(t, TensorRecord("input", [], {"reason": "model input"}))
+        with torch.no_grad(), mode or contextlib.nullcontext():
             if isinstance(example_input, dict):
                 root(**example_input)
+            elif isinstance(example_input, tuple):
+                root(*example_input)
             else:
-                root(*inputs)
+                root(example_input)
     finally:
         for handle in handles:
             handle.remove()
@@ -388,13 +411,6 @@ def trace(root: nn.Module, example_input: object, is_kalman) -> Trace:
         with torch.no_grad():
             for name, buf in root.named_buffers():
                 buf.copy_(saved[name])
-    ran = {id(layer) for layer, _ in found}
-    for module in root.modules():
-        if is_kalman(module) and id(module) not in ran:
-            # A branch the traced pass skipped (an auxiliary head in eval mode): the layer joins
-            # the chain without a prior.
-            found.append((module, TensorRecord("input", [], {"reason": "not run in the trace"})))
-    return Trace([m for m, _ in found], [names[id(m)] for m, _ in found], [r for _, r in found])
 
 
 # -- moment programs ------------------------------------------------------------------------------
