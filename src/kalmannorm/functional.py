@@ -125,6 +125,28 @@ def predict_data_flow_prior(
     return input_mean * scale, input_var * scale.square() + noise
 
 
+#: Range of the prior-variance calibration factor kappa (:func:`calibrate_prior_variance`).
+CALIBRATION_RANGE = (0.1, 10.0)
+
+
+def calibrate_prior_variance(
+    prior_var: Tensor, batch_var_average: Tensor, prior_var_average: Tensor
+) -> Tensor:
+    """kappa o sigma^2_{k|k-1}, kappa_c = EMA_t(mean_g S_gc) / EMA_t(mean_g sigma^2_{k|k-1,gc}).
+
+    The data-flow prior's variance treats a layer's inputs as independent across channels and
+    positions; correlated features make it off by a factor that changes as slowly as the weights.
+    kappa is that factor measured over past training steps (detached, clamped to
+    :data:`CALIBRATION_RANGE`; 1 before the first measurement).
+    """
+    low, high = CALIBRATION_RANGE
+    measured = prior_var_average > 0
+    ones = torch.ones_like(prior_var_average)
+    ratio = batch_var_average / torch.where(measured, prior_var_average, ones)
+    kappa = torch.where(measured, ratio.clamp(low, high), ones)
+    return prior_var * kappa.to(prior_var.dtype)
+
+
 def predict_prior_full(
     upstream_mean: Tensor,
     upstream_cov: Tensor,

@@ -343,6 +343,8 @@ class KalmanNormBase(nn.Module):
             prior_mean, prior_var = F.predict_prior(
                 up_mean, up_var, first, torch_f.softplus(second)
             )
+        if self.covariance == "diag":
+            prior_var = self.calibrated_prior_var(prior_var, batch_second)
         gain = torch.sigmoid(gain_param) if self.gain_logit is not None else gain_param
         gain = gain.to(batch_mean.dtype).expand_as(batch_mean)
         if self.guard is not None:
@@ -352,6 +354,10 @@ class KalmanNormBase(nn.Module):
         update = F.kalman_update_full if self.covariance == "full" else F.kalman_update
         mean, var = update(batch_mean, batch_second, prior_mean, prior_var, gain)
         return KalmanEstimate(mean, var, gain, prior_mean.expand_as(batch_mean), prior_var)
+
+    def calibrated_prior_var(self, prior_var: Tensor, batch_var: Tensor) -> Tensor:
+        """The prior variance the update uses; a layer with a calibration overrides this."""
+        return prior_var
 
     def fused_step(
         self, x: Tensor, layout: Layout, count: int, inputs: tuple[Tensor | None, ...]

@@ -30,7 +30,12 @@ from kalmannorm.autolink import await_link
 from kalmannorm.chain import recomputing
 from kalmannorm.fused import SampleGroups, fused_applicable
 from kalmannorm.layers.affine import empty_output
-from kalmannorm.layers.base import DEFAULT_NOISE, KalmanEstimate, KalmanNormBase
+from kalmannorm.layers.base import (
+    DEFAULT_NOISE,
+    KALMAN_STATE_VERSION,
+    KalmanEstimate,
+    KalmanNormBase,
+)
 
 EVAL_STATISTICS = ("moving", "batch")
 _TEMPORAL_BUFFERS = ("mean", "var", "mean_error", "var_error", "mean_noise", "var_noise")
@@ -58,6 +63,11 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
             (:mod:`kalmannorm.temporal`): a large statistics group is BatchNorm, one sample
             leans on the history.
         temporal_warmup: training steps with gain 1 (BatchNorm) while the estimates settle.
+        calibrate_prior: scale a data-flow prior's variance by the ratio of the batch variance
+            to the prior variance measured over past training steps
+            (:func:`kalmannorm.functional.calibrate_prior_variance`; buffers
+            ``calibration_batch_var`` and ``calibration_prior_var``, moving averages with
+            ``momentum``). Corrects the independence assumption of the variance propagation.
     """
 
     _expected_dims: tuple[int, ...] = ()
@@ -84,6 +94,7 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
         check_finite: bool = True,
         temporal_prior: bool = False,
         temporal_warmup: int = 20,
+        calibrate_prior: bool = False,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **factory_kwargs)
@@ -109,6 +120,15 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
                     f"temporal_{name}", torch.full((num_features,), initial, device=device)
                 )
             self.register_buffer("temporal_steps", torch.zeros((), dtype=torch.long, device=device))
+        if calibrate_prior and covariance == "full":
+            raise ValueError("calibrate_prior scales variances only: use covariance='diag'")
+        self.calibrate_prior = calibrate_prior
+        self._calibration_seen: tuple[Tensor, Tensor] | None = None
+        if calibrate_prior:
+            for name in ("batch_var", "prior_var"):
+                self.register_buffer(
+                    f"calibration_{name}", torch.zeros((num_features,), device=device)
+                )
         self._init_kalman(
             num_features,
             prior=prior,
@@ -211,6 +231,28 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
         )
         return result._replace(mean=mean, var=var, gain=result.gain * gain.var)
 
+    def calibrated_prior_var(self, prior_var: Tensor, batch_var: Tensor) -> Tensor:
+        """kappa o sigma^2_{k|k-1} with ``calibrate_prior`` (kappa from past steps; this step's
+        averages over groups are kept for the update after the step)."""
+        if not self.calibrate_prior:
+            return prior_var
+        if self.training and not recomputing():
+            self._calibration_seen = (batch_var.detach().mean(0), prior_var.detach().mean(0))
+        return F.calibrate_prior_variance(
+            prior_var, self.calibration_batch_var, self.calibration_prior_var
+        )
+
+    def _update_calibration(self, factor: float) -> None:
+        """EMA of mean_g S_g and of mean_g sigma^2_{k|k-1,g}; the first step sets them."""
+        if self._calibration_seen is None:
+            return
+        buffers = (self.calibration_batch_var, self.calibration_prior_var)
+        started = self.calibration_prior_var > 0  # before either buffer changes (no host sync)
+        for buffer, value in zip(buffers, self._calibration_seen):
+            value = value.to(buffer.dtype)
+            buffer.copy_(torch.where(started, torch.lerp(buffer, value, factor), value))
+        self._calibration_seen = None
+
     def _update_running_stats(
         self, mean: Tensor, var: Tensor, gain: Tensor, batch_var: Tensor, count: int
     ) -> None:
@@ -237,10 +279,19 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
                 factor = self.momentum
             F.exponential_average(self.running_mean, mean.mean(0), factor)
             F.exponential_average(self.running_var, unbiased_var.mean(0), factor)
+            if self.calibrate_prior:
+                self._update_calibration(self.momentum if self.momentum is not None else 0.1)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs) -> None:
         self._temporal_host_steps = None  # the loaded step count is read at the next update
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        version = local_metadata.get("version")
+        if version is None or version < KALMAN_STATE_VERSION:
+            # A plain norm's checkpoint has no temporal or calibration state: keep the initial.
+            for name, value in self._buffers.items():
+                key = prefix + name
+                if name.startswith(("temporal_", "calibration_")) and key not in state_dict:
+                    state_dict[key] = value.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
 
 class BatchKalmanNorm1d(BatchKalmanNorm):
