@@ -1,20 +1,29 @@
 """``kalmannorm train``: one run, top to bottom.
 
 1. Check the configuration (names, batch arithmetic) before touching data or model.
-2. Load the data into memory (or open the image folders), build and convert the model, SGD
-   with momentum and a per-step learning-rate schedule.
-3. Resume from the run folder's checkpoint if asked (refusing another configuration).
-4. Train: each epoch visits the training set in an order drawn from (seed, epoch); each step's
-   augmentation is drawn from (seed, step). Both are recomputed, never stored, so a resumed run
-   sees exactly the data the uninterrupted run would have seen. Each process takes its part of
-   the global batch and may accumulate it in several passes.
-5. Every ``eval_every`` steps: test accuracy with moving and with batch statistics, one metrics
-   record, a checkpoint. At the end: ``summary.json``.
+2. :func:`_setup`: load the data into memory (or open the image folders; with ``holdout``, a
+   held-out part of the training set replaces the test set), build and convert the model, SGD
+   with momentum and a per-step learning-rate schedule; resume from the run folder's checkpoint
+   if asked (refusing another configuration). Everything a run holds from step to step is one
+   :class:`RunState`.
+3. :func:`_step`, for every step: each epoch visits the training set in an order drawn from
+   (seed, epoch); each step's augmentation is drawn from (seed, step). Both are recomputed,
+   never stored, so a resumed run sees exactly the data the uninterrupted run would have seen.
+   Each process takes its part of the global batch and may accumulate it in several passes.
+4. :func:`_evaluate_and_log`, every ``eval_every`` steps: accuracy with moving and with batch
+   statistics (and PreciseBN's), one metrics record; :func:`_save`: a checkpoint then and every
+   ``checkpoint_every`` steps. At the end, :func:`_finish`: ``summary.json``.
 
-Nothing is lost: the run folder is locked for the run (a second process on it is refused); a
-non-finite loss stops the run at that step, and a checkpoint is written only of finite weights,
-buffers and optimizer state, so the last good checkpoint survives a divergence; SIGINT and
-SIGTERM finish the step, save a checkpoint and stop with the command that resumes.
+The step does not synchronise with the device: its loss and accuracy stay there, per pass, and
+are read in one transfer before each evaluation and checkpoint (:func:`_read_pending`). That is
+where the non-finite guard is: a non-finite loss stops the run there, reported at the step it
+occurred, and since a checkpoint is written only after that read, and only of finite weights,
+buffers and optimizer state, the last checkpoint before the divergence is what is kept (the steps
+after it are lost, as they would be had the run stopped at once). The progress bar, when shown,
+reads the loss at most once a second; under torchrun the processes agree on a stop request after
+every step (one all-reduce). The run folder is locked for the run (a second process on it is
+refused); SIGINT and SIGTERM finish the step, save a checkpoint and stop with the command that
+resumes.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import torch
 from torch import nn
 from torch.nn import functional as torch_f
 
+from kalmannorm.lab.data.holdout import HOLDOUT, TEST
 from kalmannorm.lab.errors import UserError
 from kalmannorm.lab.train import distributed
 from kalmannorm.lab.train.batch_mode import GKN, find_norm_layers
@@ -180,16 +190,19 @@ def _stop_on_signals() -> Iterator[_StopRequest]:
 
 
 def _check_test_set(model: nn.Module, data, plan: BatchPlan) -> None:
-    """Refuse a test set too small for one statistics group when the model has layers whose
-    batch-statistics evaluation needs whole groups (it would score no image: NaN)."""
+    """Refuse an evaluation set (test set or holdout) too small for one statistics group when
+    the model has layers whose batch-statistics evaluation needs whole groups (it would score no
+    image: NaN)."""
+    held_out = getattr(data, "eval_set", TEST) == HOLDOUT
+    name, fix = ("the holdout", "a larger --holdout") if held_out else ("the test set", None)
     if data.test_size < 1:
-        raise ConfigError("the test set is empty; use a larger --test-subset")
+        raise ConfigError(f"{name} is empty; use {fix or 'a larger --test-subset'}")
     batch_dependent = [layer for layer in find_norm_layers(model) if layer.kind != GKN]
     if batch_dependent and data.test_size < plan.stat_batch_size:
         raise ConfigError(
-            f"the test set holds {data.test_size} images, fewer than one statistics group of "
+            f"{name} holds {data.test_size} images, fewer than one statistics group of "
             f"{plan.stat_batch_size}: the batch-statistics evaluation would score none; use "
-            f"--test-subset {plan.stat_batch_size} or more"
+            f"{fix or f'--test-subset {plan.stat_batch_size} or more'}"
         )
 
 
@@ -233,6 +246,54 @@ class Meters:
     count: int = 0
 
 
+@dataclasses.dataclass
+class Pending:
+    """One finished step whose loss and accuracy are still on the device (per pass)."""
+
+    step: int
+    losses: torch.Tensor  # (passes,) each pass's loss, scaled by its share of the batch
+    correct: torch.Tensor  # (passes,) correct predictions per pass
+    count: int
+
+
+@dataclasses.dataclass
+class RunState:
+    """What one run holds from step to step: built by :func:`_setup`, advanced by
+    :func:`_step`, read by :func:`_evaluate_and_log` and written by :func:`_save`."""
+
+    config: TrainConfig
+    plan: BatchPlan
+    dist: distributed.Distributed
+    device: torch.device
+    out: Path
+    data: Any
+    model: nn.Module  # the bare model: evaluation, state dicts
+    wrapped: nn.Module  # what trains: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+    derived: dict[str, Any]
+    step: int = 0
+    meters: Meters = dataclasses.field(default_factory=Meters)
+    pending: list[Pending] = dataclasses.field(default_factory=list)
+    saved_step: int | None = None  # the step of the checkpoint on disk
+    lr: float = 0.0  # the rate the last step used
+    elapsed_before: float = 0.0  # seconds trained by the processes before a resume
+    started: float = 0.0  # perf_counter() when this process started training
+    window: tuple[float, int] = (0.0, 0)  # (time, step) the throughput is measured from
+    log: MetricsLog = dataclasses.field(init=False)  # opened once the start step is known
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+
 def _train(
     config: TrainConfig,
     plan: BatchPlan,
@@ -240,16 +301,42 @@ def _train(
     device: torch.device,
     resume: bool,
 ) -> dict[str, Any]:
+    run = _setup(config, plan, dist, device, resume)
+    with _stop_on_signals() as stop:
+        stop.out, stop.saved_step = run.out, run.saved_step
+        run.started = time.perf_counter()
+        run.window = (run.started, run.step)
+        for x, y in _training_batches(run):
+            _step(run, x, y)
+            if run.step % run.eval_every == 0 or run.step == run.total_steps:
+                _evaluate_and_log(run)
+                _save(run)
+                run.window = (time.perf_counter(), run.step)
+            elif run.step % run.checkpoint_every == 0:
+                _save(run)
+            stop.saved_step = run.saved_step
+            if _stop_requested(run, stop):
+                _stop(run, stop)
+    run.log.close()
+    return _finish(run)
+
+
+def _setup(
+    config: TrainConfig,
+    plan: BatchPlan,
+    dist: distributed.Distributed,
+    device: torch.device,
+    resume: bool,
+) -> RunState:
+    """Data, model, optimizer and schedule; the checkpoint's state if resuming; the log."""
     out = Path(config.out)
-    checkpoint_path = out / CHECKPOINT
-    if not resume and (checkpoint_path.exists() or (out / SUMMARY).exists()):
+    if not resume and ((out / CHECKPOINT).exists() or (out / SUMMARY).exists()):
         raise ConfigError(
             f"{out} already holds a run; pass --resume to continue it, or choose another --out"
         )
     if config.threads:
         torch.set_num_threads(config.threads)
 
-    # data
     data = load_run_data(config)
     steps_per_epoch = data.train_size // config.batch_size
     if steps_per_epoch < 1:
@@ -258,17 +345,69 @@ def _train(
         )
     total_steps = config.steps or config.epochs * steps_per_epoch
     eval_every = config.eval_every or steps_per_epoch
-    checkpoint_every = config.checkpoint_every or eval_every
     if config.warmup_steps > total_steps:
         raise ConfigError(
             f"warmup_steps {config.warmup_steps} exceeds the {total_steps} training steps: the "
             f"learning rate would never reach --lr; use fewer warm-up steps"
         )
 
-    # model and optimizer (identical initial weights on every process)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # identical initial weights on every process
     model = build_model_for(config, data).to(device)
     _check_test_set(model, data, plan)
+    optimizer = _build_optimizer(model, config)
+    run = RunState(
+        config=config,
+        plan=plan,
+        dist=dist,
+        device=device,
+        out=out,
+        data=data,
+        model=model,
+        wrapped=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, total_steps, config),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        eval_every=eval_every,
+        checkpoint_every=config.checkpoint_every or eval_every,
+        derived={
+            "train_size": data.train_size,
+            "test_size": data.test_size,
+            "eval_set": getattr(data, "eval_set", TEST),
+            "num_classes": data.num_classes,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "eval_every": eval_every,
+            "processes": plan.processes,
+            "samples_per_pass": plan.per_pass,
+            "stat_batch_size_used": plan.stat_batch_size,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "torch": torch.__version__,
+        },
+    )
+    _restore(run, resume)
+    run.log = MetricsLog(out, dist.is_main, run.step, total_steps, config.progress)
+    if dist.is_main:
+        save_config(config, out / CONFIG, "kalmannorm train: resolved configuration")
+        held_out = (
+            f", {data.test_size} held out for evaluation (the test set is not used)"
+            if run.derived["eval_set"] == HOLDOUT
+            else ""
+        )
+        run.log.log(
+            f"{'resuming at step ' + str(run.step) if run.step else 'training'}: {config.model} "
+            f"with {config.norm}, gradient batch {config.batch_size} = {plan.processes} "
+            f"process(es) x {plan.accumulation_steps} pass(es) x {plan.per_pass}, statistics "
+            f"groups of {plan.stat_batch_size}; {total_steps} steps ({steps_per_epoch}/epoch) on "
+            f"{data.train_size} {config.dataset} images{held_out} -> {out}"
+        )
+    run.wrapped = distributed.wrap(model, dist, device)
+    return run
+
+
+def _build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum; the Kalman parameters in their own group when they get their own
+    learning rate or weight decay."""
     kalman_decay = config.kalman_weight_decay
     parameters = (
         model.parameters()  # one group: every parameter alike
@@ -278,221 +417,250 @@ def _train(
             config.lr,
             config.weight_decay,
             kalman_lr_scale=config.kalman_lr_scale,
-            kalman_weight_decay=config.kalman_weight_decay,
+            kalman_weight_decay=kalman_decay,
         )
     )
-    optimizer = torch.optim.SGD(
+    return torch.optim.SGD(
         parameters,
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,
         weight_decay=config.weight_decay,
     )
-    scheduler = build_scheduler(optimizer, total_steps, config)
 
-    # resume
-    step, meters, elapsed = 0, Meters(), 0.0
-    saved_step: int | None = None  # the step of the checkpoint on disk
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        check_fingerprint(checkpoint_path, state["config"], fingerprint(config))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, meters, elapsed = state["step"], Meters(**state["meters"]), state["elapsed_s"]
-        saved_step = step
-        if len(state["rng"]) == dist.world_size:
-            restore_rng(state["rng"][dist.rank])
-        else:
-            torch.manual_seed(config.seed + 7919 * step + dist.rank)
-    else:
-        torch.manual_seed(config.seed + dist.rank)  # dropout etc.: per process
+
+def _restore(run: RunState, resume: bool) -> None:
+    """Continue from the run folder's checkpoint (refusing another configuration), or seed
+    this process's random draws (dropout etc.) for a fresh start."""
+    config, dist, path = run.config, run.dist, run.checkpoint_path
+    if not (resume and path.exists()):
+        torch.manual_seed(config.seed + dist.rank)
         if resume and dist.is_main:  # not an error: compare starts every run with --resume
-            print(f"{out} holds no checkpoint to resume: starting at step 0", flush=True)
+            print(f"{run.out} holds no checkpoint to resume: starting at step 0", flush=True)
+        return
+    state = load_checkpoint(path)
+    check_fingerprint(path, state["config"], fingerprint(config))
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.step = run.saved_step = state["step"]
+    run.meters, run.elapsed_before = Meters(**state["meters"]), state["elapsed_s"]
+    if len(state["rng"]) == dist.world_size:
+        restore_rng(state["rng"][dist.rank])
+    else:
+        torch.manual_seed(config.seed + 7919 * run.step + dist.rank)
 
-    derived = {
-        "train_size": data.train_size,
-        "test_size": data.test_size,
-        "num_classes": data.num_classes,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "eval_every": eval_every,
-        "processes": plan.processes,
-        "samples_per_pass": plan.per_pass,
-        "stat_batch_size_used": plan.stat_batch_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "torch": torch.__version__,
-    }
-    log = MetricsLog(out, dist.is_main, step, total_steps, config.progress)
-    if dist.is_main:
-        save_config(config, out / CONFIG, "kalmannorm train: resolved configuration")
-        log.log(
-            f"{'resuming at step ' + str(step) if step else 'training'}: {config.model} with "
-            f"{config.norm}, gradient batch {config.batch_size} = {plan.processes} process(es) x "
-            f"{plan.accumulation_steps} pass(es) x {plan.per_pass}, statistics groups of "
-            f"{plan.stat_batch_size}; {total_steps} steps ({steps_per_epoch}/epoch) on "
-            f"{data.train_size} {config.dataset} images -> {out}"
-        )
 
-    wrapped = distributed.wrap(model, dist, device)
-    part = plan.process_part(dist.rank)
-
-    def diverged(what: str) -> DivergedError:
-        if saved_step is None:
-            return DivergedError(
-                f"training diverged at step {step}: {what}; no checkpoint was written. Lower --lr "
-                f"(or raise --warmup-steps) and start again"
+def _training_batches(run: RunState) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's part of every global batch from ``run.step`` on: each epoch in the order
+    drawn from (seed, epoch), each step's augmentation drawn from (seed, step)."""
+    config, spe = run.config, run.steps_per_epoch
+    part = run.plan.process_part(run.dist.rank)
+    while run.step < run.total_steps:
+        epoch, position = divmod(run.step, spe)
+        order = epoch_order(config.seed, epoch, run.data.train_size)
+        last = min(spe, position + run.total_steps - run.step)
+        batches = [
+            (
+                order[i * config.batch_size : (i + 1) * config.batch_size],
+                batch_seed(config.seed, epoch * spe + i),
             )
-        return DivergedError(
-            f"training diverged at step {step}: {what}; nothing after step {saved_step} was "
-            f"saved ({checkpoint_path} holds step {saved_step}). Lower --lr (or raise "
-            f"--warmup-steps) and start again in a new --out, or, for a transient fault, resume "
-            f"from step {saved_step}: {resume_command(out, dist.world_size)}"
+            for i in range(position, last)
+        ]
+        yield from run.data.train_batches(batches, part, config.augment)
+
+
+def _step(run: RunState, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One optimizer step and the schedule's step. Its loss and accuracy stay on the device
+    (``run.pending``) until :func:`_read_pending`: no host synchronisation here."""
+    run.model.train()
+    run.lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
+    try:
+        losses, correct = _train_step(
+            run.wrapped, run.optimizer, x.to(run.device), y.to(run.device), run.plan
         )
+    except Exception as error:
+        _read_pending(run, agree=False)  # an earlier non-finite loss explains any failure
+        if isinstance(error, FloatingPointError):  # a layer's own finite check
+            raise _diverged(run, run.step + 1, str(error)) from error
+        raise
+    run.scheduler.step()
+    run.step += 1
+    run.pending.append(Pending(run.step, losses, correct, len(y)))
+    run.log.step(losses)
 
-    def check_state() -> None:
-        """Refuse to evaluate or save non-finite weights, buffers or optimizer state."""
-        bad = _nonfinite_state(model, optimizer)
-        if bad:
-            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            raise diverged(f"{', '.join(bad[:3])}{more} hold NaN or Inf")
 
-    def checkpoint() -> None:
-        nonlocal saved_step
-        distributed.average_buffers(model, dist)
-        check_state()
-        rng = distributed.gather(capture_rng(), dist)
-        if dist.is_main:
-            state = {
-                "config": fingerprint(config),
-                "step": step,
-                "epoch": step // steps_per_epoch,
-                "position": step % steps_per_epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "meters": dataclasses.asdict(meters),
-                "rng": rng,
-                "world_size": dist.world_size,
-                "elapsed_s": elapsed + time.perf_counter() - started,
-            }
-            try:
-                save_checkpoint(checkpoint_path, state)
-            except OSError as error:
-                kept = f"step {saved_step} is kept" if saved_step is not None else "none yet"
-                raise CheckpointWriteError(
-                    f"cannot write {checkpoint_path} at step {step}: {error.strerror or error} "
-                    f"(the previous checkpoint: {kept}); make room or fix the folder's "
-                    f"permissions, then: {resume_command(out, dist.world_size)}"
-                ) from None
-        distributed.barrier(dist)
-        saved_step = step
+def _read_pending(run: RunState, agree: bool = True) -> None:
+    """The non-finite guard: read the losses and accuracies of the steps since the last read
+    (one device-to-host transfer), stop at the first non-finite loss, add the rest to the meters.
 
-    with _stop_on_signals() as stop:
-        stop.out, stop.saved_step = out, saved_step
-        started = time.perf_counter()
-        window_start, window_step = started, step
-        while step < total_steps:
-            epoch, position = divmod(step, steps_per_epoch)
-            order = epoch_order(config.seed, epoch, data.train_size)
-            last = min(steps_per_epoch, position + total_steps - step)
-            batches = [
-                (
-                    order[i * config.batch_size : (i + 1) * config.batch_size],
-                    batch_seed(config.seed, epoch * steps_per_epoch + i),
-                )
-                for i in range(position, last)
-            ]
-            for x, y in data.train_batches(batches, part, config.augment):
-                model.train()
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-                try:
-                    loss, correct = _train_step(
-                        wrapped, optimizer, x.to(device), y.to(device), plan
-                    )
-                except FloatingPointError as error:  # a layer's own finite check
-                    step += 1
-                    raise diverged(str(error)) from error
-                scheduler.step()
-                step += 1
-                meters.loss_sum += loss * len(y)
-                meters.correct += correct
-                meters.count += len(y)
-                log.step(loss)
-                # The loss is on the host already (the meters), so checking it costs no sync;
-                # under torchrun the processes agree on it and on a stop request in one
-                # all-reduce of two numbers.
-                nonfinite, stopping = distributed.all_reduce_sum(
-                    [float(not math.isfinite(loss)), float(stop.signum is not None)], dist, device
-                )
-                if nonfinite:
-                    raise diverged(f"the training loss is {loss}")
+    Called before every evaluation and checkpoint, so no checkpoint ever holds a step after a
+    non-finite loss. Under torchrun the processes agree on the earliest such step (``agree``:
+    all processes call it at the same step; a process failing alone reads only its own).
+    """
+    pending, run.pending = run.pending, []
+    rows = (
+        torch.stack([torch.cat([p.losses.float(), p.correct.float()]) for p in pending]).tolist()
+        if pending
+        else []
+    )
+    passes = run.plan.accumulation_steps
+    bad: tuple[int, float] | None = None
+    for entry, row in zip(pending, rows):
+        loss = 0.0
+        for value in row[:passes]:  # summed on the host in pass order, as a float64
+            loss += value
+        if not math.isfinite(loss):
+            bad = (entry.step, loss)
+            break
+        run.meters.loss_sum += loss * entry.count
+        run.meters.correct += int(sum(row[passes:]))
+        run.meters.count += entry.count
+    if agree and run.dist.enabled:
+        reports = [r for r in distributed.gather(bad, run.dist) if r is not None]
+        bad = min(reports) if reports else None
+    if bad is not None:
+        raise _diverged(run, bad[0], f"the training loss is {bad[1]}")
 
-                if step % eval_every == 0 or step == total_steps:
-                    distributed.average_buffers(model, dist)
-                    check_state()
-                    loss_sum, n_correct, count = distributed.all_reduce_sum(
-                        [meters.loss_sum, meters.correct, meters.count], dist, device
-                    )
-                    accuracy = evaluate(
-                        model,
-                        data,
-                        stat_batch_size=plan.stat_batch_size,
-                        eval_batch_size=config.eval_batch_size,
-                        dist=dist,
-                        device=device,
-                    )
-                    if config.precise_bn_batches > 0:
-                        accuracy["test_acc_precise"] = precise_accuracy(
-                            model,
-                            data,
-                            _precise_batches(data, config, part, plan.per_pass),
-                            eval_batch_size=config.eval_batch_size,
-                            dist=dist,
-                            device=device,
-                        )
-                    now = time.perf_counter()
-                    trained = (step - window_step) * config.batch_size
-                    log.record(
-                        {
-                            "step": step,
-                            "epoch": step / steps_per_epoch,
-                            "train_loss": loss_sum / count,
-                            "train_acc": n_correct / count,
-                            **accuracy,
-                            "lr": lr,
-                            "samples_per_s": trained / (now - window_start),
-                            "elapsed_s": elapsed + now - started,
-                        }
-                    )
-                    meters = Meters()
-                    checkpoint()
-                    window_start, window_step = time.perf_counter(), step
-                elif step % checkpoint_every == 0:
-                    checkpoint()
-                stop.saved_step = saved_step
-                if stopping:
-                    if saved_step != step:
-                        checkpoint()
-                    log.close()
-                    name = signal.Signals(stop.signum or signal.SIGTERM).name
-                    raise TrainingInterruptedError(
-                        f"interrupted ({name}) at step {step} of {total_steps}: checkpoint saved "
-                        f"to {checkpoint_path}; continue with: "
-                        f"{resume_command(out, dist.world_size)}",
-                        stop.signum or signal.SIGTERM,
-                    )
-    log.close()
-    if not dist.is_main:
+
+def _evaluate_and_log(run: RunState) -> None:
+    """Evaluation accuracy (moving, batch and, if asked, precise-BN statistics), training loss
+    and accuracy since the last record: one metrics record; the meters start again."""
+    config, dist, device = run.config, run.dist, run.device
+    _read_pending(run)
+    distributed.average_buffers(run.model, dist)
+    _check_state(run)
+    loss_sum, n_correct, count = distributed.all_reduce_sum(
+        [run.meters.loss_sum, run.meters.correct, run.meters.count], dist, device
+    )
+    accuracy = evaluate(
+        run.model,
+        run.data,
+        stat_batch_size=run.plan.stat_batch_size,
+        eval_batch_size=config.eval_batch_size,
+        dist=dist,
+        device=device,
+    )
+    if config.precise_bn_batches > 0:
+        part = run.plan.process_part(dist.rank)
+        accuracy["test_acc_precise"] = precise_accuracy(
+            run.model,
+            run.data,
+            _precise_batches(run.data, config, part, run.plan.per_pass),
+            eval_batch_size=config.eval_batch_size,
+            dist=dist,
+            device=device,
+        )
+    now = time.perf_counter()
+    since, since_step = run.window
+    record = {
+        "step": run.step,
+        "epoch": run.step / run.steps_per_epoch,
+        "train_loss": loss_sum / count,
+        "train_acc": n_correct / count,
+        **accuracy,
+        "lr": run.lr,
+        "samples_per_s": (run.step - since_step) * config.batch_size / (now - since),
+        "elapsed_s": run.elapsed_before + now - run.started,
+    }
+    if run.derived["eval_set"] != TEST:
+        record["eval_set"] = run.derived["eval_set"]
+    run.log.record(record)
+    run.meters = Meters()
+
+
+def _save(run: RunState) -> None:
+    """A checkpoint of the current step, of finite state only (the last good one survives)."""
+    dist = run.dist
+    _read_pending(run)
+    distributed.average_buffers(run.model, dist)
+    _check_state(run)
+    rng = distributed.gather(capture_rng(), dist)
+    if dist.is_main:
+        state = {
+            "config": fingerprint(run.config),
+            "step": run.step,
+            "epoch": run.step // run.steps_per_epoch,
+            "position": run.step % run.steps_per_epoch,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "meters": dataclasses.asdict(run.meters),
+            "rng": rng,
+            "world_size": dist.world_size,
+            "elapsed_s": run.elapsed(),
+        }
+        try:
+            save_checkpoint(run.checkpoint_path, state)
+        except OSError as error:
+            kept = f"step {run.saved_step} is kept" if run.saved_step is not None else "none yet"
+            raise CheckpointWriteError(
+                f"cannot write {run.checkpoint_path} at step {run.step}: "
+                f"{error.strerror or error} (the previous checkpoint: {kept}); make room or fix "
+                f"the folder's permissions, then: {resume_command(run.out, dist.world_size)}"
+            ) from None
+    distributed.barrier(dist)
+    run.saved_step = run.step
+
+
+def _check_state(run: RunState) -> None:
+    """Refuse to evaluate or save non-finite weights, buffers or optimizer state."""
+    bad = _nonfinite_state(run.model, run.optimizer)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise _diverged(run, run.step, f"{', '.join(bad[:3])}{more} hold NaN or Inf")
+
+
+def _diverged(run: RunState, step: int, what: str) -> DivergedError:
+    if run.saved_step is None:
+        return DivergedError(
+            f"training diverged at step {step}: {what}; no checkpoint was written. Lower --lr "
+            f"(or raise --warmup-steps) and start again"
+        )
+    saved, path = run.saved_step, run.checkpoint_path
+    return DivergedError(
+        f"training diverged at step {step}: {what}; nothing after step {saved} was saved "
+        f"({path} holds step {saved}). Lower --lr (or raise --warmup-steps) and start again in "
+        f"a new --out, or, for a transient fault, resume from step {saved}: "
+        f"{resume_command(run.out, run.dist.world_size)}"
+    )
+
+
+def _stop_requested(run: RunState, stop: _StopRequest) -> bool:
+    """Whether SIGINT/SIGTERM asked to stop. Under torchrun the processes agree on it after
+    every step (one all-reduce of one number), so that all stop at the same step."""
+    requested = stop.signum is not None
+    if run.dist.enabled:
+        requested = bool(distributed.all_reduce_sum([float(requested)], run.dist, run.device)[0])
+    return requested
+
+
+def _stop(run: RunState, stop: _StopRequest) -> None:
+    """Save the current step (unless saved already) and stop with the command that resumes."""
+    if run.saved_step != run.step:
+        _save(run)
+    run.log.close()
+    signum = stop.signum or signal.SIGTERM
+    raise TrainingInterruptedError(
+        f"interrupted ({signal.Signals(signum).name}) at step {run.step} of {run.total_steps}: "
+        f"checkpoint saved to {run.checkpoint_path}; continue with: "
+        f"{resume_command(run.out, run.dist.world_size)}",
+        signum,
+    )
+
+
+def _finish(run: RunState) -> dict[str, Any]:
+    """``summary.json`` (main process; the others return an empty dict)."""
+    if not run.dist.is_main:
         return {}
-
-    summary = summarize(read_metrics(out / "metrics.jsonl"), config, derived)
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    summary = summarize(read_metrics(run.out / "metrics.jsonl"), run.config, run.derived)
+    (run.out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     final, best = summary["final"], summary["best"]["test_acc_moving"]
+    where = "holdout" if summary["eval_set"] == HOLDOUT else "test"
     print(
-        f"done: test accuracy moving {final['test_acc_moving']:.4f}, batch "
+        f"done: {where} accuracy moving {final['test_acc_moving']:.4f}, batch "
         f"{final['test_acc_batch']:.4f} (best {best['value']:.4f} at step {best['step']}) "
-        f"-> {out / SUMMARY}",
+        f"-> {run.out / SUMMARY}",
         flush=True,
     )
     return summary
@@ -504,14 +672,16 @@ def _train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     plan: BatchPlan,
-) -> tuple[float, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on this process's batch, in ``plan.accumulation_steps`` passes.
 
     Each pass's loss is scaled by its share of the batch, so the accumulated gradient is that of
-    the mean loss; DDP averages it over processes on the last pass (``no_sync`` before).
+    the mean loss; DDP averages it over processes on the last pass (``no_sync`` before). Returns
+    each pass's (scaled) loss and number of correct predictions, on the device: nothing is read
+    back to the host.
     """
     passes = list(zip(x.split(plan.per_pass), y.split(plan.per_pass)))
-    loss_total, correct = 0.0, 0
+    losses, correct = [], []
     for index, (xp, yp) in enumerate(passes):
         last = index == len(passes) - 1
         sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
@@ -519,11 +689,11 @@ def _train_step(
             logits = model(xp)
             loss = torch_f.cross_entropy(logits, yp) * (len(yp) / len(y))
             loss.backward()
-        loss_total += float(loss.detach())
-        correct += int((logits.detach().argmax(1) == yp).sum())
+        losses.append(loss.detach())
+        correct.append((logits.detach().argmax(1) == yp).sum())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_total, correct
+    return torch.stack(losses), torch.stack(correct)
 
 
 def _precise_batches(data, config: TrainConfig, part: slice | torch.Tensor, per_pass: int):
@@ -566,6 +736,7 @@ def summarize(
     }
     return {
         "status": "finished",
+        "eval_set": derived.get("eval_set", TEST),  # "holdout": validation numbers
         "steps": final["step"],
         "final": {k: final[k] for k in ("train_loss", "train_acc", *columns)},
         "best": best,

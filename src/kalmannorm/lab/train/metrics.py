@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 #: Keys whose values depend on the machine's speed, not on the computation.
 TIMING_KEYS = ("samples_per_s", "elapsed_s")
+
+#: The progress bar reads the training loss at most this often (seconds).
+LOSS_EVERY_S = 1.0
 
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
@@ -54,6 +60,7 @@ class MetricsLog:
         self.tensorboard = None
         self.bar = None
         self.quiet = progress == "none"
+        self.loss_shown = -float("inf")
         if not enabled:
             return
         kept = read_metrics(self.path, start_step)
@@ -62,11 +69,17 @@ class MetricsLog:
         if progress == "bar" or (progress == "auto" and sys.stderr.isatty()):
             self.bar = _progress_bar(start_step, total_steps)
 
-    def step(self, loss: float) -> None:
-        """One optimizer step done (updates the bar)."""
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    def step(self, losses: torch.Tensor) -> None:
+        """One optimizer step done, its loss per pass still on the device: the bar moves; it
+        reads the loss (a host synchronisation) at most once every :data:`LOSS_EVERY_S` seconds,
+        and without a bar nothing is read."""
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        now = time.monotonic()
+        if now - self.loss_shown >= LOSS_EVERY_S:
+            self.loss_shown = now
+            self.bar.set_postfix(loss=f"{float(losses.sum()):.3f}", refresh=False)
 
     def record(self, record: dict[str, Any]) -> None:
         """Append one evaluation record, and show it."""
@@ -100,7 +113,8 @@ def format_record(r: dict[str, Any]) -> str:
     precise = f" precise {r['test_acc_precise']:.4f}" if "test_acc_precise" in r else ""
     return (
         f"step {r['step']:>6} epoch {r['epoch']:6.2f}  loss {r['train_loss']:.4f} "
-        f"acc {r['train_acc']:.4f} | test acc moving {r['test_acc_moving']:.4f} "
+        f"acc {r['train_acc']:.4f} | {r.get('eval_set', 'test')} acc moving "
+        f"{r['test_acc_moving']:.4f} "
         f"batch {r['test_acc_batch']:.4f}{precise} | lr {r['lr']:.4g} | "
         f"{r['samples_per_s']:.0f} img/s"
     )
