@@ -180,7 +180,7 @@ def test_paper_budget_starts_and_trains_some_steps(tmp_path, write_cifar) -> Non
 
 
 def test_unknown_budget_and_grid_are_refused(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="budgets: small, paper"):
+    with pytest.raises(ConfigError, match="budgets: residual, small, paper"):
         reproduce("huge", out=tmp_path)
     with pytest.raises(ConfigError, match="its grids: cifar10, cifar100"):
         reproduce("paper", out=tmp_path, grids=["cifar1000"], runs=tmp_path / "runs")

@@ -421,9 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
         "figures. 'small': Fashion-MNIST on 2 CPU cores in about two hours; 'paper': the "
         "paper's CIFAR and ImageNet recipes, for GPUs.",
     )
-    reproduce.add_argument("--budget", choices=["small", "paper"], default="small")
-    reproduce.add_argument("--out", default="docs/results", help="folder of REPORT.md and figures")
-    reproduce.add_argument("--runs", help="folder of the grids (default: runs/reproduce-BUDGET)")
+    reproduce.add_argument("--budget", choices=["residual", "small", "paper"], default="residual")
+    reproduce.add_argument(
+        "--out",
+        help="folder of REPORT.md and figures (default: docs/results for the residual budget, "
+        "docs/results/small-cnn, docs/results/paper)",
+    )
+    reproduce.add_argument(
+        "--runs",
+        help="folder of the grids (default: docs/results/residual/runs, runs/reproduce-BUDGET)",
+    )
     reproduce.add_argument("--grids", help="comma-separated grid names (default: all)")
     reproduce.add_argument("--norms", help="comma-separated norm labels (default: all)")
     reproduce.add_argument(

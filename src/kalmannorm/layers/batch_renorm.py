@@ -35,7 +35,7 @@ averages, which lag the batch statistics by about 1 / momentum steps, while the 
 BatchNorm's scaled by r, so the offset d is invisible to it. When the weights move fast (a few
 hundred steps at a high learning rate) this lag costs accuracy, mostly through d; it is the
 method's behaviour (Algorithm 1), not an approximation error. See the BRN note in
-docs/results/REPORT.md for the measurements.
+docs/results/small-cnn/REPORT.md for the measurements.
 """
 
 from __future__ import annotations

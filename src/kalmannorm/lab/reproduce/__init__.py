@@ -5,7 +5,8 @@
 (the command). ``paper_numbers`` holds the published values set beside ours.
 """
 
-from kalmannorm.lab.reproduce.budgets import BUDGETS, Budget
+from kalmannorm.lab.reproduce.budget import Budget
+from kalmannorm.lab.reproduce.budgets import BUDGETS
 from kalmannorm.lab.reproduce.runner import reproduce
 
 __all__ = ["BUDGETS", "Budget", "reproduce"]

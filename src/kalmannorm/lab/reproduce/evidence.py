@@ -34,6 +34,7 @@ class Cell:
     stat_batch_size: int | None  # None: batch-independent (or the whole forward batch)
     moving: list[float] = field(default_factory=list)
     batch: list[float] = field(default_factory=list)
+    precise: list[float] = field(default_factory=list)  # PreciseBN, where the runs measured it
     wall_time_s: list[float] = field(default_factory=list)
 
     @property
@@ -70,6 +71,8 @@ def collect_cells(cfg: CompareConfig) -> dict[tuple[str, int | None], Cell]:
         )
         cell.moving.append(summary["final"]["test_acc_moving"])
         cell.batch.append(summary["final"]["test_acc_batch"])
+        if "test_acc_precise" in summary["final"]:
+            cell.precise.append(summary["final"]["test_acc_precise"])
         cell.wall_time_s.append(summary["wall_time_s"])
     return cells
 

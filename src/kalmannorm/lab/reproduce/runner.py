@@ -14,6 +14,7 @@ import dataclasses
 import json
 import platform
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +26,8 @@ import torch
 
 from kalmannorm.lab import analysis
 from kalmannorm.lab.reproduce import evidence
-from kalmannorm.lab.reproduce.budgets import BUDGETS, SETTINGS, WIDENED, Budget
+from kalmannorm.lab.reproduce.budget import Budget
+from kalmannorm.lab.reproduce.budgets import BUDGETS, SETTINGS, WIDENED
 from kalmannorm.lab.reproduce.figures import write_sweep_plot
 from kalmannorm.lab.reproduce.report import (
     BKN,
@@ -35,6 +37,12 @@ from kalmannorm.lab.reproduce.report import (
     Findings,
     cells_by_label,
     write_report,
+)
+from kalmannorm.lab.reproduce.residual import FLOW
+from kalmannorm.lab.reproduce.residual_report import (
+    ResidualFindings,
+    write_residual_plot,
+    write_residual_report,
 )
 from kalmannorm.lab.train.compare import CompareConfig, RunsFailedError, compare
 from kalmannorm.lab.train.config import config_from_dict
@@ -176,7 +184,7 @@ def machine_line() -> str:
 def reproduce(
     budget: str | Budget = "small",
     *,
-    out: str | Path = "docs/results",
+    out: str | Path | None = None,
     runs: str | Path | None = None,
     grids: Sequence[str] | None = None,
     norms: Sequence[str] | None = None,
@@ -206,7 +214,7 @@ def reproduce(
         selected = {n: keep_norms(c, norms) for n, c in selected.items()}
     if overrides:
         selected = {n: override_training(c, overrides) for n, c in selected.items()}
-    out = Path(out)
+    out = Path(out) if out is not None else budget.report_dir
     prepare_run_folder(out)
     failures = train_grids(selected, threads) if train else []
     command = "kalmannorm reproduce " + shlex.join(argv if argv is not None else sys.argv[2:])
@@ -216,6 +224,8 @@ def reproduce(
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "runs": str(budget.root),
     }
+    if budget.name == "residual":
+        return residual_report(budget, selected, out, header, failures, bench_saved, start)
     findings = gather(budget, selected, out, header=header, failures=failures)
     if bench or bench_json:
         from kalmannorm.lab.bench import format_table, run_benchmark
@@ -234,6 +244,46 @@ def reproduce(
     if span is not None:
         findings.header["training wall clock (periods in which runs trained)"] = span
     return write_report(findings, out / "REPORT.md")
+
+
+def residual_report(
+    budget: Budget,
+    grids: dict[str, CompareConfig],
+    out: Path,
+    header: dict[str, str],
+    failures: list[str],
+    bench_saved: dict | None,
+    start: float,
+) -> Path:
+    """The residual budget's REPORT.md: every grid's cells in one table (they share a folder)."""
+    cells = {}
+    for config in grids.values():
+        cells.update(evidence.collect_cells(config))
+    findings = ResidualFindings(cells, header, notes=list(budget.notes), failures=failures)
+    if any(s is not None for _, s in cells):
+        findings.figure = write_residual_plot(cells, out / "residual.png").name
+    if bench_saved:
+        findings.step_time = residual_step_time(bench_saved)
+    findings.secondary = (
+        "The 4-layer CNN sweep (seven norms x seven statistics batches, 300 steps, measured "
+        "before the data-flow chain): [small-cnn/REPORT.md](small-cnn/REPORT.md), written by "
+        "`kalmannorm reproduce --budget small --out docs/results/small-cnn`."
+    )
+    findings.header["wall time of this command"] = f"{(time.perf_counter() - start) / 60:.1f} min"
+    minutes = sum(sum(c.wall_time_s) for c in cells.values()) / 60
+    findings.header["training time (sum over runs, 1 thread each)"] = f"{minutes:.0f} min"
+    return write_residual_report(findings, out / "REPORT.md")
+
+
+def residual_step_time(bench: dict) -> dict[str, float]:
+    """Step time relative to BN per report label, from a saved benchmark (its micro-batch rows
+    where it has them): the median over its models of ``step_ratio`` for bkn-flow."""
+    ratios = {"bn": 1.0}
+    rows = [r for r in bench.get("rows", []) if isinstance(r, dict)]
+    flow = [r["step_ratio"] for r in rows if r.get("norm") == "bkn-flow" and "step_ratio" in r]
+    if flow:
+        ratios[FLOW.label] = statistics.median(flow)
+    return ratios
 
 
 def _read_bench_json(path: Path) -> dict:

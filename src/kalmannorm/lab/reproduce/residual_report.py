@@ -1,0 +1,239 @@
+"""``REPORT.md`` of the residual budget: the accuracy table, the verdicts and a recommendation.
+
+Everything is computed from the run folders (:func:`kalmannorm.lab.reproduce.evidence.
+collect_cells`). A difference is called only beyond twice its standard error over seeds
+(:mod:`kalmannorm.lab.reproduce.verdict`); the fraction of the gap closed is
+(acc - acc_ghost BN) / (acc_BN@128 - acc_ghost BN) at the same statistics batch, with moving
+statistics (the evaluation a user gets by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kalmannorm.lab.reproduce.evidence import Cell
+from kalmannorm.lab.reproduce.residual import CANDIDATES, DISPLAY, FLOW
+from kalmannorm.lab.reproduce.verdict import difference
+
+Cells = Mapping[tuple[str, int | None], Cell]
+MODES = ("moving", "batch", "precise")
+MODE_TEXT = {
+    "moving": "moving statistics",
+    "batch": "the test group's batch statistics",
+    "precise": "PreciseBN statistics",
+}
+
+
+@dataclass
+class ResidualFindings:
+    """What the residual report shows: the cells, the header lines and the notes."""
+
+    cells: dict[tuple[str, int | None], Cell]
+    header: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    figure: str | None = None  # file name beside REPORT.md
+    step_time: dict[str, float] = field(default_factory=dict)  # label -> step time / BN's
+    secondary: str | None = None  # link to the quick check's report
+
+
+def name(label: str) -> str:
+    return DISPLAY.get(label, label)
+
+
+def sizes(cells: Cells) -> list[int]:
+    return sorted({s for (_, s) in cells if s is not None})
+
+
+def cell_at(cells: Cells, label: str, s: int) -> Cell | None:
+    """The cell of ``label`` at ``s``: a batch-independent norm's single cell at every s."""
+    return cells.get((label, s)) or cells.get((label, None))
+
+
+def accuracy(cell: Cell, mode: str) -> str:
+    values = getattr(cell, mode)
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * cell.mean(mode):.2f}"
+    return f"{100 * cell.mean(mode):.2f} ± {100 * cell.std(mode):.2f}"
+
+
+def gap_closed(cells: Cells, cell: Cell, s: int) -> float | None:
+    """(acc - ghost BN) / (BN@128 - ghost BN) at ``s``, moving statistics."""
+    top, bottom = cells.get(("none", None)), cells.get(("bn", s))
+    if top is None or bottom is None or cell.label in ("bn", "none"):
+        return None
+    span = top.mean() - bottom.mean()
+    return None if span == 0 else (cell.mean() - bottom.mean()) / span
+
+
+def best_mode(cell: Cell) -> str:
+    """The evaluation with the highest mean accuracy (chosen on the test results: a guide)."""
+    return max((m for m in MODES if getattr(cell, m)), key=cell.mean)
+
+
+def table(cells: Cells) -> list[str]:
+    lines = [
+        "| s | norm | seeds | moving | batch | precise | gap closed | vs ghost BN | vs GN |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    top = cells.get(("none", None))
+    if top is not None:
+        lines.append(
+            f"| 128 | {name('none')} | {top.seeds} | {accuracy(top, 'moving')} | "
+            f"{accuracy(top, 'batch')} | - | 100 % | | |"
+        )
+    gn = cells.get(("gn", None))
+    if gn is not None:
+        lines.append(
+            f"| any | {name('gn')} | {gn.seeds} | {accuracy(gn, 'moving')} | "
+            f"{accuracy(gn, 'batch')} | - | | | |"
+        )
+    for s in sizes(cells):
+        ghost = cells.get(("bn", s))
+        rows = sorted((c for (_, size), c in cells.items() if size == s), key=_row_order)
+        for cell in rows:
+            closed = gap_closed(cells, cell, s)
+            vs_ghost = difference(cell, ghost).text() if ghost and cell is not ghost else ""
+            vs_gn = difference(cell, gn).text() if gn else ""
+            lines.append(
+                f"| {s} | {name(cell.label)} | {cell.seeds} | {accuracy(cell, 'moving')} | "
+                f"{accuracy(cell, 'batch')} | {accuracy(cell, 'precise')} | "
+                f"{'' if closed is None else f'{closed:.0%}'} | {vs_ghost} | {vs_gn} |"
+            )
+    return lines
+
+
+def _row_order(cell: Cell) -> tuple[int, str]:
+    rank = {"bn": 0, FLOW.label: 1}
+    return (rank.get(cell.label, 2), cell.label)
+
+
+def verdicts(cells: Cells) -> list[str]:
+    """One line per claim and statistics batch, for the recommended BKN."""
+    lines = []
+    gn = cells.get(("gn", None))
+    for s in sizes(cells):
+        flow, ghost = cells.get((FLOW.label, s)), cells.get(("bn", s))
+        if flow is None:
+            continue
+        parts = []
+        if ghost is not None:
+            d = difference(flow, ghost)
+            parts.append(f"vs ghost BN {d.text()}")
+        if gn is not None:
+            parts.append(f"vs GN {difference(flow, gn).text()}")
+        closed = gap_closed(cells, flow, s)
+        if closed is not None:
+            parts.append(f"closes {closed:.0%} of ghost BN's gap to BN@128")
+        lines.append(f"- s = {s}, {name(FLOW.label)} ({flow.seeds} seeds): " + "; ".join(parts))
+    return lines
+
+
+def recommendation(cells: Cells, step_time: Mapping[str, float]) -> list[str]:
+    """Per s: the candidate with the highest mean accuracy in its best evaluation, among cells
+    with at least 3 seeds; its cost in step time where a benchmark was given."""
+    lines = [
+        "| s | pick | evaluate with | accuracy | runner-up | step time vs BN |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in sizes(cells):
+        ranked = []
+        for label in CANDIDATES:
+            cell = cell_at(cells, label, s)
+            if cell is not None and cell.seeds >= 3:
+                mode = best_mode(cell)
+                ranked.append((cell.mean(mode), label, cell, mode))
+        if not ranked:
+            continue
+        ranked.sort(reverse=True)
+        _, label, cell, mode = ranked[0]
+        runner = ranked[1] if len(ranked) > 1 else None
+        call = difference(cell, runner[2], mode).call if runner else ""
+        runner_text = f"{name(runner[1])} ({call})" if runner else "-"
+        cost = step_time.get(label)
+        lines.append(
+            f"| {s} | {name(label)} | {MODE_TEXT[mode]} | {accuracy(cell, mode)} | "
+            f"{runner_text} | {'-' if cost is None else f'{cost:.2f}x'} |"
+        )
+    return lines
+
+
+def write_residual_plot(cells: Cells, path: str | Path) -> Path:
+    """Final test accuracy (moving statistics, mean ± std) against s per norm with runs at more
+    than one s; BN@128 and GN as bands."""
+    from kalmannorm.lab.analysis.plotting import new_figure, save_figure
+
+    figure = new_figure(7.0, 4.4)
+    axis = figure.subplots()
+    for label in dict.fromkeys(label for label, s in cells if s is not None):
+        own = sorted((s, c) for (lab, s), c in cells.items() if lab == label and s is not None)
+        if len(own) < 2:
+            continue
+        axis.errorbar(
+            [s for s, _ in own],
+            [100 * c.mean() for _, c in own],
+            yerr=[100 * c.std() for _, c in own],
+            marker="o",
+            capsize=3,
+            label=name(label),
+        )
+    for label in ("none", "gn"):
+        cell = cells.get((label, None))
+        if cell is not None:
+            mean, std = 100 * cell.mean(), 100 * cell.std()
+            line = axis.axhline(mean, linestyle="--", linewidth=1.2, label=name(label))
+            axis.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(sizes(cells), [str(s) for s in sizes(cells)])
+    axis.set_xlabel("statistics batch s (gradient batch 128)")
+    axis.set_ylabel("final test accuracy (%), moving statistics")
+    axis.set_title("preact ResNet-20, Fashion-MNIST, 600 steps")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    return save_figure(figure, path)
+
+
+def write_residual_report(findings: ResidualFindings, path: str | Path) -> Path:
+    path = Path(path)
+    cells = findings.cells
+    out = ["# Micro-batch normalisation on a residual network, re-measured", ""]
+    out += [f"- **{key}**: {value}" for key, value in findings.header.items()]
+    out += [""] + [f"- {note}" for note in findings.notes]
+    if findings.failures:
+        out += ["", "**Runs that failed** (their cells are missing below):", ""]
+        out += [f"- {failure}" for failure in findings.failures]
+    out += [
+        "",
+        "## Verdict",
+        "",
+        "A difference counts only beyond twice its standard error over seeds (moving "
+        "statistics); with one seed there is no error estimate.",
+        "",
+        *verdicts(cells),
+        "",
+        "## What to use",
+        "",
+        "Among ghost BN, GN and bkn-flow, cells with 3 seeds; the evaluation is the one with the "
+        "highest mean, picked on these test results (a guide, not a tuned choice); the runner-up "
+        "call is at that evaluation.",
+        "",
+        *recommendation(cells, findings.step_time),
+        "",
+        "## Accuracy",
+        "",
+        "Final test accuracy (%), mean ± std over seeds; verdicts against ghost BN at the same s "
+        "and against GN, moving statistics.",
+        "",
+        *table(cells),
+    ]
+    if findings.figure:
+        out += ["", f"![accuracy against the statistics batch]({findings.figure})"]
+    if findings.secondary:
+        out += ["", "## The quick check", "", findings.secondary]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
+    return path

@@ -1,0 +1,101 @@
+"""The residual budget's report, from run folders written here (no training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+
+import pytest
+
+from kalmannorm.lab.reproduce import reproduce
+from kalmannorm.lab.reproduce.residual import FLOW, residual
+from kalmannorm.lab.train.compare import make_grid, run_status
+
+#: Final accuracies (moving, batch) per (label, s) and seed; s None: batch-independent.
+ACCURACY = {
+    ("none", None): [(0.87, 0.86), (0.88, 0.87), (0.86, 0.86)],
+    ("gn", None): [(0.78, 0.78), (0.77, 0.77), (0.79, 0.79)],
+    ("bn", 2): [(0.81, 0.79), (0.815, 0.80), (0.805, 0.78)],
+    (FLOW.label, 2): [(0.85, 0.84), (0.86, 0.85), (0.84, 0.85)],
+    ("bn", 4): [(0.83, 0.82), (0.835, 0.83), (0.825, 0.82)],
+    (FLOW.label, 4): [(0.832, 0.86), (0.828, 0.87), (0.836, 0.865)],
+}
+
+
+def _write_runs(root) -> None:
+    budget = residual(root)
+    for config in budget.grids.values():
+        for spec in make_grid(config):
+            key = (spec.variant.label, spec.stat_batch_size)
+            if key not in ACCURACY or spec.seed >= len(ACCURACY[key]):
+                continue
+            moving, batch = ACCURACY[key][spec.seed]
+            spec.folder.mkdir(parents=True, exist_ok=True)
+            summary = {
+                "status": "finished",
+                "final": {"test_acc_moving": moving, "test_acc_batch": batch},
+                "wall_time_s": 60.0,
+                "config": dataclasses.asdict(spec.config),
+            }
+            (spec.folder / "summary.json").write_text(json.dumps(summary))
+            assert run_status(spec) == "finished"
+
+
+@pytest.fixture
+def report(tmp_path):
+    _write_runs(tmp_path / "runs")
+    path = reproduce(
+        residual(tmp_path / "runs"), out=tmp_path / "out", train=False, argv=["--no-train"]
+    )
+    return path.read_text()
+
+
+def _row(report: str, s: str, norm: str) -> list[str]:
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[0] == s and cells[1] == norm:
+            return cells
+    raise AssertionError(f"no row s={s} {norm} in the report")
+
+
+def _mean_std(values):
+    return 100 * statistics.fmean(values), 100 * statistics.stdev(values)
+
+
+def test_the_table_gives_mean_std_and_the_gap_closed(report):
+    moving = [m for m, _ in ACCURACY[(FLOW.label, 2)]]
+    mean, std = _mean_std(moving)
+    row = _row(report, "2", "bkn-flow")
+    assert row[2] == "3" and row[3] == f"{mean:.2f} ± {std:.2f}"
+    top = statistics.fmean(m for m, _ in ACCURACY[("none", None)])
+    ghost = statistics.fmean(m for m, _ in ACCURACY[("bn", 2)])
+    assert row[6] == f"{(statistics.fmean(moving) - ghost) / (top - ghost):.0%}"
+
+
+def test_verdicts_follow_the_two_standard_error_rule(report):
+    def call(a, b):
+        a, b = [100 * m for m, _ in a], [100 * m for m, _ in b]
+        diff = statistics.fmean(a) - statistics.fmean(b)
+        se = math.hypot(statistics.stdev(a) / 3**0.5, statistics.stdev(b) / 3**0.5)
+        return "tie" if abs(diff) <= 2 * se else ("better" if diff > 0 else "worse")
+
+    for s in ("2", "4"):
+        row = _row(report, s, "bkn-flow")
+        expected = call(ACCURACY[(FLOW.label, int(s))], ACCURACY[("bn", int(s))])
+        assert row[7].endswith(f"({expected})")
+    assert _row(report, "4", "bkn-flow")[7].endswith("(tie)")  # 83.2 vs 83.0: within noise
+    assert _row(report, "2", "bkn-flow")[8].endswith("(better)")  # vs GN
+
+
+def test_the_recommendation_picks_the_best_evaluation_of_the_best_norm(report):
+    lines = [line for line in report.splitlines() if line.startswith("| 4 | ")]
+    pick = next(line for line in lines if "statistics |" in line)
+    # at s = 4, bkn-flow with batch statistics (86.5) beats ghost BN (83.0) and GN (78.0)
+    assert "| 4 | bkn-flow | the test group's batch statistics | 86.50 ± 0.50 |" in pick
+
+
+def test_a_missing_cell_is_left_out_not_invented(report):
+    assert "| 1 | bkn-flow |" not in report
+    assert "s = 1," not in report
