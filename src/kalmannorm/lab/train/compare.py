@@ -324,10 +324,11 @@ def run_grid(specs: list[RunSpec], jobs: int, threads: int | None = None) -> dic
         result = subprocess.CompletedProcess(command, returncode)
         seconds = time.perf_counter() - start
         if result.returncode == 0:
-            final = json.loads((spec.folder / SUMMARY).read_text())["final"]
+            summary = json.loads((spec.folder / SUMMARY).read_text())
+            final, where = summary["final"], summary.get("eval_set", "test")
             outcome = "finished"
             note = (
-                f"test acc moving {final['test_acc_moving']:.4f} "
+                f"{where} acc moving {final['test_acc_moving']:.4f} "
                 f"batch {final['test_acc_batch']:.4f}"
             )
         else:
@@ -376,6 +377,7 @@ class Row:
     steps_to_baseline: list[int | None]
     wall_time: list[float]
     curves: list[list[dict[str, Any]]]
+    eval_set: str = "test"  # "holdout": validation numbers (the test set was not read)
 
 
 def collect(specs: list[RunSpec]) -> list[Row]:
@@ -394,6 +396,7 @@ def collect(specs: list[RunSpec]) -> list[Row]:
             spec.group, Row(label, spec.variant.norm, str(stat), 0, [], [], [], [], [], [], [])
         )
         row.seeds += 1
+        row.eval_set = summary.get("eval_set", "test")
         row.final_moving.append(summary["final"]["test_acc_moving"])
         row.final_batch.append(summary["final"]["test_acc_batch"])
         row.best_moving.append(summary["best"]["test_acc_moving"]["value"])
@@ -444,9 +447,14 @@ HEADER = (
 )
 
 
+def _held_out(rows: list[Row]) -> bool:
+    return any(r.eval_set == "holdout" for r in rows)
+
+
 def format_markdown(rows: list[Row]) -> str:
-    """The summary table in Markdown."""
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    """The summary table in Markdown (accuracies on the holdout say so in the header)."""
+    header = [h.replace(" acc %", " holdout acc %") for h in HEADER] if _held_out(rows) else HEADER
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(HEADER)]
     for r in rows:
         cells = (
             r.label,
@@ -477,11 +485,16 @@ def conclusion(rows: list[Row]) -> str:
     seeds = f"{best.seeds} seed{'s' if best.seeds > 1 else ''}"
     behind = ", ".join(f"{r.label} {_percent(r.final_moving)} %" for r in rest)
     where = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above"
+    held_out = (
+        " (accuracy on a held-out part of the training set: validation numbers, not test ones)"
+        if _held_out(rows)
+        else ""
+    )
     return (
         f"Meaning: with statistics groups of {best.stat_batch}, {best.label} trains best "
         f"({_percent(best.final_moving)} % with moving statistics, {seeds}), {where} "
         f"{baseline.label.removesuffix(' (baseline)')} with the whole batch "
-        f"({_percent(baseline.final_moving)} %); then {behind}."
+        f"({_percent(baseline.final_moving)} %); then {behind}{held_out}."
     )
 
 
@@ -503,6 +516,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
                 "steps_to_baseline_mean",
                 "seeds_reaching_baseline",
                 "wall_time_s_mean",
+                "eval_set",
             ]
         )
         for r in rows:
@@ -522,6 +536,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
                     f"{statistics.fmean(reached):.1f}" if reached else "",
                     len(reached),
                     f"{statistics.fmean(r.wall_time):.1f}",
+                    r.eval_set,
                 ]
             )
 
@@ -557,7 +572,8 @@ def plot_curves(rows: list[Row], path: Path) -> bool:
                 color=line[0].get_color(),
                 alpha=0.2,
             )
-        axis.set_title(f"test accuracy, {title}")
+        where = "holdout" if _held_out(rows) else "test"
+        axis.set_title(f"{where} accuracy, {title}")
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")

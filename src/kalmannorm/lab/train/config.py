@@ -38,6 +38,11 @@ class TrainConfig:
     download: bool = _option(False, "fetch the data set with torchvision if it is not found")
     train_subset: int | None = _option(None, "train on this many images (a fixed subset)")
     test_subset: int | None = _option(None, "evaluate on this many test images (a fixed subset)")
+    holdout: float = _option(
+        0.0,
+        "evaluate on this fraction of the training set, held out of training (the same images "
+        "for every run), instead of the test set, which is then not read (0: off)",
+    )
     augment: bool = _option(True, "the data set's standard augmentation (pad-crop, flip)")
     # model and normalization
     model: str = _option("small_cnn", "model name, or tv:<name> for a torchvision model")
@@ -183,6 +188,12 @@ def check_values(config: TrainConfig) -> None:
         refuse("num_workers", "a non-negative integer")
     if not 0 <= config.seed < 2**32:
         refuse("seed", "an integer in [0, 2**32)")
+    if not (math.isfinite(config.holdout) and 0 <= config.holdout < 1):
+        refuse("holdout", "a fraction of the training set in [0, 1) (0: evaluate on the test set)")
+    if config.holdout and config.test_subset is not None:
+        raise ConfigError(
+            "test_subset has no effect with holdout (the test set is not read); leave it out"
+        )
     if not (math.isfinite(config.lr) and config.lr > 0):
         refuse("lr", "a positive finite number")
     if not 0 <= config.momentum < 1:

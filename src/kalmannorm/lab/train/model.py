@@ -10,6 +10,7 @@ from torch import nn
 
 import kalmannorm
 from kalmannorm.lab.data import load_dataset
+from kalmannorm.lab.data.holdout import HoldoutData
 from kalmannorm.lab.models import TORCHVISION_PREFIX, available_models, build_model
 from kalmannorm.lab.train.plan import ConfigError
 
@@ -119,10 +120,15 @@ def _first_line(error: BaseException) -> str:
 
 
 def load_run_data(config: TrainConfig):
-    """The run's data set, cut to its configured subsets."""
+    """The run's data set, cut to its configured subsets; with ``holdout``, the training set
+    split into a training part and a held-out evaluation part (the test set is not read)."""
     data = load_dataset(config.dataset, config.data_dir, config.download, config.num_workers)
     if config.train_subset or config.test_subset:
         data = data.subset(config.train_subset, config.test_subset)
+    if config.holdout:
+        if data.train_size < 2:
+            raise ConfigError(f"holdout needs at least 2 training images, got {data.train_size}")
+        data = HoldoutData(data, config.holdout)
     return data
 
 
