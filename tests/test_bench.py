@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -108,3 +109,203 @@ def test_reproduce_report_takes_a_saved_benchmark(quick_results: dict, tmp_path)
     assert format_table(quick_results) in text
     ratio = quick_results["step_ratio_eager"]
     assert f"ResNet-20 step on this CPU, eager: {ratio:.2f}x" in text
+
+
+# -- ATen calls and host syncs beside the step times (issue 17) --------------------------------
+
+
+def _logged_ops(fn) -> list[str]:
+    """torch's own op logger (an independent dispatch mode): one line per ATen call."""
+    import logging
+
+    logging_tensor = pytest.importorskip("torch.testing._internal.logging_tensor")
+    logger = logging.getLogger("LoggingTensor")
+    propagate, logger.propagate = logger.propagate, False  # pytest's handler would print
+    try:  # the logged tensors inside the mode, dispatching more operations
+        with logging_tensor.capture_logs(is_mode=True) as logs, logging_tensor.LoggingTensorMode():
+            fn()
+    finally:
+        logger.propagate = propagate
+    return list(logs)
+
+
+def _small_workload(norm: str | None, sync_in_forward: bool = False):
+    from kalmannorm import convert_norm
+    from kalmannorm.lab.bench_micro import Workload
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                torch.nn.BatchNorm2d(8),
+                torch.nn.ReLU(),
+                torch.nn.Conv2d(8, 8, 3, padding=1, bias=False),
+                torch.nn.BatchNorm2d(8),
+                torch.nn.ReLU(),
+                torch.nn.AdaptiveAvgPool2d(1),
+                torch.nn.Flatten(),
+                torch.nn.Linear(8, 10),
+            )
+
+        def forward(self, x):
+            if sync_in_forward:
+                assert bool(x.abs().sum() >= 0)  # one device-to-host read
+            return self.body(x)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    model = Net()
+    if norm is not None:
+        model = convert_norm(model, norm, stat_batch_size=2, example_input=x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    workload = Workload(model, optimizer, model, x, y)
+    workload.step()
+    return workload
+
+
+@pytest.mark.parametrize("norm", [None, "bkn", "bkn-flow"])
+def test_step_counts_match_torchs_op_logger(norm) -> None:
+    from kalmannorm.lab.bench_micro import step_counts
+
+    workload = _small_workload(norm)
+    counts = step_counts(workload)
+    forward_backward = _logged_ops(workload.forward_backward)
+    optimizer_step = _logged_ops(workload.optimizer.step)
+    assert counts["aten_calls"] == len(forward_backward)
+    assert counts["step_aten_calls"] == len(forward_backward) + len(optimizer_step)
+    reads = [op for op in forward_backward + optimizer_step if "_local_scalar_dense" in op]
+    assert counts["host_sync_ops"].get("_local_scalar_dense", 0) == len(reads)
+    assert counts["host_syncs_per_step"] == sum(counts["host_sync_ops"].values())
+    if norm is None:
+        assert counts["host_syncs_per_step"] == 0  # torch's BatchNorm reads nothing back
+
+
+def test_step_counts_see_a_host_read() -> None:
+    from kalmannorm.lab.bench_micro import step_counts
+
+    plain, syncing = _small_workload(None), _small_workload(None, sync_in_forward=True)
+    assert step_counts(plain)["host_syncs_per_step"] == 0
+    counts = step_counts(syncing)
+    assert counts["host_syncs_per_step"] == 1
+    assert counts["host_sync_ops"] == {"_local_scalar_dense": 1}
+
+
+def test_quick_benchmark_counts_beside_the_times(quick_results: dict) -> None:
+    micro = quick_results["micro"]
+    config = micro["config"]
+    rows = micro["rows"]
+    expected = {(m, b) for m, _ in config["models"] for b in config["batches"]}
+    assert {(r["model"], r["batch"]) for r in rows} == expected
+    assert {r["norm"] for r in rows} == {"bn", "bkn", "bkn-flow"}
+    assert all(r["mode"] == "eager" for r in rows)  # quick never compiles
+    for row in rows:
+        assert "error" not in row, row
+        for key in ("aten_calls", "bn_aten_calls", "host_syncs_per_step", "step_aten_calls"):
+            assert isinstance(row[key], int) and row[key] >= 0, (key, row)
+        assert row["aten_calls"] > 0 and row["step_aten_calls"] > row["aten_calls"]
+        assert row["aten_calls_ratio"] == row["aten_calls"] / row["bn_aten_calls"]
+        assert row["bn_host_syncs_per_step"] == 0
+        assert row["host_syncs_per_step"] == sum(row["host_sync_ops"].values())
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0 and row["bn_ms"] > 0
+        if row["norm"] == "bn":  # a second BatchNorm model: the same operations
+            assert row["aten_calls_ratio"] == 1.0 and row["host_syncs_per_step"] == 0
+        else:
+            assert row["aten_calls_ratio"] > 1.0
+    # the headline (first model, batch 4, bkn) at the top level, the maxima over all rows
+    head = next(r for r in rows if r["norm"] == "bkn")
+    assert micro["headline"]["model"] == head["model"]
+    assert quick_results["aten_calls_ratio"] == head["aten_calls_ratio"]
+    assert quick_results["host_syncs_per_step"] == head["host_syncs_per_step"]
+    kalman = [r for r in rows if r["norm"] != "bn"] + [quick_results["step_eager_resnet20"]]
+    assert quick_results["aten_calls_ratio_max"] == max(r["aten_calls_ratio"] for r in kalman)
+    assert quick_results["host_syncs_per_step_max"] == max(
+        r["host_syncs_per_step"] for r in kalman
+    )
+    # the classic step rows carry them too
+    step = quick_results["step_eager_resnet20"]
+    assert step["aten_calls_ratio"] == step["bkn_aten_calls"] / step["bn_aten_calls"] > 1
+    assert step["bn_host_syncs_per_step"] == 0
+    saved = json.loads(json.dumps(quick_results))  # what --json writes
+    assert saved["micro"]["rows"] == rows and saved["aten_calls_ratio"] > 1
+
+
+def test_format_table_has_the_micro_rows(quick_results: dict) -> None:
+    table = format_table(quick_results)
+    assert "| model (px) | batch | mode | norm |" in table
+    row = next(r for r in quick_results["micro"]["rows"] if r["norm"] == "bkn")
+    start = f"| {row['model']} ({row['image_size']}) | {row['batch']} | eager | bkn |"
+    line = next(line for line in table.splitlines() if line.startswith(start))
+    assert f"{row['aten_calls_ratio']:.2f}x" in line and f"{row['ratio']:.2f}x" in line
+    assert f"| {row['host_syncs_per_step']} (0) |" in line
+
+
+def test_bench_sections_and_the_cli_choices() -> None:
+    from kalmannorm.lab.bench import SECTIONS
+    from kalmannorm.lab.cli import build_parser
+
+    parser = build_parser()
+    bench = parser.parse_args(["bench", "--only", *SECTIONS])
+    assert tuple(bench.only) == SECTIONS
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--only", "nothing"])
+    with pytest.raises(ValueError, match="unknown bench sections"):
+        run_benchmark(quick=True, sections=("layers",))
+
+
+def test_micro_rows_report_a_failing_norm(monkeypatch) -> None:
+    from kalmannorm.lab import bench_micro
+
+    config = bench_micro.MicroConfig(
+        models=(("mobilenet_v2", 16),), batches=(2,), large_batch=None, norms=("bkn",),
+        warmup=0, repeats=1, iters=1, compile_batches=(),
+    )  # fmt: skip
+    real = bench_micro.convert_norm
+
+    def failing(model, name, **options):
+        if name == "bkn":
+            raise RuntimeError("no such luck")
+        return real(model, name, **options)
+
+    monkeypatch.setattr(bench_micro, "convert_norm", failing)
+    section = bench_micro.micro_rows(config=config)
+    rows = {r["norm"]: r for r in section["rows"]}
+    assert rows["bkn"]["error"] == "RuntimeError: no such luck"
+    assert rows["bn"]["aten_calls_ratio"] == 1.0
+    assert "RuntimeError: no such luck" in bench_micro.format_micro_table(section)
+
+
+def test_count_dispatch_sees_each_kind_of_host_read() -> None:
+    from types import SimpleNamespace
+
+    from kalmannorm.lab import dispatch_count
+    from kalmannorm.lab.dispatch_count import count_dispatch
+
+    x = torch.randn(6)
+    with count_dispatch() as counts:
+        y = x * 2 + 1  # 2 calls, no read
+    assert counts.aten_calls == 2 and counts.host_syncs == 0 and counts.calls["mul"] == 1
+    with count_dispatch() as counts:
+        x.sum().item()
+        bool(x[0] > 0)
+        float(y.max())
+        torch.equal(x, y)
+        x.nonzero()
+        x[x > 0]
+        y[y > 0] = 0.0
+        x.repeat_interleave(torch.tensor([1, 2, 0, 1, 1, 1]))
+        x.repeat_interleave(torch.tensor([1, 2, 0, 1, 1, 1]), output_size=6)
+        x[torch.tensor([0, 2])]  # integer indices: no read
+    assert counts.syncs == {
+        "_local_scalar_dense": 3,
+        "equal": 1,
+        "nonzero": 1,
+        "index": 1,
+        "index_put_": 1,
+        "repeat_interleave": 1,
+    }
+    # a copy to the CPU of a tensor on another device (no such device here: a stand-in)
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=x.device)
+    assert dispatch_count._to_host("_to_copy", (cuda,), {"device": torch.device("cpu")})
+    assert not dispatch_count._to_host("_to_copy", (cpu,), {"device": torch.device("cpu")})
+    assert not dispatch_count._to_host("_to_copy", (cuda,), {"dtype": torch.float16})

@@ -21,13 +21,23 @@ Kalman prior path runs) against :class:`torch.nn.BatchNorm2d` in the same proces
 ``norms``
     one row per registered norm: forward + backward of two such layers relative to native
     BatchNorm (:mod:`kalmannorm.lab.bench_norms`).
+``micro``
+    training steps at batch 2, 4 and 8 (and 128) of ResNet-50, MobileNetV2 and a ResNet-50 FPN
+    detection backbone, BN vs ``bkn`` and ``bkn-flow``, eager and compiled
+    (:mod:`kalmannorm.lab.bench_micro`).
+
+Beside each eager step-time ratio: ``aten_calls_ratio``, the ATen operations dispatched in one
+forward + backward (counted with a ``TorchDispatchMode``), BKN / BN, and
+``host_syncs_per_step``, BKN's device-to-host reads in one forward + backward + optimizer step
+(:mod:`kalmannorm.lab.dispatch_count`). Counts do not depend on the machine.
 
 Timing: warm-up iterations first (not timed; they include compilation), then ``repeats`` rounds
 that each time ``iters`` calls of BN and of BKN back to back, alternating which goes first, so
 slow drift and background load hit both; a measurement is the median over rounds of the mean time
 per call. Ratios are BKN time / BN time (> 1: BKN is slower).
 
-Run ``python -m kalmannorm.lab.bench`` (``--quick`` for a < 1 minute smoke run).
+Run ``python -m kalmannorm.lab.bench`` (``--quick`` for a smoke run of a minute or two,
+``--only micro`` for one section).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,9 +58,20 @@ from torch.nn import functional as torch_f
 
 from kalmannorm.convert import convert_norm
 from kalmannorm.fold import fold
+from kalmannorm.lab.bench_micro import (
+    MicroConfig,
+    Workload,
+    format_micro_table,
+    micro_rows,
+    step_counts,
+)
 from kalmannorm.lab.models import preact_resnet20
 
-__all__ = ["BenchConfig", "format_table", "main", "run_benchmark"]
+__all__ = ["SECTIONS", "BenchConfig", "format_table", "main", "run_benchmark"]
+
+#: The parts of a run: layers and steps ("classic": layer, step, memory, folded), per-norm rows,
+#: micro-batch steps.
+SECTIONS = ("classic", "norms", "micro")
 
 
 @dataclass(frozen=True)
@@ -229,6 +251,25 @@ def _step_call(
     return call
 
 
+def _step_counts(models: dict[str, nn.Module], x: Tensor, y: Tensor) -> dict:
+    """ATen calls (forward + backward) and host syncs (whole step) of BN and BKN, and the ratio."""
+    counts = {}
+    for name, model in models.items():
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+        workload = Workload(model, optimizer, model, x, y)
+        workload.step()  # its momentum buffers exist
+        counts[name] = step_counts(workload)
+    bn, bkn = counts["bn"], counts["bkn"]
+    return {
+        "bn_aten_calls": bn["aten_calls"],
+        "bkn_aten_calls": bkn["aten_calls"],
+        "aten_calls_ratio": bkn["aten_calls"] / bn["aten_calls"],
+        "bn_host_syncs_per_step": bn["host_syncs_per_step"],
+        "host_syncs_per_step": bkn["host_syncs_per_step"],
+        "host_sync_ops": bkn["host_sync_ops"],
+    }
+
+
 def _step_data(
     config: BenchConfig, device: torch.device, workload: str = "resnet20"
 ) -> tuple[Tensor, Tensor]:
@@ -362,6 +403,9 @@ def run_benchmark(
     device: str | torch.device = "cpu",
     config: BenchConfig | None = None,
     threads: int | None = None,
+    sections: tuple[str, ...] = SECTIONS,
+    micro_config: MicroConfig | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Time BKN against BatchNorm2d on this machine; see the module docstring.
 
@@ -373,30 +417,84 @@ def run_benchmark(
         threads: CPU threads for the run (:func:`torch.set_num_threads`, restored afterwards);
             ``None`` keeps the current setting. On a loaded machine one thread gives far steadier
             timings than more threads than free cores.
+        sections: which of :data:`SECTIONS` to run.
+        micro_config: a :class:`kalmannorm.lab.bench_micro.MicroConfig` for the micro section
+            (default: quick's or the full one).
+        progress: called with one line before each part.
 
     Returns:
         A dict with ``layer_ratio``, ``step_ratio_eager`` and ``step_ratio_compiled`` (BKN time /
         BN time; the last ``None`` when skipped or failed, with the reason in
         ``step_compiled["error"]``), the raw timings in ms under ``layer``, ``step_eager`` and
         ``step_compiled``, ``memory`` (peak-memory ratio of a training step, CUDA only),
-        ``config`` and ``machine``.
+        ``config`` and ``machine``; the eager step entries also carry ``aten_calls_ratio`` and
+        ``host_syncs_per_step``; ``micro`` (:func:`kalmannorm.lab.bench_micro.micro_rows`) and,
+        from its headline row (ResNet-50 at batch 4, ``bkn``; quick: the first model's),
+        ``aten_calls_ratio`` and ``host_syncs_per_step`` at the top level, with their maxima over
+        every eager step row of the run (``aten_calls_ratio_max``, ``host_syncs_per_step_max``).
+        A section not run leaves its keys ``None`` or absent.
     """
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown bench sections {sorted(unknown)}; choose from {SECTIONS}")
     device = torch.device(device)
     config = config or (QUICK if quick else FULL)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(config, quick, compile and not quick, device)
+        return _run(
+            config, quick, compile and not quick, device, sections, micro_config, progress
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(config: BenchConfig, quick: bool, do_compile: bool, device: torch.device) -> dict:
+def _run(
+    config: BenchConfig,
+    quick: bool,
+    do_compile: bool,
+    device: torch.device,
+    sections: tuple[str, ...],
+    micro_config: MicroConfig | None,
+    progress: Callable[[str], None] | None,
+) -> dict:
     sync = _synchronizer(device)
     started = time.perf_counter()
-    results: dict = {"machine": machine_info(device), "config": asdict(config), "quick": quick}
+    results: dict = {
+        "machine": machine_info(device),
+        "config": asdict(config),
+        "quick": quick,
+        "sections": list(sections),
+    }
+    say = progress or (lambda line: None)
+    if "classic" in sections:
+        say("layers and steps")
+        _run_classic(results, config, quick, do_compile, device, sync)
+    if "norms" in sections:
+        from kalmannorm.lab.bench_norms import norm_layer_rows
 
+        say("one row per norm")
+        results["norms"] = norm_layer_rows(quick, str(device))
+    if "micro" in sections:
+        results["micro"] = micro_rows(
+            quick, device, config=micro_config, compile=do_compile, progress=progress
+        )
+    results.update(_summary_keys(results))
+    results["total_s"] = time.perf_counter() - started
+    if hasattr(os, "getloadavg"):
+        results["machine"]["load_average_end"] = list(os.getloadavg())
+    return results
+
+
+def _run_classic(
+    results: dict,
+    config: BenchConfig,
+    quick: bool,
+    do_compile: bool,
+    device: torch.device,
+    sync: Callable[[], None],
+) -> None:
     def time_pair(calls: dict[str, Callable[[], None]], warmup: int, repeats: int, iters: int):
         return _summary(_interleaved(calls, warmup, repeats, iters, sync))
 
@@ -414,7 +512,10 @@ def _run(config: BenchConfig, quick: bool, do_compile: bool, device: torch.devic
         x, y = _step_data(config, device, workload)
         models = _step_models(config, device, workload)
         calls = {name: _step_call(model, model, x, y) for name, model in models.items()}
-        results[f"step_eager_{workload}"] = time_pair(calls, *step_args)
+        results[f"step_eager_{workload}"] = {
+            **time_pair(calls, *step_args),
+            **_step_counts(models, x, y),
+        }
         if workload == "resnet20":
             results["memory"] = _memory(device, calls)
             eval_x = x[: config.step_batch]
@@ -426,31 +527,43 @@ def _run(config: BenchConfig, quick: bool, do_compile: bool, device: torch.devic
             reason = "skipped (quick run)" if quick else "skipped (compile=False)"
             results[f"step_compiled_{workload}"] = {"error": reason}
 
-    from kalmannorm.lab.bench_norms import norm_layer_rows
 
-    results["norms"] = norm_layer_rows(quick, str(device))
-    results.update(
-        step_eager=results["step_eager_resnet20"],
-        step_compiled=results["step_compiled_resnet20"],
-        layer_ratio=results["layer"]["ratio"],
-        layer_wide_ratio=results["layer_wide"]["ratio"],
-        step_ratio_eager=results["step_eager_resnet20"]["ratio"],
-        step_ratio_compiled=results["step_compiled_resnet20"].get("ratio"),
+def _summary_keys(results: dict) -> dict:
+    """The top-level figures (``None`` where their section did not run)."""
+    eager20 = results.get("step_eager_resnet20", {})
+    compiled20 = results.get("step_compiled_resnet20", {})
+    keys = dict(
+        step_eager=eager20 or None,
+        step_compiled=compiled20 or None,
+        layer_ratio=results.get("layer", {}).get("ratio"),
+        layer_wide_ratio=results.get("layer_wide", {}).get("ratio"),
+        step_ratio_eager=eager20.get("ratio"),
+        step_ratio_compiled=compiled20.get("ratio"),
         step_ratio_eager_resnet50=results.get("step_eager_resnet50", {}).get("ratio"),
         step_ratio_compiled_resnet50=results.get("step_compiled_resnet50", {}).get("ratio"),
-        memory_ratio=results["memory"]["ratio"],
-        folded_inference_ratio=results["folded"]["ratio"],
-        layer_bn_ms=results["layer"]["bn_ms"],
-        layer_bkn_ms=results["layer"]["bkn_ms"],
-        step_eager_bn_ms=results["step_eager_resnet20"]["bn_ms"],
-        step_eager_bkn_ms=results["step_eager_resnet20"]["bkn_ms"],
-        step_compiled_bn_ms=results["step_compiled_resnet20"].get("bn_ms"),
-        step_compiled_bkn_ms=results["step_compiled_resnet20"].get("bkn_ms"),
-        total_s=time.perf_counter() - started,
+        memory_ratio=results.get("memory", {}).get("ratio"),
+        folded_inference_ratio=results.get("folded", {}).get("ratio"),
+        layer_bn_ms=results.get("layer", {}).get("bn_ms"),
+        layer_bkn_ms=results.get("layer", {}).get("bkn_ms"),
+        step_eager_bn_ms=eager20.get("bn_ms"),
+        step_eager_bkn_ms=eager20.get("bkn_ms"),
+        step_compiled_bn_ms=compiled20.get("bn_ms"),
+        step_compiled_bkn_ms=compiled20.get("bkn_ms"),
     )
-    if hasattr(os, "getloadavg"):
-        results["machine"]["load_average_end"] = list(os.getloadavg())
-    return results
+    # calls ratio and syncs: the micro headline row (else ResNet-20's step), maxima over all rows
+    counted = [results[k] for k in ("step_eager_resnet20", "step_eager_resnet50") if k in results]
+    micro = results.get("micro", {})
+    counted += [
+        r for r in micro.get("rows", []) if "aten_calls_ratio" in r and r["norm"] != "bn"
+    ]
+    head = micro.get("headline", {}).get("bkn") or eager20
+    keys.update(
+        aten_calls_ratio=head.get("aten_calls_ratio"),
+        host_syncs_per_step=head.get("host_syncs_per_step"),
+        aten_calls_ratio_max=max((r["aten_calls_ratio"] for r in counted), default=None),
+        host_syncs_per_step_max=max((r["host_syncs_per_step"] for r in counted), default=None),
+    )
+    return keys
 
 
 def _has_torchvision() -> bool:
@@ -486,7 +599,23 @@ def _ms(value: float | None) -> str:
 
 def format_table(results: dict) -> str:
     """A Markdown table of the timings and ratios of :func:`run_benchmark`'s result."""
-    config, machine = results["config"], results["machine"]
+    parts = []
+    if "layer" in results:
+        parts.append(_classic_table(results))
+    norm_rows = [
+        f"| {row['norm']} ({row['setup']}) | {row['ms']:.2f} | {row['ratio_to_bn']:.2f}x |"
+        for row in results.get("norms", [])
+    ]
+    if norm_rows:
+        header = ["| norm, fwd+bwd of two layers | ms | / native BN |", "|---|---:|---:|"]
+        parts.append("\n".join(header + norm_rows))
+    if "micro" in results:
+        parts.append(format_micro_table(results["micro"]))
+    return "\n\n".join(parts) + "\n\n" + "; ".join(_notes(results))
+
+
+def _classic_table(results: dict) -> str:
+    config = results["config"]
     s = config["stat_batch_size"]
     layer_shape = (
         f"N={config['layer_batch']} C={config['layer_channels']} "
@@ -494,15 +623,21 @@ def format_table(results: dict) -> str:
     )
     step_shape = f"batch {config['step_batch']}, {config['step_size']}x{config['step_size']}"
     rows = [
-        ("| measurement | BatchNorm2d (ms) | BKN (ms) | BKN / BN |"),
-        ("|---|---:|---:|---:|"),
+        "| measurement | BatchNorm2d (ms) | BKN (ms) | BKN / BN | ATen calls / BN "
+        "| host syncs / step (BN) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
 
     def row(label: str, entry: dict) -> str:
         if "error" in entry:
-            return f"| {label} | - | - | {entry['error']} |"
+            return f"| {label} | - | - | {entry['error']} | - | - |"
+        calls = syncs = "-"
+        if "aten_calls_ratio" in entry:
+            calls = f"{entry['aten_calls_ratio']:.2f}x"
+            syncs = f"{entry['host_syncs_per_step']} ({entry['bn_host_syncs_per_step']})"
         return (
-            f"| {label} | {_ms(entry['bn_ms'])} | {_ms(entry['bkn_ms'])} | {entry['ratio']:.2f}x |"
+            f"| {label} | {_ms(entry['bn_ms'])} | {_ms(entry['bkn_ms'])} | {entry['ratio']:.2f}x "
+            f"| {calls} | {syncs} |"
         )
 
     rows.append(row(f"layer fwd+bwd, 2 linked layers ({layer_shape}, s={s})", results["layer"]))
@@ -521,16 +656,14 @@ def format_table(results: dict) -> str:
     rows.append(
         f"| activation memory, resnet20 step ({memory['kind']}, MiB) | "
         f"{memory['bn_bytes'] / 2**20:.1f} | {memory['bkn_bytes'] / 2**20:.1f} | "
-        f"{memory['ratio']:.2f}x |"
+        f"{memory['ratio']:.2f}x | - | - |"
     )
     rows.append(row("folded inference, resnet20 (eval, fold())", results["folded"]))
-    norm_rows = [
-        f"| {row['norm']} ({row['setup']}) | {row['ms']:.2f} | {row['ratio_to_bn']:.2f}x |"
-        for row in results.get("norms", [])
-    ]
-    if norm_rows:
-        rows += ["", "| norm, fwd+bwd of two layers | ms | / native BN |", "|---|---:|---:|"]
-        rows += norm_rows
+    return "\n".join(rows)
+
+
+def _notes(results: dict) -> list[str]:
+    machine = results["machine"]
     notes = [
         f"torch {machine['torch']}, device {machine['device']}"
         + (f" ({machine['gpu']})" if "gpu" in machine else "")
@@ -553,20 +686,41 @@ def format_table(results: dict) -> str:
             breaks = ", ".join(f"{k} {v}" for k, v in compiled["graph_breaks"].items())
             notes.append(f"{key[14:]} graph breaks: {breaks}")
     notes.append(f"total {results['total_s']:.0f} s")
-    return "\n".join(rows) + "\n\n" + "; ".join(notes)
+    return notes
+
+
+def add_only_argument(parser: argparse.ArgumentParser) -> None:
+    """``--only SECTION [SECTION ...]`` (default: every section)."""
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        metavar="SECTION",
+        help=f"run only these parts ({', '.join(SECTIONS)}; default: all)",
+    )
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m kalmannorm.lab.bench --help``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, no compile (< 1 min)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, no compile (1-2 min)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile step")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", metavar="PATH", help="also write the full results as JSON")
+    add_only_argument(parser)
     args = parser.parse_args(argv)
     results = run_benchmark(
-        quick=args.quick, compile=not args.no_compile, device=args.device, threads=args.threads
+        quick=args.quick,
+        compile=not args.no_compile,
+        device=args.device,
+        threads=args.threads,
+        sections=tuple(args.only or SECTIONS),
+        progress=_progress,
     )
     print(format_table(results))
     if args.json:

@@ -80,11 +80,18 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from kalmannorm.lab.bench import format_table, run_benchmark
+    from kalmannorm.lab.bench import SECTIONS, format_table, run_benchmark
     from kalmannorm.lab.train.distributed import check_device
 
     check_device(args.device)
-    results = run_benchmark(quick=args.quick, compile=not args.no_compile, device=args.device)
+    results = run_benchmark(
+        quick=args.quick,
+        compile=not args.no_compile,
+        device=args.device,
+        threads=args.threads,
+        sections=tuple(args.only or SECTIONS),
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     print(json.dumps(results, indent=2) if args.json else format_table(results))
 
 
@@ -337,10 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="BKN / BatchNorm time ratios on this machine")
-    bench.add_argument("--quick", action="store_true", help="small sizes, no compile (< 1 min)")
+    bench.add_argument("--quick", action="store_true", help="small sizes, no compile (1-2 min)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     bench.add_argument("--device", default="cpu")
+    bench.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument(
+        "--only",
+        nargs="+",
+        choices=("classic", "norms", "micro"),  # kalmannorm.lab.bench.SECTIONS (not imported:
+        metavar="SECTION",  # the parser is built without torch)
+        help="run only these parts (classic: layers and steps, norms, micro: batch 2-8 steps)",
+    )
     bench.set_defaults(run=_bench)
 
     analyze = commands.add_parser("analyze", help="the paper's evidence on a trained run")

@@ -1,0 +1,531 @@
+"""Training steps at the batch sizes the library exists for: time, ATen calls and host syncs.
+
+For each model of :data:`MODELS` and each batch size, one training step (forward, loss,
+backward, SGD step) of the model with torch's BatchNorm over the whole batch against the same
+model converted to each Kalman norm of ``norms`` (statistics groups of ``stat_batch_size``,
+chain traced on the input at conversion), measured three ways:
+
+``ratio``
+    step time / BatchNorm's step time: all models of one (model, batch) timed in the same rounds,
+    the order rotating between rounds; the median over rounds of the per-round ratio (> 1:
+    slower). The ``bn`` row is a second, identical BatchNorm model: its ratio is this machine's
+    noise floor.
+``aten_calls`` and ``aten_calls_ratio``
+    ATen operations dispatched in one forward + backward (loss included), counted below autograd
+    with a ``TorchDispatchMode`` (:mod:`kalmannorm.lab.dispatch_count`), and that count over
+    BatchNorm's. Each is a kernel launch on a GPU, so at micro-batch sizes this ratio, not the
+    FLOPs, predicts the step time there. The same on every device.
+``host_syncs_per_step``
+    device-to-host reads (``item``/``_local_scalar_dense``, ``equal``, ``nonzero``, a copy to
+    the CPU, ...) in one forward + backward + optimizer step: each stalls a GPU's stream.
+
+The optimizer is SGD with momentum at learning rate 0: it runs all its operations, and every
+timed step does the same work on the same weights (no run can diverge midway; the bkn-flow
+MobileNetV2 at 32 px and batch 4 reaches NaN after 4 steps at learning rate 1e-3). Counts are
+taken on the step after a warm-up step (the optimizer's momentum buffers exist, the
+chain is traced), and are eager-mode counts. Compiled rows (``compile_batches``) time
+``torch.compile(model)`` the same way after a warm-up that includes compilation; they carry no
+counts.
+
+Models: torchvision's ResNet-50 and MobileNetV2 (classification, cross-entropy with labels in
+0-9), and the ResNet-50 FPN backbone of torchvision's Faster R-CNN / RetinaNet
+(``resnet_fpn_backbone``, every stage trainable, as ``fasterrcnn_resnet50_fpn(weights=None)``
+builds it) with a shared 1x1 classification head over every FPN level (cross-entropy per
+position): what a detection user converts.
+
+``python -m kalmannorm.lab.bench_micro [--quick] [--json PATH]``; part of ``kalmannorm bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as torch_f
+
+from kalmannorm.lab.dispatch_count import count_dispatch
+from kalmannorm.convert import convert_norm
+
+__all__ = ["MODELS", "MicroConfig", "Workload", "format_micro_table", "micro_rows", "step_counts"]
+
+NUM_CLASSES = 10
+
+
+class DetectionBackbone(nn.Module):
+    """torchvision's ResNet FPN backbone (every stage trainable, BatchNorm) with a shared 1x1
+    convolution classifying every position of every FPN level: a detection-shaped training step
+    without the box heads' data-dependent sampling (whose syncs are not the norms')."""
+
+    def __init__(self, backbone_name: str = "resnet50") -> None:
+        super().__init__()
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+        self.backbone = resnet_fpn_backbone(
+            backbone_name=backbone_name, weights=None, trainable_layers=5, norm_layer=nn.BatchNorm2d
+        )
+        self.head = nn.Conv2d(self.backbone.out_channels, NUM_CLASSES, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, NUM_CLASSES, P) logits over all P positions of all levels."""
+        levels = self.backbone(x).values()
+        return torch.cat([self.head(f).flatten(2) for f in levels], dim=2)
+
+
+def _resnet50() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet50(weights=None)
+
+
+def _mobilenet_v2() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.mobilenet_v2(weights=None)
+
+
+#: name -> (builder, kind); kind "classify": (N, K) logits, "dense": (N, K, P) logits.
+MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "resnet50": (_resnet50, "classify"),
+    "mobilenet_v2": (_mobilenet_v2, "classify"),
+    "resnet50_fpn": (DetectionBackbone, "dense"),
+    "resnet18_fpn": (lambda: DetectionBackbone("resnet18"), "dense"),  # the quick run's
+}
+
+
+@dataclass(frozen=True)
+class MicroConfig:
+    """Models, sizes and repeat counts of the micro-batch rows."""
+
+    #: model name -> input image size (square, pixels).
+    models: tuple[tuple[str, int], ...] = (
+        ("resnet50", 64),
+        ("mobilenet_v2", 64),
+        ("resnet50_fpn", 128),
+    )
+    batches: tuple[int, ...] = (2, 4, 8)
+    #: a large batch for the classification models (the ratio where activations dominate).
+    large_batch: int | None = 128
+    large_models: tuple[str, ...] = ("resnet50", "mobilenet_v2")
+    norms: tuple[str, ...] = ("bkn", "bkn-flow")
+    stat_batch_size: int = 2
+    warmup: int = 2
+    repeats: int = 5
+    iters: int = 2
+    large_repeats: int = 3
+    large_iters: int = 1
+    #: batch sizes with compiled rows (for ``compile_models``); empty: none.
+    compile_batches: tuple[int, ...] = (4,)
+    compile_models: tuple[str, ...] = ("resnet50", "mobilenet_v2")
+    compile_warmup: int = 2
+    compile_repeats: int = 3
+    compile_iters: int = 2
+
+
+FULL_MICRO = MicroConfig()
+QUICK_MICRO = MicroConfig(
+    models=(("mobilenet_v2", 32), ("resnet18_fpn", 32)),
+    batches=(4,),
+    large_batch=None,
+    warmup=0,
+    repeats=2,
+    iters=1,
+    compile_batches=(),
+)
+
+
+# -- one training step ------------------------------------------------------------------------
+
+
+def _data(kind: str, batch: int, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=generator)
+    if kind == "classify":
+        y = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+    else:  # the label of every FPN position: their count is the head's output width
+        y = torch.zeros(0, dtype=torch.long)
+    return x.to(device), y.to(device)
+
+
+
+
+def _dense_labels(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        positions = model.eval()(x[:1]).shape[2]
+    model.train()
+    generator = torch.Generator().manual_seed(2)
+    return torch.randint(0, NUM_CLASSES, (x.shape[0], positions), generator=generator).to(x.device)
+
+
+@dataclass
+class Workload:
+    """One model's training step: ``forward_backward`` (zero_grad, loss, backward) and ``step``
+    (that and the optimizer's step)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    run: Callable[[Tensor], Tensor]
+    x: Tensor
+    y: Tensor
+
+    def forward_backward(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        # (N, K) logits or, dense, (N, K, P) with a label per position
+        torch_f.cross_entropy(self.run(self.x), self.y).backward()
+
+    def step(self) -> None:
+        self.forward_backward()
+        self.optimizer.step()
+
+
+def _build(
+    model_name: str, norm: str, x: Tensor, stat_batch_size: int, device: torch.device
+) -> nn.Module:
+    """The model with BatchNorm ("torch_bn") or converted to ``norm``, same initial weights."""
+    torch.manual_seed(0)
+    model = MODELS[model_name][0]().to(device).train()
+    if norm != "torch_bn":
+        model = convert_norm(model, norm, stat_batch_size=stat_batch_size, example_input=x)
+    return model.train()
+
+
+def _workload(model: nn.Module, x: Tensor, y: Tensor, compiled: bool) -> Workload:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    run = torch.compile(model) if compiled else model
+    return Workload(model, optimizer, run, x, y)
+
+
+def step_counts(workload: Workload) -> dict:
+    """ATen calls of one forward + backward and host syncs of one whole step (counted once)."""
+    with count_dispatch() as forward_backward:
+        workload.forward_backward()
+    with count_dispatch() as optimizer_step:
+        workload.optimizer.step()
+    syncs = forward_backward.syncs + optimizer_step.syncs
+    return {
+        "aten_calls": forward_backward.aten_calls,
+        "step_aten_calls": forward_backward.aten_calls + optimizer_step.aten_calls,
+        "host_syncs_per_step": sum(syncs.values()),
+        "host_sync_ops": dict(sorted(syncs.items())),
+    }
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+def _rounds(
+    calls: dict[str, Callable[[], None]],
+    warmup: int,
+    repeats: int,
+    iters: int,
+    sync: Callable[[], None],
+) -> dict[str, list[float]]:
+    """Per-round mean ms per call of each callable; the order rotates from round to round."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    sync()
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        order = names[shift:] + names[:shift]
+        if (round_index // len(names)) % 2:
+            order.reverse()
+        for name in order:
+            sync()
+            start = time.perf_counter()
+            for _ in range(iters):
+                calls[name]()
+            sync()
+            samples[name].append((time.perf_counter() - start) * 1e3 / iters)
+    return samples
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _short_error(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:160]
+
+
+def _eager_rows(
+    model_name: str, size: int, batch: int, config: MicroConfig, device: torch.device, large: bool
+) -> list[dict]:
+    kind = MODELS[model_name][1]
+    x, y = _data(kind, batch, size, device)
+    names = ["torch_bn", "bn", *config.norms]
+    workloads: dict[str, Workload] = {}
+    errors: dict[str, str] = {}
+    for name in names:
+        try:
+            built = "torch_bn" if name == "bn" else name
+            model = _build(model_name, built, x, config.stat_batch_size, device)
+            if kind == "dense" and not y.numel():
+                y = _dense_labels(model, x)
+            workloads[name] = _workload(model, x, y, compiled=False)
+            workloads[name].step()  # momentum buffers exist, any first-call work is done
+        except Exception as error:  # a norm that cannot run here is a result
+            errors[name] = _short_error(error)
+            workloads.pop(name, None)
+    counts = {name: step_counts(w) for name, w in workloads.items()}
+    repeats, iters = (config.repeats, config.iters)
+    if large:
+        repeats, iters = (config.large_repeats, config.large_iters)
+    calls = {name: w.step for name, w in workloads.items()}
+    try:
+        samples = _rounds(calls, config.warmup, repeats, iters, _sync(device))
+    except Exception as error:  # reported on every row of this (model, batch)
+        samples, errors = {}, {name: _short_error(error) for name in names}
+    return _rows(model_name, size, batch, config, "eager", samples, counts, errors)
+
+
+def _compiled_rows(
+    model_name: str, size: int, batch: int, config: MicroConfig, device: torch.device
+) -> list[dict]:
+    import torch._dynamo
+
+    kind = MODELS[model_name][1]
+    x, y = _data(kind, batch, size, device)
+    torch._dynamo.reset()
+    calls: dict[str, Callable[[], None]] = {}
+    compile_s: dict[str, float] = {}
+    graph_breaks: dict[str, int | None] = {}
+    errors: dict[str, str] = {}
+    for name in ["torch_bn", *config.norms]:
+        try:
+            _clear_dynamo_counters()
+            model = _build(model_name, name, x, config.stat_batch_size, device)
+            if kind == "dense" and not y.numel():
+                y = _dense_labels(model, x)
+            workload = _workload(model, x, y, compiled=True)
+            start = time.perf_counter()
+            for _ in range(config.compile_warmup):
+                workload.step()
+            _sync(device)()
+            compile_s[name] = time.perf_counter() - start
+            graph_breaks[name] = _graph_breaks()
+            calls[name] = workload.step
+        except Exception as error:  # a compile failure is a result
+            errors[name] = _short_error(error)
+    samples: dict[str, list[float]] = {}
+    if "torch_bn" in calls:
+        try:
+            samples = _rounds(calls, 0, config.compile_repeats, config.compile_iters, _sync(device))
+        except Exception as error:  # reported on every row of this (model, batch)
+            errors = {name: _short_error(error) for name in ["torch_bn", *config.norms]}
+    rows = _rows(model_name, size, batch, config, "compiled", samples, {}, errors)
+    for row in rows:
+        row["compile_s"] = compile_s.get(row["norm"])
+        row["bn_compile_s"] = compile_s.get("torch_bn")
+        row["graph_breaks"] = graph_breaks.get(row["norm"])
+    return rows
+
+
+def _clear_dynamo_counters() -> None:
+    try:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+    except Exception:  # pragma: no cover - private API
+        pass
+
+
+def _graph_breaks() -> int | None:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(sum(counters["graph_break"].values()))
+    except Exception:  # pragma: no cover - private API
+        return None
+
+
+def _rows(
+    model_name: str,
+    size: int,
+    batch: int,
+    config: MicroConfig,
+    mode: str,
+    samples: dict[str, list[float]],
+    counts: dict[str, dict],
+    errors: dict[str, str],
+) -> list[dict]:
+    """One row per norm (BatchNorm's own times and counts on every row)."""
+    reference = samples.get("torch_bn")
+    bn_counts = counts.get("torch_bn", {})
+    rows = []
+    for name in [n for n in ("bn", *config.norms) if n in samples or n in errors]:
+        row: dict = {
+            "model": model_name,
+            "image_size": size,
+            "batch": batch,
+            "stat_batch_size": config.stat_batch_size,
+            "mode": mode,
+            "norm": name,
+        }
+        if name in errors or reference is None:
+            row["error"] = errors.get(name) or errors.get("torch_bn", "BatchNorm failed")
+            rows.append(row)
+            continue
+        times = samples[name]
+        row.update(
+            bn_ms=statistics.median(reference),
+            ms=statistics.median(times),
+            ratio=statistics.median(t / r for t, r in zip(times, reference)),
+        )
+        if name in counts and bn_counts:
+            mine = counts[name]
+            row.update(
+                bn_aten_calls=bn_counts["aten_calls"],
+                aten_calls=mine["aten_calls"],
+                aten_calls_ratio=mine["aten_calls"] / bn_counts["aten_calls"],
+                bn_host_syncs_per_step=bn_counts["host_syncs_per_step"],
+                host_syncs_per_step=mine["host_syncs_per_step"],
+                host_sync_ops=mine["host_sync_ops"],
+                step_aten_calls=mine["step_aten_calls"],
+            )
+        rows.append(row)
+    return rows
+
+
+# -- the section ------------------------------------------------------------------------------
+
+
+def micro_rows(
+    quick: bool = False,
+    device: str | torch.device = "cpu",
+    config: MicroConfig | None = None,
+    compile: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """The micro-batch section: ``{"config", "rows", "headline", "total_s"}``.
+
+    ``rows``: one dict per (model, batch, mode, norm) as in the module docstring (an ``error``
+    instead of the measurements where a model or norm failed). ``headline``: the ``bkn`` and
+    ``bkn-flow`` eager rows of the first model at batch 4 (else its first batch) with the largest
+    calls ratio and sync count over all eager Kalman rows.
+    """
+    device = torch.device(device)
+    config = config or (QUICK_MICRO if quick else FULL_MICRO)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    for model_name, size in config.models:
+        batches = list(config.batches)
+        if config.large_batch and model_name in config.large_models:
+            batches.append(config.large_batch)
+        for batch in batches:
+            if progress:
+                progress(f"micro: {model_name} batch {batch} eager")
+            large = batch == config.large_batch and batch not in config.batches
+            rows += _eager_rows(model_name, size, batch, config, device, large)
+            if compile and batch in config.compile_batches and model_name in config.compile_models:
+                if progress:
+                    progress(f"micro: {model_name} batch {batch} compiled")
+                rows += _compiled_rows(model_name, size, batch, config, device)
+    return {
+        "config": asdict(config),
+        "rows": rows,
+        "headline": headline(rows),
+        "total_s": time.perf_counter() - started,
+    }
+
+
+def headline(rows: list[dict]) -> dict:
+    """The summary figures of the micro rows (see :func:`micro_rows`)."""
+    eager = [r for r in rows if r["mode"] == "eager" and "aten_calls_ratio" in r]
+    kalman = [r for r in eager if r["norm"] != "bn"]
+    if not kalman:
+        return {}
+    first = kalman[0]["model"]
+    batches = sorted({r["batch"] for r in kalman if r["model"] == first})
+    batch = 4 if 4 in batches else batches[0]
+    out: dict = {"model": first, "batch": batch}
+    for r in kalman:
+        if r["model"] == first and r["batch"] == batch:
+            out[r["norm"]] = {
+                key: r[key]
+                for key in ("ratio", "aten_calls_ratio", "host_syncs_per_step", "aten_calls")
+            }
+    out["aten_calls_ratio_max"] = max(r["aten_calls_ratio"] for r in kalman)
+    out["host_syncs_per_step_max"] = max(r["host_syncs_per_step"] for r in kalman)
+    return out
+
+
+def format_micro_table(section: dict) -> str:
+    """A Markdown table of the micro rows."""
+    lines = [
+        "| model (px) | batch | mode | norm | BN ms | norm ms | time / BN | ATen calls (BN) "
+        "| calls / BN | host syncs / step (BN) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in section["rows"]:
+        head = f"| {r['model']} ({r['image_size']}) | {r['batch']} | {r['mode']} | {r['norm']} |"
+        if "error" in r:
+            lines.append(f"{head} - | - | {r['error']} | - | - | - |")
+            continue
+        calls = ratio = syncs = "-"
+        if "aten_calls" in r:
+            calls = f"{r['aten_calls']:,} ({r['bn_aten_calls']:,})"
+            ratio = f"{r['aten_calls_ratio']:.2f}x"
+            syncs = f"{r['host_syncs_per_step']} ({r['bn_host_syncs_per_step']})"
+        elif r.get("graph_breaks"):
+            syncs = f"{r['graph_breaks']} graph breaks"
+        lines.append(
+            f"{head} {r['bn_ms']:.1f} | {r['ms']:.1f} | {r['ratio']:.2f}x | {calls} | {ratio} "
+            f"| {syncs} |"
+        )
+    s = section["config"]["stat_batch_size"]
+    compiled = [r for r in section["rows"] if r.get("compile_s") is not None]
+    notes = [
+        f"Kalman norms with statistics groups of {s}, BatchNorm over the whole batch; "
+        "bn: a second torch BatchNorm model (the noise floor)"
+    ]
+    if compiled:
+        times = ", ".join(
+            f"{r['model']} b{r['batch']} {r['norm']} {r['compile_s']:.0f} s" for r in compiled
+        )
+        bn_times = ", ".join(
+            f"{r['model']} b{r['batch']} {r['bn_compile_s']:.0f} s"
+            for r in compiled
+            if r["norm"] == section["config"]["norms"][0] and r.get("bn_compile_s") is not None
+        )
+        notes.append(f"compile + warm-up: {times}; BatchNorm {bn_times}")
+    notes.append(f"section {section['total_s']:.0f} s")
+    return "\n".join(lines) + "\n\n" + "; ".join(notes)
+
+
+def _print_progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small inputs, batch 4, no compile")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", metavar="PATH", help="also write the section as JSON")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    section = micro_rows(
+        args.quick, args.device, compile=not args.no_compile, progress=_print_progress
+    )
+    print(format_micro_table(section))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(section, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
