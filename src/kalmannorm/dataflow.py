@@ -492,6 +492,12 @@ class LayerInput(Node):
         return Moments(e.batch_mean, e.batch_var)
 
 
+#: Non-decreasing activations: a maximum commutes with them.
+MONOTONE_ACTIVATIONS = frozenset(
+    {"relu", "relu6", "leaky_relu", "elu", "sigmoid", "tanh", "hardsigmoid"}
+)
+
+
 class Operation(Node):
     """An operation between layers, applied to its children's moments."""
 
@@ -520,6 +526,29 @@ class Operation(Node):
         if op == "pool":
             return _pool_moments(info, parts[0], ctx.raw)
         raise AssertionError(op)
+
+    def evaluate(self, ctx: Context, reader: str) -> Moments:
+        key = id(self)
+        if key not in ctx.memo and self._is_max_after_monotone(ctx):
+            # max_K f(z) = f(max_K z) for a non-decreasing f: the maximum's Gaussian
+            # approximation applies to the Gaussian pre-activation z, not to f(z) (a ReLU's output
+            # has a point mass at 0).
+            (act,) = self.children
+            z = act.children[0].evaluate(ctx, reader)
+            pooled = mo.max_pool(z, self.info["taps"])
+            ctx.memo[key] = mo.activation(act.info["kind"], pooled, act.info.get("slope", 0.0))
+        return super().evaluate(ctx, reader)
+
+    def _is_max_after_monotone(self, ctx: Context) -> bool:
+        if ctx.raw or self.op != "pool" or self.info["kind"] != "max":
+            return False
+        (child,) = self.children
+        return (
+            isinstance(child, Operation)
+            and child.op == "activation"
+            and child.info["kind"] in MONOTONE_ACTIVATIONS
+            and child.info.get("slope", 0.0) >= 0.0
+        )
 
 
 def _conv_moments(module: nn.Module, geometry: mo.TapGeometry, x: Moments) -> Moments:
