@@ -141,3 +141,86 @@ def test_a_resumed_run_keeps_its_holdout(tmp_path) -> None:
     (tmp_path / "summary.json").unlink()
     with pytest.raises(CheckpointMismatchError, match="holdout: 0.1 -> 0.2"):
         train(dataclasses.replace(config, holdout=0.2), resume=True)
+
+
+# -- [search]: the same small grid for every norm, on the holdout --------------------------------
+
+SEARCH_GRID = """
+[compare]
+out = "{out}"
+norms = ["bn", "gn"]
+stat_batch_sizes = [2]
+baseline = ""
+
+[train]
+dataset = "digits"
+model_options = {{width = 8}}
+batch_size = 16
+steps = 4
+eval_every = 4
+lr = 0.05
+test_subset = 100
+
+[search]
+holdout = 0.2
+train = {{lr = [0.01, 0.05]}}
+options = {{gn = {{num_groups = [1, 2]}}}}
+"""
+
+
+def test_search_points_and_its_grid_on_the_holdout(tmp_path) -> None:
+    import tomllib
+
+    from kalmannorm.lab.train.compare import compare_config_from_dict, make_search_grid
+    from kalmannorm.lab.train.search import pick
+
+    values = tomllib.loads(SEARCH_GRID.format(out=tmp_path))
+    cfg = compare_config_from_dict(values)
+    assert [p.name for p in cfg.search.points("bn")] == ["lr=0.01", "lr=0.05"]
+    assert [p.name for p in cfg.search.points("gn")][1] == "lr=0.01 num_groups=2"
+    runs = make_search_grid(cfg)
+    assert len(runs) == 2 + 4  # bn: 2 points; gn: 2 x 2
+    for run in runs:
+        assert run.spec.config.holdout == 0.2 and run.spec.config.test_subset is None
+        assert run.spec.folder.parent == tmp_path / "search"
+        assert run.spec.config.lr == run.point.train["lr"]
+    gn = [r for r in runs if r.group == ("gn", None)]
+    assert [r.spec.config.norm_options for r in gn][1] == {"num_groups": 2}
+    assert compare_config_from_dict(tomllib.loads(cfg.to_toml())).search == cfg.search
+    assert pick([[0.5], [0.7, 0.7], [0.7], []]) == 1 and pick([[], []]) is None
+    bad = {
+        "train": ({"seed": [1, 2]}, "cannot vary"),
+        "options": ({"bkn": {"gain": [0.5]}}, "no such norm entry"),
+        "holdout": (1.0, "a fraction in"),
+    }
+    for key, (value, message) in bad.items():
+        broken = {**values, "search": {**values["search"], key: value}}
+        with pytest.raises(ConfigError, match=message):
+            compare_config_from_dict(broken)
+
+
+def test_compare_searches_every_norm_on_the_holdout_then_tests_the_pick(tmp_path, capsys):
+    from kalmannorm.lab.cli import main
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        SEARCH_GRID.format(out=tmp_path / "grid")
+        .replace('norms = ["bn", "gn"]', 'norms = ["bn"]')
+        .replace("options = {gn = {num_groups = [1, 2]}}\n", "")
+    )
+    assert main(["compare", "--config", str(grid)]) == 0
+    printed = capsys.readouterr().out
+    search = (tmp_path / "grid" / "search.md").read_text()
+    assert search.count("**yes**") == 1 and "held-out 20% of the training set" in search
+    for folder in (tmp_path / "grid" / "search").iterdir():
+        assert json.loads((folder / "summary.json").read_text())["eval_set"] == "holdout"
+    picked = (
+        0.01
+        if "| bn | 2 | lr=0.01 |" in next(line for line in search.splitlines() if "**yes**" in line)
+        else 0.05
+    )
+    final = json.loads((tmp_path / "grid" / "bn-s2-seed0" / "summary.json").read_text())
+    assert final["eval_set"] == "test" and final["config"]["lr"] == picked
+    assert final["derived"]["test_size"] == 100  # the grid itself is tested on the test set
+    assert f"Picked: bn (s=2) lr={picked}" in printed
+    assert "final acc % (moving)" in (tmp_path / "grid" / "summary.md").read_text()

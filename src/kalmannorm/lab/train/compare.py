@@ -18,7 +18,9 @@ training keys shared by every run::
     steps = 1000
 
 A norm entry's ``train`` table overrides keys of ``[train]`` for that entry's runs (all but the
-keys the grid sets per run: norm, norm_options, stat_batch_size, seed, out).
+keys the grid sets per run: norm, norm_options, stat_batch_size, seed, out). An optional
+``[search]`` table gives every norm entry the same small grid on a held-out split of the
+training set first and trains each entry's best point (``lab/train/search.py``).
 
 Each run is an ordinary ``kalmannorm train`` process with its own folder under ``out``; a run
 whose folder already holds a finished run of the same configuration is skipped, a killed one is
@@ -56,6 +58,7 @@ from kalmannorm.lab.train.loop import CONFIG, SUMMARY, check_config, prepare_run
 from kalmannorm.lab.train.metrics import read_metrics
 from kalmannorm.lab.train.model import takes_stat_batch_size, valid_norms
 from kalmannorm.lab.train.plan import ConfigError
+from kalmannorm.lab.train.search import Point, SearchConfig, parse_search, pick, search_markdown
 
 COMPARE_KEYS = ("out", "norms", "stat_batch_sizes", "seeds", "baseline", "jobs")
 
@@ -121,6 +124,11 @@ class CompareConfig:
     baseline: Variant | None = None
     jobs: int = 1
     out: str = "runs/compare"
+    search: SearchConfig | None = None  # the [search] table: a grid on a holdout first
+
+    @property
+    def labels(self) -> list[str]:
+        return [v.label for v in [*([self.baseline] if self.baseline else []), *self.norms]]
 
     def to_toml(self) -> str:
         table = {
@@ -131,14 +139,18 @@ class CompareConfig:
             "baseline": self.baseline.to_toml() if self.baseline else "",
             "jobs": self.jobs,
         }
-        return to_toml({"compare": table, "train": self.train})
+        tables = {"compare": table, "train": self.train}
+        return to_toml({**tables, "search": self.search.to_dict()} if self.search else tables)
 
 
 def compare_config_from_dict(values: dict[str, Any]) -> CompareConfig:
-    """A CompareConfig from a ``{"compare": {...}, "train": {...}}`` mapping."""
-    unknown = set(values) - {"compare", "train"}
+    """A CompareConfig from a ``{"compare": {...}, "train": {...}, "search": {...}}`` mapping
+    (``search`` optional)."""
+    unknown = set(values) - {"compare", "train", "search"}
     if unknown:
-        raise ConfigError(f"a compare file has [compare] and [train] tables, not {sorted(unknown)}")
+        raise ConfigError(
+            f"a compare file has [compare], [train] and [search] tables, not {sorted(unknown)}"
+        )
     if not isinstance(values.get("compare", {}), dict) or not isinstance(
         values.get("train", {}), dict
     ):
@@ -163,7 +175,7 @@ def compare_config_from_dict(values: dict[str, Any]) -> CompareConfig:
     if not isinstance(out, str) or not out.strip():
         raise ConfigError(f"[compare] out is a folder name, got {out!r}")
     baseline = table.get("baseline", "none")
-    return CompareConfig(
+    cfg = CompareConfig(
         train=dict(values.get("train", {})),
         norms=[Variant.parse(e) for e in norms],
         stat_batch_sizes=stat_batch_sizes,
@@ -172,6 +184,9 @@ def compare_config_from_dict(values: dict[str, Any]) -> CompareConfig:
         jobs=jobs,
         out=out,
     )
+    if "search" in values:
+        cfg.search = parse_search(values["search"], cfg.labels)
+    return cfg
 
 
 def _int_list(table: dict[str, Any], key: str, default: list[int], minimum: int) -> list[int]:
@@ -215,10 +230,112 @@ class RunSpec:
         return (self.variant.label, self.stat_batch_size)
 
 
-def make_grid(cfg: CompareConfig) -> list[RunSpec]:
+Group = tuple[str, int | None]  # (norm entry's label, statistics batch): one row of the table
+
+
+def make_grid(cfg: CompareConfig, picks: dict[Group, Point] | None = None) -> list[RunSpec]:
     """All runs, seed by seed: the baseline, then every norm x statistics batch (a
-    batch-independent norm once per seed). Each configuration is checked here, before anything
-    runs."""
+    batch-independent norm once per seed), each with its search's pick on top (``picks``).
+    Each configuration is checked here, before anything runs."""
+    picks = picks or {}
+    specs = []
+    for seed in cfg.seeds:  # seed-major: a grid cut short still has whole seeds
+        for variant, stat in _groups(cfg):
+            name = f"{variant.label}-s{stat if stat else 'all'}-seed{seed}"
+            point = picks.get((variant.label, stat), Point())
+            specs.append(_spec(cfg, variant, stat, seed, Path(cfg.out) / _safe(name), point))
+    return specs
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    """One run of the ``[search]``: a point of a group's search, on the holdout."""
+
+    spec: RunSpec
+    group: Group
+    index: int  # the point's position in the group's points
+    point: Point
+
+
+def make_search_grid(cfg: CompareConfig) -> list[SearchRun]:
+    """The ``[search]`` runs: every group x point x search seed, on the holdout (the test set
+    is not read), in ``<out>/search/``."""
+    assert cfg.search is not None
+    search, runs = cfg.search, []
+    for seed in search.seeds or cfg.seeds[:1]:
+        for variant, stat in _groups(cfg):
+            for index, point in enumerate(search.points(variant.label)):
+                name = f"{variant.label}-s{stat if stat else 'all'}-{point.name}-seed{seed}"
+                folder = Path(cfg.out) / "search" / _safe(name.replace(" ", "-"))
+                held = {"holdout": search.holdout, "test_subset": None}
+                spec = _spec(cfg, variant, stat, seed, folder, point, held)
+                tagged = dataclasses.replace(variant, label=f"{variant.label} [{point.name}]")
+                spec = dataclasses.replace(spec, variant=tagged)  # the progress lines say which
+                runs.append(SearchRun(spec, (variant.label, stat), index, point))
+    return runs
+
+
+def run_search(
+    cfg: CompareConfig, runs: list[SearchRun], threads: int | None = None
+) -> tuple[dict[Group, Point], str]:
+    """Run the search, pick each group's point, write ``search.md``; returns the picks and a
+    line saying what was searched and picked."""
+    assert cfg.search is not None
+    what = cfg.search.describe()
+    print(f"search: {what}")
+    run_grid([run.spec for run in runs], cfg.jobs, threads)
+    scores: dict[Group, dict[int, tuple[Point, list[float]]]] = {}
+    for run in runs:
+        _, values = scores.setdefault(run.group, {}).setdefault(run.index, (run.point, []))
+        if run_status(run.spec) == "finished":  # a failed run (diverged) scores nothing
+            summary = json.loads((run.spec.folder / SUMMARY).read_text())
+            values.append(summary["final"]["test_acc_moving"])
+    picks: dict[Group, Point] = {}
+    rows = []
+    for (label, stat), by_index in scores.items():
+        indices = sorted(by_index)
+        best = pick([by_index[i][1] for i in indices])
+        if best is not None:
+            picks[(label, stat)] = by_index[indices[best]][0]
+        for position, i in enumerate(indices):
+            point, values = by_index[i]
+            rows.append((label, str(stat or "all"), point, values, position == best))
+    text = search_markdown(rows, what)
+    (Path(cfg.out) / "search.md").write_text(text)
+    print()
+    print(text)
+    chosen = ", ".join(
+        f"{label} (s={stat or 'all'}) {p.name}" for (label, stat), p in picks.items()
+    )
+    return picks, f"Search: {what}. Picked: {chosen or 'nothing (no search run finished)'}."
+
+
+def _spec(
+    cfg: CompareConfig,
+    variant: Variant,
+    stat: int | None,
+    seed: int,
+    folder: Path,
+    point: Point,
+    extra: dict[str, Any] | None = None,
+) -> RunSpec:
+    """One run: the grid's [train] table, the entry's own keys, the search point's on top."""
+    base = config_from_dict({**cfg.train, **variant.train, **point.train, **(extra or {})})
+    config = dataclasses.replace(
+        base,
+        norm=variant.norm,
+        norm_options={**base.norm_options, **variant.options, **point.options},
+        stat_batch_size=stat,
+        seed=seed,
+        out=str(folder),
+    )
+    check_config(config)
+    return RunSpec(variant, stat, seed, config, variant is cfg.baseline)
+
+
+def _groups(cfg: CompareConfig) -> list[tuple[Variant, int | None]]:
+    """The table's rows: the baseline, then every norm entry x statistics batch (a
+    batch-independent norm once: one run serves every statistics batch)."""
     norms = valid_norms()
     for variant in [*cfg.norms, *([cfg.baseline] if cfg.baseline else [])]:
         if variant.norm not in norms:
@@ -231,23 +348,7 @@ def make_grid(cfg: CompareConfig) -> list[RunSpec]:
             groups += [(variant, s) for s in cfg.stat_batch_sizes]
         else:  # batch-independent (gn, gkn, ...): one run per seed serves every statistics batch
             groups.append((variant, None))
-    specs = []
-    for seed in cfg.seeds:  # seed-major: a grid cut short still has whole seeds
-        for variant, stat in groups:
-            name = f"{variant.label}-s{stat if stat else 'all'}-seed{seed}"
-            base = config_from_dict({**cfg.train, **variant.train})
-            config = dataclasses.replace(
-                base,
-                norm=variant.norm,
-                norm_options={**base.norm_options, **variant.options},
-                stat_batch_size=stat,
-                seed=seed,
-                out=str(Path(cfg.out) / _safe(name)),
-            )
-            check_config(config)
-            is_baseline = cfg.baseline is not None and variant is cfg.baseline
-            specs.append(RunSpec(variant, stat, seed, config, is_baseline))
-    return specs
+    return groups
 
 
 def _safe(name: str) -> str:
@@ -588,9 +689,14 @@ def compare(cfg: CompareConfig, threads: int | None = None) -> str:
     """Run the grid of ``cfg`` (skipping finished runs), write and return the summary table."""
     start = time.perf_counter()
     specs = make_grid(cfg)
+    searches = make_search_grid(cfg) if cfg.search else []
     out = Path(cfg.out)
     prepare_run_folder(out)
     (out / "compare.toml").write_text("# kalmannorm compare: resolved grid\n" + cfg.to_toml())
+    searched = ""
+    if searches:  # every norm's search on the holdout first; the grid trains the picks
+        picks, searched = run_search(cfg, searches, threads)
+        specs = make_grid(cfg, picks)
     outcomes = run_grid(specs, cfg.jobs, threads)
     rows = collect(specs)
     table = format_markdown(rows)
@@ -599,7 +705,7 @@ def compare(cfg: CompareConfig, threads: int | None = None) -> str:
     write_csv(rows, out / "summary.csv")
     print()
     print(table)
-    sentence = conclusion(rows)
+    sentence = " ".join(part for part in (conclusion(rows), searched) if part)
     if sentence:
         print(sentence)
         (out / "summary.md").write_text(table + "\n" + sentence + "\n")
