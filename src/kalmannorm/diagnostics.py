@@ -25,6 +25,8 @@ from kalmannorm.chain import is_chain_member
 from kalmannorm.layers.base import KalmanNormBase
 
 CATEGORIES = ("first", "branch", "after addition", "after downsampling", "other")
+#: Operations a layer's category looks through to what they read.
+_PASSING = ("conv", "activation", "pool", "affine", "dropout")
 
 
 class PriorError(NamedTuple):
@@ -43,6 +45,12 @@ def layer_category(program: dataflow.Node | None, index: int) -> str:
     the addition of a block whose shortcut is a projection (downsampling)."""
     if program is None:
         return "first" if index == 0 else "other"
+    while (  # a norm after a convolution reads what the convolution reads
+        isinstance(program, dataflow.Operation)
+        and program.op in _PASSING
+        and len(program.children) == 1
+    ):
+        program = program.children[0]
     if isinstance(program, dataflow.Operation) and program.op == "sum":
         projected = any(
             isinstance(c, dataflow.Operation) and c.op == "conv" for c in program.children
