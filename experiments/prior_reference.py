@@ -92,8 +92,9 @@ def main() -> None:
         chain = (statistics.fmean(row["chain"][0::2]), statistics.fmean(row["chain"][1::2]))
         ref = (statistics.fmean(row["reference"][0::2]), statistics.fmean(row["reference"][1::2]))
         by_category.setdefault(where[name], []).append((*chain, *ref))
+        ratio = (chain[0] / ref[0], chain[1] / ref[1])
         print(f"{name:24s} {where[name]:16s} {chain[0]:.3f} / {chain[1]:.3f}        "
-              f"{ref[0]:.3f} / {ref[1]:.3f}          {chain[0] / ref[0]:.2f} / {chain[1] / ref[1]:.2f}")  # fmt: skip
+              f"{ref[0]:.3f} / {ref[1]:.3f}          {ratio[0]:.2f} / {ratio[1]:.2f}")  # fmt: skip
     print("by category (mean over layers): chain mean/logvar, reference mean/logvar, ratio")
     for category, rows in by_category.items():
         c = [statistics.fmean(r[i] for r in rows) for i in range(4)]
