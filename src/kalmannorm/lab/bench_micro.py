@@ -49,8 +49,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as torch_f
 
-from kalmannorm.lab.dispatch_count import count_dispatch
 from kalmannorm.convert import convert_norm
+from kalmannorm.lab.dispatch_count import count_dispatch
 
 __all__ = ["MODELS", "MicroConfig", "Workload", "format_micro_table", "micro_rows", "step_counts"]
 
@@ -117,6 +117,7 @@ class MicroConfig:
     warmup: int = 2
     repeats: int = 5
     iters: int = 2
+    large_warmup: int = 0
     large_repeats: int = 3
     large_iters: int = 1
     #: batch sizes with compiled rows (for ``compile_models``); empty: none.
@@ -285,7 +286,7 @@ def _eager_rows(
     try:
         samples = _rounds(calls, config.warmup, repeats, iters, _sync(device))
     except Exception as error:  # reported on every row of this (model, batch)
-        samples, errors = {}, {name: _short_error(error) for name in names}
+        samples, errors = {}, dict.fromkeys(names, _short_error(error))
     return _rows(model_name, size, batch, config, "eager", samples, counts, errors)
 
 
@@ -322,7 +323,7 @@ def _compiled_rows(
         try:
             samples = _rounds(calls, 0, config.compile_repeats, config.compile_iters, _sync(device))
         except Exception as error:  # reported on every row of this (model, batch)
-            errors = {name: _short_error(error) for name in ["torch_bn", *config.norms]}
+            errors = dict.fromkeys(["torch_bn", *config.norms], _short_error(error))
     rows = _rows(model_name, size, batch, config, "compiled", samples, {}, errors)
     for row in rows:
         row["compile_s"] = compile_s.get(row["norm"])
