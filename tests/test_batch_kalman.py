@@ -270,13 +270,17 @@ def test_bad_inputs_give_clear_errors():
         layer(torch.randn(5, 4, 2, 2))
     with pytest.raises(ValueError, match="variance is undefined"):
         BatchKalmanNorm1d(4, stat_batch_size=1)(torch.randn(4, 4))
+    # Non-finite inputs: the check is opt-in (it reads a flag to the host, one sync per layer
+    # per step); by default a NaN passes through to the output, as with torch's BatchNorm.
     bad = torch.randn(4, 4, 2, 2)
     bad[1, 2, 0, 0] = float("nan")
+    assert layer(bad)[:2, 2].isnan().all()
+    checked = BatchKalmanNorm2d(4, stat_batch_size=2, check_finite=True)
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
-        layer(bad)
+        checked(bad)
     bad[1, 2, 0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
-        layer(bad)
+        checked(bad)
     with pytest.raises(ValueError, match="stat_batch_size must be a positive"):
         BatchKalmanNorm2d(4, stat_batch_size=0)
     with pytest.raises(ValueError, match="learn_gain=False"):
@@ -285,8 +289,9 @@ def test_bad_inputs_give_clear_errors():
 
 def test_errors_name_the_layer_in_a_converted_model():
     model = kalmannorm.convert_norm(
-        conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2
-    )
+        conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2,
+        check_finite=True,
+    )  # fmt: skip
     x = torch.randn(4, 3, 3, 3)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="BatchKalmanNorm2d '1'"):

@@ -1,5 +1,7 @@
 """The fused eager path equals the composite path (which torch.compile and channels_last use)."""
 
+import copy
+
 import pytest
 import torch
 from conftest import conv_bn_stack, randomize_kalman
@@ -54,6 +56,39 @@ def test_gradcheck_composite_path():
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64).to(memory_format=torch.channels_last)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda inp: model(inp), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_the_variance_guard_takes_two_passes_a_forward_after_a_large_offset():
+    """E[x^2] - xbar^2 is exact enough while mean^2 < 1e4 var; the guard's choice for a forward
+    comes from the previous one's statistics (no host sync), except on its first forward."""
+    from kalmannorm._dispatch_count import count_dispatch
+    from kalmannorm.fused import VarianceGuard
+
+    def exact(x):
+        var, mean = torch.var_mean(x.double(), dim=(1, 3), correction=0)
+        return mean, var
+
+    guard = VarianceGuard()
+    normal, offset = torch.randn(4, 2, 3, 50), 1e4 + torch.randn(4, 2, 3, 50)
+    fast_moments(normal, guard)  # the first forward decides on itself (one host read)
+    assert guard.two_pass is False
+    with count_dispatch() as counts:
+        fast_moments(normal, guard)
+        _, var = fast_moments(offset, guard)  # one forward late: one pass, imprecise
+    assert counts.host_syncs == 0
+    assert guard.two_pass is False
+    assert not torch.allclose(var.double(), exact(offset)[1], rtol=1e-3)
+    with count_dispatch() as counts:
+        mean, var = fast_moments(offset, guard)  # the next one takes two passes
+    assert counts.host_syncs == 0 and guard.two_pass is True
+    torch.testing.assert_close(var.double(), exact(offset)[1], rtol=1e-3, atol=0)
+    torch.testing.assert_close(mean.double(), exact(offset)[0])
+    fast_moments(normal, guard)
+    fast_moments(normal, guard)  # back to one pass once the offset is gone
+    assert guard.two_pass is False
+    # copies keep the choice but not the host buffer
+    twin = copy.deepcopy(guard)
+    assert twin.two_pass is False and twin._host is None
 
 
 def test_fast_moments_are_exact_even_with_a_large_mean():

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from kalmannorm import dataflow
+from kalmannorm import _torch_private, dataflow
 
 if TYPE_CHECKING:
     from kalmannorm.dataflow import Node
@@ -297,7 +297,7 @@ def recomputing() -> bool:
     A layer recomputed so must reproduce its original output and leave every state (chain
     hand-over, moving averages, step counters) as it is.
     """
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    return not torch.compiler.is_compiling() and _torch_private.in_backward()
 
 
 def check_recomputation(layer_name: str) -> None:
@@ -307,8 +307,7 @@ def check_recomputation(layer_name: str) -> None:
     re-runs it in the backward as a new graph whose gradients never reach the statistics handed
     over from the layers before it: the prior's gradient would be lost silently.
     """
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if hooks is None or not getattr(hooks[0], "_checkpoint_internal", False):
+    if not _torch_private.is_checkpoint_recomputation():
         raise RuntimeError(
             f"{layer_name} ran its forward inside a backward pass other than a non-reentrant "
             f"activation-checkpoint recomputation. With torch.utils.checkpoint pass "
@@ -324,7 +323,7 @@ def _kalman_layers(root: nn.Module) -> list[tuple[str, ChainMember]]:
 # -- which convolution feeds a layer (shared by the Kalman chain and Cross-Iteration BN) ---------
 
 #: Module types whose weight maps inputs to a normalization layer's channels.
-WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (_torch_private.ConvNd, nn.Linear)
 
 
 class FedLayer(NamedTuple):
@@ -337,7 +336,7 @@ class FedLayer(NamedTuple):
 
 def feeds(module: nn.Module, num_features: int) -> bool:
     """Whether ``module`` is a convolution/linear layer with ``num_features`` output channels."""
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, _torch_private.ConvNd):
         return module.out_channels == num_features
     if isinstance(module, nn.Linear):
         return module.out_features == num_features

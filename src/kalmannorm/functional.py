@@ -316,9 +316,12 @@ def normalize(
     return out.flatten(0, 1)
 
 
-def exponential_average(running: Tensor, value: Tensor, momentum: float) -> None:
-    """Moving average in place: running <- (1 - alpha) running + alpha value.
+def exponential_average(running: Tensor, value: Tensor, momentum: float | Tensor) -> None:
+    """Moving average in place: running <- (1 - alpha) running + alpha value (alpha a number or
+    a 0-dim tensor).
 
     (Algorithm 1 prints mu := mu + alpha (mu - mu_hat), a sign slip that diverges.)
     """
+    if isinstance(momentum, Tensor):
+        momentum = momentum.to(running.dtype)
     running.lerp_(value.to(running.dtype), momentum)

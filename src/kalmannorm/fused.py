@@ -34,9 +34,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from kalmannorm import _torch_private
 from kalmannorm.functional import affine_from_statistics
 
-#: Above this mean^2 / var ratio, E[x^2] - xbar^2 loses too many digits: use a two-pass variance.
+#: Above this mean^2 / var ratio, E[x^2] - xbar^2 loses too many digits: a layer's next forward
+#: takes the two-pass variance (:class:`VarianceGuard`).
 _CANCELLATION_LIMIT = 1e4
 
 #: The dims of an (A, B, D, L) view that statistics reduce over.
@@ -111,46 +113,114 @@ Layout = SampleGroups | ChannelGroups
 def sums(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """(sum a, sum a * b) over ``dims`` of contiguous (A, B, D, L) tensors, kept as size 1.
 
-    Along the last dim both come from one vectorised pass: ATen's BatchNorm backward, asked only
-    for its weight and bias gradients, computes per channel sum g and sum g (x - mean) invstd;
-    with the rows of ``a`` and ``b`` as its channels, mean 0 and invstd 1, these are sum a and
-    sum a b. (A sum and a batched dot product, two passes, cost 2.8x as much on a 2-core x86
-    CPU.)
+    Along the last dim both come from one vectorised pass
+    (:func:`kalmannorm._torch_private.sum_and_dot_rows`: ATen's BatchNorm backward used as a sum
+    kernel; a sum and a batched dot product, two passes, cost 2.8x as much on a 2-core x86 CPU).
     """
     if 3 not in dims:
         return _sum(a, dims), _sum(a * b, dims)
     # (A, B, 1, L) summed over B and L: each of the A runs of values is one row.
     kept = (a.shape[0], 1, 1, 1) if 1 in dims and a.shape[2] == 1 else (*a.shape[:3], 1)
     rows = math.prod(kept)
-    _, sum_ab, sum_a = torch.ops.aten.native_batch_norm_backward(
-        a.reshape(1, rows, -1),
-        b.reshape(1, rows, -1),
-        None,
-        None,
-        None,
-        a.new_zeros(rows),
-        a.new_ones(rows),
-        True,
-        0.0,
-        [False, True, True],
-    )
+    sum_a, sum_ab = _torch_private.sum_and_dot_rows(a.reshape(1, rows, -1), b.reshape(1, rows, -1))
     rest = tuple(d for d in dims if d != 3 and kept[d] != 1)
     return _sum(sum_a.view(kept), rest), _sum(sum_ab.view(kept), rest)
 
 
-def fast_moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
+class VarianceGuard:
+    """Whether a layer's batch statistics take the two-pass variance, decided on the host
+    without waiting for the device.
+
+    One pass gives Sigma x and Sigma x^2, i.e. var = E[x^2] - xbar^2, which loses digits where
+    xbar^2 > ``_CANCELLATION_LIMIT`` var (a large offset: raw inputs, a dominant bias). Each
+    forward tests that on its statistics and copies the outcome into a host buffer
+    asynchronously (on CUDA a non-blocking copy into pinned memory); the next forward reads the
+    buffer as it is. So the choice follows an earlier forward's statistics (on a CPU the previous
+    forward's; on CUDA the latest one the device has finished) and a training step waits for
+    nothing. Only a layer's first forward (after construction, a copy or a resumed run's
+    restart: ``two_pass`` is ``None``) reads its own test to the host, once, and takes two
+    passes at once if needed: inputs with a large offset are exact from the first step, and a
+    resumed run makes the choices the uninterrupted run made. An offset that appears suddenly
+    later is one forward late. Activation checkpointing's recomputation repeats the choice of
+    the forward it replays.
+    """
+
+    def __init__(self) -> None:
+        self.two_pass: bool | None = None
+        self._host: Tensor | None = None
+        self._pinned = False
+
+    def choose(self) -> bool | None:
+        """The choice for this forward: the latest outcome the device has written (``None``
+        before the first)."""
+        if self._host is not None:
+            self.two_pass = bool(self._host.tolist())  # host memory: no device read
+        return self.two_pass
+
+    def record(self, risky: Tensor) -> None:
+        """Send this forward's test (a 0-dim bool tensor) to the host, without a sync."""
+        pinned = risky.device.type == "cuda"
+        if self._host is None or self._pinned != pinned:
+            self._host = torch.ones((), dtype=torch.bool, pin_memory=pinned)
+            self._pinned = pinned
+        self._host.copy_(risky, non_blocking=pinned)
+
+    def __getstate__(self) -> dict:
+        # a copy (deepcopy, pickle) keeps the choice, not the host buffer
+        return {"two_pass": self.two_pass, "_host": None, "_pinned": False}
+
+
+def variance_guard(module: object) -> VarianceGuard:
+    """The :class:`VarianceGuard` of a layer (created on first use)."""
+    guard = module.__dict__.get("_variance_guard")
+    if guard is None:
+        guard = module.__dict__["_variance_guard"] = VarianceGuard()
+    return guard
+
+
+def fast_moments(grouped: Tensor, guard: VarianceGuard | None = None) -> tuple[Tensor, Tensor]:
     """Mean and biased variance over dims (1, 3) of a contiguous (A, B, D, L) tensor, (A, D).
 
-    One reading pass for Sigma x and Sigma x^2, i.e. var = E[x^2] - xbar^2, falling back
-    to :func:`torch.var_mean` where cancellation would cost precision.
+    One reading pass for Sigma x and Sigma x^2 (var = E[x^2] - xbar^2), or, where ``guard``
+    chose it, two: the mean, then Sigma d and Sigma d^2 of d = x - mean. Without a host sync
+    except on a guard's first forward (:class:`VarianceGuard`; no guard: a fresh one).
     """
+    guard = VarianceGuard() if guard is None else guard
+    replay = _torch_private.in_backward()  # a checkpoint recomputation: the same choice again
+    two_pass = guard.two_pass if replay else guard.choose()
+    if not two_pass:
+        mean, var = _one_pass_moments(grouped)
+        risky = _cancels(mean, var)
+        if two_pass is None:  # the first forward: decide on this one (one host read, once)
+            two_pass = guard.two_pass = bool(risky)
+    if two_pass:
+        mean, var = _two_pass_moments(grouped)
+        risky = _cancels(mean, var)
+    if not replay:
+        guard.record(risky)
+    return mean, var.clamp_min(0.0)
+
+
+def _cancels(mean: Tensor, var: Tensor) -> Tensor:
+    """Whether E[x^2] - xbar^2 loses too many digits in some (A, D) entry (0-dim bool)."""
+    return (mean.square() > _CANCELLATION_LIMIT * var).any()
+
+
+def _one_pass_moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
     count = grouped.shape[1] * grouped.shape[3]
     total, total_square = (t[:, 0, :, 0] for t in sums(grouped, grouped, STAT_DIMS))
-    mean, square = total / count, total_square / count
-    var = square - mean.square()
-    if bool((mean.square() > _CANCELLATION_LIMIT * var).any()):
-        var, mean = torch.var_mean(grouped, dim=STAT_DIMS, correction=0)
-    return mean, var.clamp_min(0.0)
+    mean = total / count
+    return mean, total_square / count - mean.square()
+
+
+def _two_pass_moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean, then the moments of x - mean (its sum corrects the mean's rounding)."""
+    count = grouped.shape[1] * grouped.shape[3]
+    shift = grouped.sum(STAT_DIMS, keepdim=True) / count
+    centred = grouped - shift
+    total, total_square = (t[:, 0, :, 0] for t in sums(centred, centred, STAT_DIMS))
+    offset = total / count
+    return shift[:, 0, :, 0] + offset, total_square / count - offset.square()
 
 
 def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -167,9 +237,10 @@ class FusedGroupNorm(torch.autograd.Function):
     """y, posterior = normalise(x) with statistics from ``estimate(xbar, S, *small)``.
 
     Arguments of :meth:`apply`: x (N, C, *spatial) contiguous; the :class:`SampleGroups` or
-    :class:`ChannelGroups` layout; eps; ``estimate(batch_mean, batch_var, *small) -> (mean, var)``
-    mapping batch statistics to the statistics to normalise with; ``inspect(batch_mean,
-    batch_var)``, called once in the forward (checks, recording); gamma; beta; the small tensors.
+    :class:`ChannelGroups` layout; eps; the layer's :class:`VarianceGuard` (:func:`variance_guard`);
+    ``estimate(batch_mean, batch_var, *small) -> (mean, var)`` mapping batch statistics to the
+    statistics to normalise with; ``inspect(batch_mean, batch_var)``, called once in the forward
+    (checks, recording); gamma; beta; the small tensors.
     Returns y, the estimate's mean and var and the batch mean and var (all differentiable: the
     layers fed by this one predict their statistics from them).
     """
@@ -180,6 +251,7 @@ class FusedGroupNorm(torch.autograd.Function):
         x: Tensor,
         layout: Layout,
         eps: float,
+        guard: VarianceGuard,
         estimate: Estimate,
         inspect: Callable[[Tensor, Tensor], None],
         weight: Tensor | None,
@@ -187,7 +259,7 @@ class FusedGroupNorm(torch.autograd.Function):
         *small: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         grouped = layout.view(x)
-        batch_mean, batch_var = (layout.statistics(t) for t in fast_moments(grouped))
+        batch_mean, batch_var = (layout.statistics(t) for t in fast_moments(grouped, guard))
         inspect(batch_mean, batch_var)
         # The small estimate is built with autograd here and kept on ctx: the backward
         # differentiates this graph instead of recomputing it.
@@ -249,7 +321,7 @@ class FusedGroupNorm(torch.autograd.Function):
         offset = (grad_batch_mean - 2.0 * grad_batch_var * batch_mean) / count
         grad_x = torch.addcmul(offset, grouped, slope)
         grad_x.addcmul_(grad, scale.detach())
-        return (grad_x.view_as(x), None, None, None, None, *leaf_grads)
+        return (grad_x.view_as(x), None, None, None, None, None, *leaf_grads)
 
 
 def detached_leaf(t: Tensor | None) -> Tensor | None:

@@ -33,7 +33,7 @@ from torch.nn import functional as torch_f
 
 from kalmannorm import functional as F
 from kalmannorm.chain import Posterior, check_recomputation, recomputing
-from kalmannorm.fused import FusedGroupNorm, Layout, detached_leaf
+from kalmannorm.fused import FusedGroupNorm, Layout, detached_leaf, variance_guard
 
 if TYPE_CHECKING:
     from kalmannorm.chain import KalmanChain
@@ -379,8 +379,9 @@ class KalmanNormBase(nn.Module):
             return result.mean, result.var
 
         y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
-            x, layout, self.eps, estimate, inspect, self.weight, self.bias, *inputs
-        )
+            x, layout, self.eps, variance_guard(self), estimate, inspect, self.weight, self.bias,
+            *inputs,
+        )  # fmt: skip
         result = seen["estimate"]._replace(mean=mean, var=var)
         self.record(batch_mean, batch_var, result)
         return y, result, batch_var
@@ -431,7 +432,8 @@ class KalmanNormBase(nn.Module):
             self.chain.publish(self.chain_index, fixed, *fixed)
 
     def check_statistics(self, mean: Tensor, var: Tensor, count: int) -> None:
-        """Reject statistics groups of one value and non-finite inputs with a clear message."""
+        """Reject statistics groups of one value and, with ``check_finite`` (one host sync),
+        non-finite inputs with a clear message."""
         if count < 2:
             raise ValueError(
                 f"{self.display_name}: each statistics group holds a single value per channel, so "

@@ -57,7 +57,11 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
             default ``None`` (learned) or 100 (propagate).
         covariance: ``"diag"`` tracks variances, ``"full"`` full covariance matrices.
         eval_statistics: ``"moving"`` (default) or ``"batch"`` statistics in eval mode.
-        check_finite: raise on NaN/Inf inputs (costs one host sync per layer per step).
+        check_finite: raise ``FloatingPointError`` naming this layer when its input holds NaN
+            or Inf (a debugging aid: one host sync per layer per training step). Off by default:
+            a training step then never waits for the device, and, as with torch's BatchNorm, a
+            non-finite input makes the output and the loss non-finite, which the training loop
+            sees (the lab's harness stops there and keeps the last finite checkpoint).
         temporal_prior: also fuse the layer's own statistics from previous iterations, with
             gains from the measured sampling noise and prior uncertainty
             (:mod:`kalmannorm.temporal`): a large statistics group is BatchNorm, one sample
@@ -91,7 +95,7 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
         guard: float | None = None,
         covariance: str = "diag",
         eval_statistics: str = "moving",
-        check_finite: bool = True,
+        check_finite: bool = False,
         temporal_prior: bool = False,
         temporal_warmup: int = 20,
         calibrate_prior: bool = False,
@@ -274,7 +278,7 @@ class BatchKalmanNorm(KalmanNormBase, _NormBase):
             unbiased_var = torch.addcmul(var, gain, batch_var, value=1.0 / (count - 1))
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+                factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
             else:
                 factor = self.momentum
             F.exponential_average(self.running_mean, mean.mean(0), factor)

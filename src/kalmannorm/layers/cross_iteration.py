@@ -363,6 +363,9 @@ class CrossIterationBatchNorm(_NormBase):
             self.register_buffer(key, torch.zeros(0, device=device, dtype=dtype))
         for key in _STATE_KEYS:
             self.register_buffer(key, torch.zeros((), dtype=torch.long, device=device))
+        #: ``cbn_step`` mirrored on the host (read once after a checkpoint loads: no host sync
+        #: per step)
+        self._host_step: int | None = 0
         if conv is not None:
             self.attach_conv(conv)
 
@@ -447,8 +450,11 @@ class CrossIterationBatchNorm(_NormBase):
         groups = F.num_stat_groups(x.shape[0], self.stat_batch_size)
         if self.window_size > 1:
             self._check_feeding(x, captured, produced)
+        if getattr(self, "_host_step", None) is None:
+            self._host_step = int(self.cbn_step)  # once after loading (one host read)
         self.cbn_step.add_(1)
-        uses_window = self.window_size > 1 and int(self.cbn_step) > self.burn_in
+        self._host_step += 1
+        uses_window = self.window_size > 1 and self._host_step > self.burn_in
         if uses_window and self._window_matches(groups):
             dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
             result = grouped_batch_norm(self, x, window_statistics, self._compensated(dtype))
@@ -577,6 +583,7 @@ class CrossIterationBatchNorm(_NormBase):
         for key in _STATE_KEYS:
             if prefix + key not in state_dict:
                 state_dict[prefix + key] = torch.zeros_like(getattr(self, key))
+        self._host_step = None  # the loaded step count is read at the next training forward
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

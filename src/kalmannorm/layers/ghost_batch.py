@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
 from kalmannorm.chain import recomputing
-from kalmannorm.fused import FusedGroupNorm, SampleGroups, fused_applicable
+from kalmannorm.fused import FusedGroupNorm, SampleGroups, fused_applicable, variance_guard
 from kalmannorm.layers.affine import empty_output
 
 #: ``estimate(batch_mean, batch_var, *small) -> (mean, var)``: the statistics to normalise with.
@@ -84,11 +84,12 @@ def check_stat_batch_size(stat_batch_size: int | None) -> None:
         raise ValueError(f"stat_batch_size must be a positive integer, got {stat_batch_size}")
 
 
-def moving_average_factor(layer: _NormBase) -> float:
-    """Count the step and return BatchNorm's averaging factor (1/steps when momentum is None)."""
+def moving_average_factor(layer: _NormBase) -> float | Tensor:
+    """Count the step and return BatchNorm's averaging factor (1/steps when momentum is None, as
+    a tensor: torch's BatchNorm reads the count to the host there, this does not)."""
     layer.num_batches_tracked.add_(1)
     if layer.momentum is None:
-        return 1.0 / float(layer.num_batches_tracked)
+        return layer.num_batches_tracked.to(layer.running_mean.dtype).reciprocal()
     return layer.momentum
 
 
@@ -140,8 +141,8 @@ def grouped_batch_norm(
         t.dtype in (x.dtype, torch.bool) for t in small
     ):
         y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
-            x, SampleGroups(groups), layer.eps, estimate, _no_inspection, layer.weight,
-            layer.bias, *small,
+            x, SampleGroups(groups), layer.eps, variance_guard(layer), estimate, _no_inspection,
+            layer.weight, layer.bias, *small,
         )  # fmt: skip
         return GroupedNorm(
             y, batch_mean.detach(), batch_var.detach(), mean.detach(), var.detach(), count

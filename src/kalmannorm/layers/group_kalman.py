@@ -54,7 +54,7 @@ class GroupKalmanNorm(KalmanNormBase):
         learn_gain: bool | None = None,
         noise: float = DEFAULT_NOISE,
         guard: float | None = None,
-        check_finite: bool = True,
+        check_finite: bool = False,
     ) -> None:
         super().__init__()
         if num_groups < 1 or num_channels % num_groups != 0:

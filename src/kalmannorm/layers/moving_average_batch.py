@@ -387,6 +387,8 @@ class MovingAverageBatchNorm(_NormBase):
     def _update_running_stats(self, batch_mean: Tensor, second: Tensor) -> None:
         """EMA of the batch mean and of chi2_t; running_var = chi2_hat - running_mean^2."""
         factor = moving_average_factor(self)
+        if isinstance(factor, Tensor):  # momentum None: 1 / steps, a tensor
+            factor = factor.to(second.dtype)
         moving_second = self.moving_second_moment().to(second.dtype)
         moving_second = moving_second.lerp(second.mean(0), factor)
         F.exponential_average(self.running_mean, batch_mean.mean(0), factor)

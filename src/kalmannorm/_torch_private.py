@@ -1,0 +1,122 @@
+"""Every private torch API the library uses, in one place, each with its version gate and fallback.
+
+The library supports the torch versions CI tests (``pyproject.toml``: ``torch>=2.13``; CI runs
+2.13.0 and 2.14.1). Everything else in the library uses public torch only. For each name below:
+what it is for, where torch keeps it, and what happens where it is missing.
+
+Base classes (``torch.nn.modules``, underscore names present in every torch 1.x and 2.x):
+``NormBase`` (``batchnorm._NormBase``: the layers keep BatchNorm's parameters, buffers and
+checkpoint loading), ``BatchNormBase`` (``batchnorm._BatchNorm``: what the converter replaces),
+``ConvNd`` and ``ConvTransposeNd`` (``conv._ConvNd``/``_ConvTransposeNd``: what feeds a norm).
+These are what timm, mmcv and torch's own tools select norms and convolutions by; there is no
+public equivalent, and a torch without them fails at import, loudly.
+
+Autograd state (``torch._C``), read by activation checkpointing's support:
+
+- :func:`in_backward`: whether a forward runs inside a backward pass (a checkpoint
+  recomputation), from ``torch._C._current_graph_task_id()`` (torch >= 2.0). Fallback where it is
+  missing: ``False``: a checkpoint recomputation is then not recognised and runs as a fresh
+  forward (it would hand statistics over and move averages again), so activation checkpointing
+  of Kalman layers needs a torch that has it (every supported one does).
+- :func:`is_checkpoint_recomputation`: whether the saved-tensor hooks on top of the stack are
+  non-reentrant checkpointing's recomputation hooks. torch >= 2.14 marks its checkpoint hooks
+  with a ``_checkpoint_internal`` attribute; torch 2.13 does not, and its recomputation hook is
+  recognised by its qualified name (``torch.utils.checkpoint._recomputation_hook``'s pack hook,
+  the same in both). Fallback where the hook stack cannot be read: ``True`` (no reentrant
+  checkpoint is refused; its lost prior gradient is then not reported).
+
+Kernels (``torch.ops.aten``, schema-stable native functions without a public Python wrapper):
+
+- :func:`sum_and_dot_rows`: sum a and sum a b along the last dim of (1, rows, L) tensors in one
+  pass, through ``native_batch_norm_backward`` asked only for its weight and bias gradients (a
+  public sum and a batched dot product cost 2.8x as much on a 2-core x86 CPU). Fallback where the
+  op is missing: ``a.sum(-1)`` and ``(a * b).sum(-1)``.
+
+Dispatch (``torch.utils._python_dispatch``): ``TorchDispatchMode``, for counting ATen calls and
+host synchronisations (:mod:`kalmannorm._dispatch_count`, tests and the lab's benchmark only; the
+layers never use it). Present since torch 1.13.
+
+Not private any more (replaced): CBN's weight gradient of a convolution uses the public
+``torch.nn.grad.conv{1,2,3}d_weight`` (the same ``convolution_backward`` call, no speed lost).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+#: (major, minor) of the running torch, for the version gates below.
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+# -- base classes -------------------------------------------------------------------------------
+
+NormBase = nn.modules.batchnorm._NormBase
+BatchNormBase = nn.modules.batchnorm._BatchNorm
+ConvNd = nn.modules.conv._ConvNd
+ConvTransposeNd = nn.modules.conv._ConvTransposeNd
+
+# -- autograd state -----------------------------------------------------------------------------
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+#: The pack hook of non-reentrant checkpointing's recomputation (torch 2.13 and 2.14).
+_RECOMPUTATION_HOOK = ("torch.utils.checkpoint", "_recomputation_hook.")
+
+
+def in_backward() -> bool:
+    """Whether the code runs inside a backward pass (the autograd engine's current graph task)."""
+    return _graph_task_id is not None and _graph_task_id() != -1
+
+
+def is_checkpoint_recomputation() -> bool:
+    """Whether the innermost saved-tensor hooks are non-reentrant activation checkpointing's
+    recomputation hooks (what a forward run by ``checkpoint(..., use_reentrant=False)`` in the
+    backward sees), as opposed to no hooks (a reentrant checkpoint) or the user's own."""
+    if _top_saved_tensors_hooks is None:
+        return True
+    hooks = _top_saved_tensors_hooks(False)
+    if hooks is None:
+        return False
+    pack = hooks[0]
+    if TORCH_VERSION >= (2, 14) and getattr(pack, "_checkpoint_internal", False):
+        return True
+    module, prefix = _RECOMPUTATION_HOOK
+    return getattr(pack, "__module__", None) == module and getattr(
+        pack, "__qualname__", ""
+    ).startswith(prefix)
+
+
+# -- kernels ------------------------------------------------------------------------------------
+
+_batch_norm_backward = getattr(torch.ops.aten, "native_batch_norm_backward", None)
+
+
+def sum_and_dot_rows(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum a, sum a * b) along the last dim of contiguous (1, rows, L) tensors: (rows,) each.
+
+    ATen's BatchNorm backward, asked only for its weight and bias gradients, computes per channel
+    sum g and sum g (x - mean) invstd; with the rows as its channels, g = a, x = b, mean 0 and
+    invstd 1, these are sum a and sum a b, in one vectorised pass.
+    """
+    if _batch_norm_backward is None:
+        return a.sum((0, 2)), (a * b).sum((0, 2))
+    rows = a.shape[1]
+    _, sum_ab, sum_a = _batch_norm_backward(
+        a, b, None, None, None, a.new_zeros(rows), a.new_ones(rows), True, 0.0,
+        [False, True, True],
+    )  # fmt: skip
+    return sum_a, sum_ab
+
+
+__all__ = [
+    "TORCH_VERSION",
+    "BatchNormBase",
+    "ConvNd",
+    "ConvTransposeNd",
+    "NormBase",
+    "TorchDispatchMode",
+    "in_backward",
+    "is_checkpoint_recomputation",
+    "sum_and_dot_rows",
+]
