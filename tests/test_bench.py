@@ -274,38 +274,3 @@ def test_micro_rows_report_a_failing_norm(monkeypatch) -> None:
     assert rows["bn"]["aten_calls_ratio"] == 1.0
     assert "RuntimeError: no such luck" in bench_micro.format_micro_table(section)
 
-
-def test_count_dispatch_sees_each_kind_of_host_read() -> None:
-    from types import SimpleNamespace
-
-    from kalmannorm.lab import dispatch_count
-    from kalmannorm.lab.dispatch_count import count_dispatch
-
-    x = torch.randn(6)
-    with count_dispatch() as counts:
-        y = x * 2 + 1  # 2 calls, no read
-    assert counts.aten_calls == 2 and counts.host_syncs == 0 and counts.calls["mul"] == 1
-    with count_dispatch() as counts:
-        x.sum().item()
-        bool(x[0] > 0)
-        float(y.max())
-        torch.equal(x, y)
-        x.nonzero()
-        x[x > 0]
-        y[y > 0] = 0.0
-        x.repeat_interleave(torch.tensor([1, 2, 0, 1, 1, 1]))
-        x.repeat_interleave(torch.tensor([1, 2, 0, 1, 1, 1]), output_size=6)
-        x[torch.tensor([0, 2])]  # integer indices: no read
-    assert counts.syncs == {
-        "_local_scalar_dense": 3,
-        "equal": 1,
-        "nonzero": 1,
-        "index": 1,
-        "index_put_": 1,
-        "repeat_interleave": 1,
-    }
-    # a copy to the CPU of a tensor on another device (no such device here: a stand-in)
-    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=x.device)
-    assert dispatch_count._to_host("_to_copy", (cuda,), {"device": torch.device("cpu")})
-    assert not dispatch_count._to_host("_to_copy", (cpu,), {"device": torch.device("cpu")})
-    assert not dispatch_count._to_host("_to_copy", (cuda,), {"dtype": torch.float16})

@@ -29,7 +29,7 @@ Kalman prior path runs) against :class:`torch.nn.BatchNorm2d` in the same proces
 Beside each eager step-time ratio: ``aten_calls_ratio``, the ATen operations dispatched in one
 forward + backward (counted with a ``TorchDispatchMode``), BKN / BN, and
 ``host_syncs_per_step``, BKN's device-to-host reads in one forward + backward + optimizer step
-(:mod:`kalmannorm.lab.dispatch_count`). Counts do not depend on the machine.
+(:mod:`kalmannorm._dispatch_count`). Counts do not depend on the machine.
 
 Timing: warm-up iterations first (not timed; they include compilation), then ``repeats`` rounds
 that each time ``iters`` calls of BN and of BKN back to back, alternating which goes first, so

@@ -12,7 +12,7 @@ chain traced on the input at conversion), measured three ways:
     noise floor.
 ``aten_calls`` and ``aten_calls_ratio``
     ATen operations dispatched in one forward + backward (loss included), counted below autograd
-    with a ``TorchDispatchMode`` (:mod:`kalmannorm.lab.dispatch_count`), and that count over
+    with a ``TorchDispatchMode`` (:mod:`kalmannorm._dispatch_count`), and that count over
     BatchNorm's. Each is a kernel launch on a GPU, so at micro-batch sizes this ratio, not the
     FLOPs, predicts the step time there. The same on every device.
 ``host_syncs_per_step``
@@ -49,8 +49,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as torch_f
 
+from kalmannorm._dispatch_count import count_dispatch
 from kalmannorm.convert import convert_norm
-from kalmannorm.lab.dispatch_count import count_dispatch
 
 __all__ = ["MODELS", "MicroConfig", "Workload", "format_micro_table", "micro_rows", "step_counts"]
 
