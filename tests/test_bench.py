@@ -192,6 +192,7 @@ def test_step_counts_see_a_host_read() -> None:
 
 
 def test_quick_benchmark_counts_beside_the_times(quick_results: dict) -> None:
+    pytest.importorskip("torchvision")  # the micro rows build torchvision models
     micro = quick_results["micro"]
     config = micro["config"]
     rows = micro["rows"]
@@ -231,6 +232,7 @@ def test_quick_benchmark_counts_beside_the_times(quick_results: dict) -> None:
 
 
 def test_format_table_has_the_micro_rows(quick_results: dict) -> None:
+    pytest.importorskip("torchvision")  # the micro rows build torchvision models
     table = format_table(quick_results)
     assert "| model (px) | batch | mode | norm |" in table
     row = next(r for r in quick_results["micro"]["rows"] if r["norm"] == "bkn")
@@ -254,6 +256,7 @@ def test_bench_sections_and_the_cli_choices() -> None:
 
 
 def test_micro_rows_report_a_failing_norm(monkeypatch) -> None:
+    pytest.importorskip("torchvision")  # the micro rows build torchvision models
     from kalmannorm.lab import bench_micro
 
     config = bench_micro.MicroConfig(

@@ -4,6 +4,7 @@ accepts what no run can use: every such case is one line naming the fix (issue 1
 from __future__ import annotations
 
 import errno
+import importlib.util
 import pickle
 import shlex
 import subprocess
@@ -80,7 +81,6 @@ CASES = [
     ("{T} --norm brn --norm-option r_max=-1 --out {t}/r", "r_max must be >= 1"),
     ("{T} --norm gkn --norm-option flow=data --out {t}/r", "link with flow='execution'"),
     ("{T} --norm-option =3 --out {t}/r", "takes KEY=VALUE"),
-    ("{T} --model tv:no_such_model --out {t}/r", "no_such_model"),
     ("compare --stat-batch-sizes a --out {t}/g", "--stat-batch-sizes takes comma-separated"),
     ("compare --seeds -1 --out {t}/g", "--seeds takes comma-separated integers >= 0"),
     ("compare --norms , --out {t}/g", "--norms takes comma-separated norm names"),
@@ -134,6 +134,10 @@ CASES = [
 ]
 if not torch.cuda.is_available():
     CASES.append(("{T} --device cuda --out {t}/r", "CUDA is not available here"))
+if importlib.util.find_spec("torchvision") is not None:
+    CASES.append(("{T} --model tv:no_such_model --out {t}/r", "no_such_model"))
+else:
+    CASES.append(("{T} --model tv:resnet18 --out {t}/r", "need torchvision: pip install"))
 
 
 def _argv(case: str, folder: Path) -> list[str]:

@@ -97,7 +97,9 @@ _CORE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["float32", "float64", "bf16"]
+)
 @pytest.mark.parametrize(("norm", "options"), _CORE_CASES, ids=lambda v: str(v))
 def test_a_training_step_never_syncs(norm, options, dtype) -> None:
     """Fused (contiguous) and composite (channels-last) paths, every chain flow and prior,

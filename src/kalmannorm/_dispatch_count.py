@@ -32,8 +32,6 @@ from kalmannorm._torch_private import TorchDispatchMode
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-_aten = torch.ops.aten
-
 #: Operations that return a Python value read from a tensor, or whose output shape depends on a
 #: tensor's values: the host waits for the device in each.
 SYNC_OPS = frozenset(
@@ -70,9 +68,9 @@ def _is_mask_indexing(name: str, args) -> bool:
     )
 
 
-def _is_device_to_host_copy(func, args, kwargs) -> bool:
+def _is_device_to_host_copy(name: str, args, kwargs) -> bool:
     """``x.cpu()``, ``x.to("cpu")`` or ``cpu_tensor.copy_(x)`` of a tensor not on the CPU."""
-    if func is _aten._to_copy.default:
+    if name == "_to_copy":
         device = kwargs.get("device")
         source = args[0]
         return (
@@ -80,7 +78,7 @@ def _is_device_to_host_copy(func, args, kwargs) -> bool:
             and torch.device(device).type == "cpu"
             and (source.device.type != "cpu")
         )
-    if func is _aten.copy_.default:
+    if name == "copy_":
         target, source = args[0], args[1]
         non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
         if non_blocking and target.is_pinned():
@@ -117,7 +115,7 @@ class _CountingMode(TorchDispatchMode):
         if (
             name in SYNC_OPS
             or _is_mask_indexing(name, args)
-            or _is_device_to_host_copy(func, args, kwargs)
+            or _is_device_to_host_copy(name, args, kwargs)
         ):
             self.counts.syncs[name] += 1
         return func(*args, **kwargs)

@@ -93,19 +93,25 @@ _batch_norm_backward = getattr(torch.ops.aten, "native_batch_norm_backward", Non
 
 
 def sum_and_dot_rows(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum a, sum a * b) along the last dim of contiguous (1, rows, L) tensors: (rows,) each.
+    """(sum a, sum a * b) along the last dim of contiguous (1, rows, L) tensors of one dtype:
+    (rows,) each, float32 for float16/bfloat16 inputs.
 
     ATen's BatchNorm backward, asked only for its weight and bias gradients, computes per channel
     sum g and sum g (x - mean) invstd; with the rows as its channels, g = a, x = b, mean 0 and
     invstd 1, these are sum a and sum a b, in one vectorised pass.
     """
+    half = a.dtype in (torch.float16, torch.bfloat16)
     if _batch_norm_backward is None:
+        a = a.float() if half else a
         return a.sum((0, 2)), (a * b).sum((0, 2))
-    rows = a.shape[1]
+    rows, dtype = a.shape[1], torch.float32 if half else a.dtype
+    # A float32 weight with half inputs selects the kernels' mixed-type variant: float32 sums
+    # (CPU and CUDA alike; without it they would be written in half precision).
+    weight = a.new_ones(rows, dtype=torch.float32) if half else None
+    zeros, ones = a.new_zeros(rows, dtype=dtype), a.new_ones(rows, dtype=dtype)
     _, sum_ab, sum_a = _batch_norm_backward(
-        a, b, None, None, None, a.new_zeros(rows), a.new_ones(rows), True, 0.0,
-        [False, True, True],
-    )  # fmt: skip
+        a, b, weight, None, None, zeros, ones, True, 0.0, [False, True, True]
+    )
     return sum_a, sum_ab
 
 

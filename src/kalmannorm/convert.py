@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from kalmannorm._torch_private import BatchNormBase, NormBase
 from kalmannorm.chain import WEIGHTED_LAYERS, KalmanChain, feeds
 from kalmannorm.layers import (
     BatchKalmanNorm1d,
@@ -345,7 +345,7 @@ def _build_evonorm_s0(
 
 _DIMS_BY_CLASS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 #: BatchNorm forwards that only normalise: a subclass with another forward is warned about.
-_PLAIN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+_PLAIN_FORWARDS = {BatchNormBase.forward, nn.SyncBatchNorm.forward}
 #: Frozen norms found by class name (torchvision, timm and detectron2 stay optional).
 _FROZEN_NAMES = {"FrozenBatchNorm2d": "frozen", "FrozenBatchNormAct2d": "frozen_act"}
 
@@ -355,9 +355,9 @@ def _kind(module: nn.Module) -> str | None:
     ``"bn_act"`` (timm's BatchNormAct2d / SyncBatchNormAct), ``"lazy"`` (an uninitialised
     LazyBatchNorm), ``"frozen"``, ``"frozen_act"`` (timm's FrozenBatchNormAct2d), or ``None``."""
     frozen = _FROZEN_NAMES.get(type(module).__name__)
-    if frozen and hasattr(module, "running_var") and not isinstance(module, _NormBase):
+    if frozen and hasattr(module, "running_var") and not isinstance(module, NormBase):
         return frozen
-    if not isinstance(module, _BatchNorm):
+    if not isinstance(module, BatchNormBase):
         return None
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy"

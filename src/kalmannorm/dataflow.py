@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from kalmannorm import moments as mo
+from kalmannorm._torch_private import ConvNd, ConvTransposeNd, NormBase
 from kalmannorm.moments import Moments
 
 if TYPE_CHECKING:
@@ -61,8 +62,8 @@ _POOL_MODULES = (
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )  # fmt: skip
 _OPAQUE_MODULES = (
-    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
-    nn.modules.conv._ConvTransposeNd, nn.MultiheadAttention,
+    NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+    ConvTransposeNd, nn.MultiheadAttention,
 )  # fmt: skip
 _FUNCTION_ACTIVATIONS = {
     "relu", "relu6", "silu", "gelu", "hardswish", "hardsigmoid", "sigmoid", "tanh", "elu",
@@ -283,9 +284,7 @@ def _module_record(module: nn.Module, x: Tensor, record: TensorRecord | None) ->
     """The record of a modelled module's output, given its input's record."""
     if record is None:
         return TensorRecord("input", [], {"reason": type(module).__name__})
-    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(
-        module, nn.modules.conv._ConvTransposeNd
-    ):
+    if isinstance(module, ConvNd) and not isinstance(module, ConvTransposeNd):
         return TensorRecord("conv", [record], {"module": module, "sizes": tuple(x.shape[2:])})
     if isinstance(module, nn.Linear):
         return TensorRecord("conv", [record], {"module": module, "sizes": ()})
@@ -321,7 +320,7 @@ def _pool_module_record(module: nn.Module, x: Tensor, record: TensorRecord) -> T
 
 
 def _modelled(module: nn.Module) -> bool:
-    types = (nn.modules.conv._ConvNd, nn.Linear, nn.Flatten, *ACTIVATION_MODULES,
+    types = (ConvNd, nn.Linear, nn.Flatten, *ACTIVATION_MODULES,
              *_IDENTITY_MODULES, *_DROPOUT_MODULES, *_POOL_MODULES, *_OPAQUE_MODULES)  # fmt: skip
     return isinstance(module, types)
 
@@ -559,7 +558,7 @@ def _conv_moments(module: nn.Module, geometry: mo.TapGeometry, x: Moments) -> Mo
     return mo.convolution(x, weight, bias, module.groups, geometry)
 
 
-def _conv_padding(module: nn.modules.conv._ConvNd) -> tuple[int, ...]:
+def _conv_padding(module: ConvNd) -> tuple[int, ...]:
     if module.padding == "valid":
         return (0,) * len(module.kernel_size)
     if module.padding == "same":

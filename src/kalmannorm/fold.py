@@ -18,7 +18,8 @@ import copy
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
+
+from kalmannorm._torch_private import ConvNd, ConvTransposeNd, NormBase
 
 
 class ChannelAffine(nn.Module):
@@ -36,12 +37,12 @@ class ChannelAffine(nn.Module):
 
 def _is_foldable(module: nn.Module) -> bool:
     """A norm whose eval output is the affine map of its moving statistics."""
-    if not isinstance(module, _NormBase) or module.running_var is None:
+    if not isinstance(module, NormBase) or module.running_var is None:
         return False
     return getattr(module, "eval_statistics", "moving") == "moving"
 
 
-def _affine_of(norm: _NormBase) -> tuple[Tensor, Tensor]:
+def _affine_of(norm: NormBase) -> tuple[Tensor, Tensor]:
     if hasattr(norm, "eval_affine"):  # a norm whose eval map is not BatchNorm's (MABN)
         return norm.eval_affine()
     scale = torch.rsqrt(norm.running_var + norm.eps)
@@ -53,10 +54,10 @@ def _affine_of(norm: _NormBase) -> tuple[Tensor, Tensor]:
     return scale.detach().clone(), shift.detach().clone()
 
 
-def _fold_into_conv(conv: nn.modules.conv._ConvNd, scale: Tensor, shift: Tensor) -> nn.Module:
+def _fold_into_conv(conv: ConvNd, scale: Tensor, shift: Tensor) -> nn.Module:
     folded = copy.deepcopy(conv)
     shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+    if isinstance(conv, ConvTransposeNd):
         # Transposed weights are (C_in, C_out / groups, ...): scale the output-channel dim.
         weight = conv.weight.unflatten(0, (conv.groups, -1))
         weight = weight * scale.view(conv.groups, 1, -1, *(1,) * (conv.weight.dim() - 2))
@@ -84,7 +85,7 @@ class _NormLeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         from kalmannorm.layers.base import KalmanNormBase
 
-        if isinstance(module, (_NormBase, KalmanNormBase)):
+        if isinstance(module, (NormBase, KalmanNormBase)):
             return True
         return super().is_leaf_module(module, qualified_name)
 
@@ -116,7 +117,7 @@ def fold(model: nn.Module) -> nn.Module:
         norm = modules[node.target]
         scale, shift = _affine_of(norm)
         alone = conv is not None and len(source.users) == 1 and calls[source.target] == 1
-        if isinstance(conv, nn.modules.conv._ConvNd) and alone:
+        if isinstance(conv, ConvNd) and alone:
             _set_submodule(graph, source.target, _fold_into_conv(conv, scale, shift))
             node.replace_all_uses_with(source)
             graph.graph.erase_node(node)

@@ -26,6 +26,7 @@ composite path, which the compiler fuses itself.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -111,13 +112,16 @@ Layout = SampleGroups | ChannelGroups
 
 
 def sums(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """(sum a, sum a * b) over ``dims`` of contiguous (A, B, D, L) tensors, kept as size 1.
+    """(sum a, sum a * b) over ``dims`` of contiguous (A, B, D, L) tensors, kept as size 1
+    (float32 for float16/bfloat16 tensors).
 
     Along the last dim both come from one vectorised pass
     (:func:`kalmannorm._torch_private.sum_and_dot_rows`: ATen's BatchNorm backward used as a sum
     kernel; a sum and a batched dot product, two passes, cost 2.8x as much on a 2-core x86 CPU).
     """
     if 3 not in dims:
+        if a.dtype in (torch.float16, torch.bfloat16):
+            a = a.float()
         return _sum(a, dims), _sum(a * b, dims)
     # (A, B, 1, L) summed over B and L: each of the A runs of values is one row.
     kept = (a.shape[0], 1, 1, 1) if 1 in dims and a.shape[2] == 1 else (*a.shape[:3], 1)
@@ -216,8 +220,8 @@ def _one_pass_moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
 def _two_pass_moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
     """The mean, then the moments of x - mean (its sum corrects the mean's rounding)."""
     count = grouped.shape[1] * grouped.shape[3]
-    shift = grouped.sum(STAT_DIMS, keepdim=True) / count
-    centred = grouped - shift
+    shift = grouped.sum(STAT_DIMS, keepdim=True, dtype=statistics_dtype(grouped)) / count
+    centred = grouped - shift  # (float32 for half inputs)
     total, total_square = (t[:, 0, :, 0] for t in sums(centred, centred, STAT_DIMS))
     offset = total / count
     return shift[:, 0, :, 0] + offset, total_square / count - offset.square()
@@ -262,8 +266,8 @@ class FusedGroupNorm(torch.autograd.Function):
         batch_mean, batch_var = (layout.statistics(t) for t in fast_moments(grouped, guard))
         inspect(batch_mean, batch_var)
         # The small estimate is built with autograd here and kept on ctx: the backward
-        # differentiates this graph instead of recomputing it.
-        with torch.enable_grad():
+        # differentiates this graph instead of recomputing it. In float32 under autocast too.
+        with torch.enable_grad(), _no_autocast(x):
             stats = (batch_mean.detach().requires_grad_(), batch_var.detach().requires_grad_())
             leaves = [detached_leaf(t) for t in (weight, bias, *small)]
             mean, var = estimate(*stats, *leaves[2:])
@@ -316,11 +320,15 @@ class FusedGroupNorm(torch.autograd.Function):
         by_leaf = dict(zip(map(id, wanted[2:]), found[2:]))
         leaf_grads = [None if t is None else by_leaf.get(id(t)) for t in leaves]
 
-        # dL/dx = g * scale + x * (2 dS / m) + (dxbar - 2 dS xbar) / m
+        # dL/dx = g * scale + x * (2 dS / m) + (dxbar - 2 dS xbar) / m (half precision: in
+        # float32, rounded once)
         slope = 2.0 * grad_batch_var / count
         offset = (grad_batch_mean - 2.0 * grad_batch_var * batch_mean) / count
         grad_x = torch.addcmul(offset, grouped, slope)
-        grad_x.addcmul_(grad, scale.detach())
+        if grad_x.dtype == x.dtype:
+            grad_x.addcmul_(grad, scale.detach())
+        else:
+            grad_x = torch.addcmul(grad_x, grad, scale.detach(), out=torch.empty_like(grouped))
         return (grad_x.view_as(x), None, None, None, None, None, *leaf_grads)
 
 
@@ -335,11 +343,30 @@ def _zero_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
+#: Activation dtypes whose statistics accumulate in float32.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def statistics_dtype(x: Tensor) -> torch.dtype:
+    """The dtype statistics of ``x`` are computed in: float32 for half-precision activations."""
+    return torch.float32 if x.dtype in HALF_DTYPES else x.dtype
+
+
 def fused_applicable(x: Tensor, tensors: Sequence[Tensor | None]) -> bool:
-    """Whether the fused path applies: eager, contiguous NC* layout, float32/float64."""
-    return (
-        not torch.compiler.is_compiling()
-        and x.is_contiguous()
-        and x.dtype in (torch.float32, torch.float64)
-        and all(t is None or t.dtype == x.dtype for t in tensors)
+    """Whether the fused path applies: eager, contiguous NC* layout, float32/float64 with
+    parameters of the same dtype, or float16/bfloat16 (a half model, or autocast's activations
+    with float32 parameters), whose statistics and estimate are float32."""
+    if torch.compiler.is_compiling() or not x.is_contiguous():
+        return False
+    if x.dtype in (torch.float32, torch.float64):
+        return all(t is None or t.dtype == x.dtype for t in tensors)
+    return x.dtype in HALF_DTYPES and all(
+        t is None or t.dtype in (x.dtype, torch.float32) for t in tensors
     )
+
+
+def _no_autocast(x: Tensor):
+    """Autocast off (the small estimate keeps float32), or nothing when it is off already."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()

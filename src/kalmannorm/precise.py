@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm._torch_private import BatchNormBase, NormBase
 from kalmannorm.layers.batch_kalman import BatchKalmanNorm
 from kalmannorm.layers.batch_renorm import BatchRenorm
 from kalmannorm.layers.cross_iteration import CrossIterationBatchNorm
@@ -86,7 +86,7 @@ def _kind(layer: nn.Module) -> str | None:
         return "second"
     if isinstance(layer, BatchKalmanNorm):
         return "posterior"
-    if isinstance(layer, (*_BATCH_STATISTICS, _BatchNorm)):
+    if isinstance(layer, (*_BATCH_STATISTICS, BatchNormBase)):
         return "batch"
     return "unknown"
 
@@ -194,7 +194,7 @@ def update_bn(
     for name, module in model.named_modules():
         kind = _kind(module)
         if kind == "unknown":
-            if isinstance(module, _NormBase):
+            if isinstance(module, NormBase):
                 unknown.append(f"{name} ({type(module).__name__})")
         elif kind is not None:
             entries.append(_Sums(name, module, kind))
@@ -229,7 +229,7 @@ def update_bn(
                 entry.handles.append(layer.register_forward_pre_hook(_second_hook(entry, tracing)))
             else:
                 entry.handles.append(layer.register_forward_pre_hook(_batch_hook(entry, tracing)))
-            if isinstance(layer, _BatchNorm):
+            if isinstance(layer, BatchNormBase):
                 # without running buffers torch's BatchNorm normalises with the batch, statelessly
                 hidden[layer] = (layer.running_mean, layer.running_var)
                 layer.running_mean = None

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
 from kalmannorm import temporal
+from kalmannorm._torch_private import NormBase
 from kalmannorm.autolink import await_link
 from kalmannorm.chain import recomputing
 from kalmannorm.fused import SampleGroups, fused_applicable
@@ -41,7 +41,7 @@ EVAL_STATISTICS = ("moving", "batch")
 _TEMPORAL_BUFFERS = ("mean", "var", "mean_error", "var_error", "mean_noise", "var_noise")
 
 
-class BatchKalmanNorm(KalmanNormBase, _NormBase):
+class BatchKalmanNorm(KalmanNormBase, NormBase):
     """Batch Kalman Normalization over (N, C, *spatial) inputs; use the 1d/2d/3d classes.
 
     Args:

@@ -44,9 +44,9 @@ from functools import partial
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm._torch_private import NormBase
 from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
     check_input,
@@ -101,7 +101,7 @@ def renorm_correction(
     return r, d
 
 
-class BatchRenorm(_NormBase):
+class BatchRenorm(NormBase):
     """Batch Renormalization over (N, C, *spatial) inputs; use the 1d/2d/3d classes.
 
     Args:

@@ -78,9 +78,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as torch_f
-from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm._torch_private import ConvNd, NormBase
 from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
     check_input,
@@ -103,7 +103,7 @@ _STATE_KEYS = ("window_count", "cbn_step")
 # -- derivatives of the statistics with respect to the feeding layer's weight ---------------------
 
 
-def _explicit_padding(conv: nn.modules.conv._ConvNd, u: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+def _explicit_padding(conv: ConvNd, u: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """The convolution's input padded as its forward pads it, and the padding left to apply."""
     dims = len(conv.kernel_size)
     if isinstance(conv.padding, str):
@@ -122,29 +122,22 @@ def _explicit_padding(conv: nn.modules.conv._ConvNd, u: Tensor) -> tuple[Tensor,
 
 
 def _weight_gradient(
-    conv: nn.modules.conv._ConvNd,
+    conv: ConvNd,
     u: Tensor,
     padding: Sequence[int],
     grad_output: Tensor,
     weight_shape: Sequence[int],
     groups: int,
 ) -> Tensor:
-    """sum over samples and positions of grad_output * patch(u): a convolution's weight gradient."""
-    weight = grad_output.new_empty(1).expand(*weight_shape)
-    dims = len(conv.kernel_size)
-    return torch.ops.aten.convolution_backward(
-        grad_output,
-        u,
-        weight,
-        None,
-        list(conv.stride),
-        list(padding),
-        list(conv.dilation),
-        False,
-        [0] * dims,
-        groups,
-        [False, True, False],
-    )[1]
+    """sum over samples and positions of grad_output * patch(u): a convolution's weight gradient
+    (``torch.nn.grad.conv{1,2,3}d_weight``: one ``convolution_backward`` call)."""
+    gradient = _WEIGHT_GRADIENTS[len(conv.kernel_size) - 1]
+    return gradient(u, weight_shape, grad_output, conv.stride, padding, conv.dilation, groups)
+
+
+_WEIGHT_GRADIENTS = (
+    torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight,
+)  # fmt: skip
 
 
 def moment_gradients(
@@ -311,7 +304,7 @@ class FeedingLink:
 # -- the layer --------------------------------------------------------------------------------
 
 
-class CrossIterationBatchNorm(_NormBase):
+class CrossIterationBatchNorm(NormBase):
     """Cross-Iteration Batch Normalization over (N, C, *spatial); use the 1d/2d/3d classes.
 
     Args:
@@ -386,7 +379,7 @@ class CrossIterationBatchNorm(_NormBase):
         this layer's input). Attaching another layer than before clears the window."""
         if name:
             self.layer_name = name
-        if isinstance(conv, nn.modules.conv._ConvNd) and not conv.transposed:
+        if isinstance(conv, ConvNd) and not conv.transposed:
             width = conv.out_channels
         elif isinstance(conv, nn.Linear):
             width = conv.out_features
@@ -563,8 +556,9 @@ class CrossIterationBatchNorm(_NormBase):
         slot = torch.remainder(self.window_count, records).view(1)
         entry = torch.stack([mean_offset, sq_offset, mean]).to(self.window_stats.dtype)
         self.window_stats.index_copy_(0, slot, entry.unsqueeze(0))
-        self.window_grad_mean.index_copy_(0, slot, grad_mean.unsqueeze(0))
-        self.window_grad_sq.index_copy_(0, slot, grad_sq.unsqueeze(0))
+        # (the window keeps its dtype when the model is cast after it filled: .half())
+        self.window_grad_mean.index_copy_(0, slot, grad_mean.unsqueeze(0).to(entry.dtype))
+        self.window_grad_sq.index_copy_(0, slot, grad_sq.unsqueeze(0).to(entry.dtype))
         self.window_count.add_(1)
 
     # -- checkpoints --------------------------------------------------------------------------

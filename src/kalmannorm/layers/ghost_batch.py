@@ -25,18 +25,24 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm._torch_private import NormBase
 from kalmannorm.chain import recomputing
-from kalmannorm.fused import FusedGroupNorm, SampleGroups, fused_applicable, variance_guard
+from kalmannorm.fused import (
+    FusedGroupNorm,
+    SampleGroups,
+    fused_applicable,
+    statistics_dtype,
+    variance_guard,
+)
 from kalmannorm.layers.affine import empty_output
 
 #: ``estimate(batch_mean, batch_var, *small) -> (mean, var)``: the statistics to normalise with.
 Estimate = Callable[..., tuple[Tensor, Tensor]]
 
 
-def check_input(layer: _NormBase, x: Tensor, expected_dims: tuple[int, ...], family: str) -> None:
+def check_input(layer: NormBase, x: Tensor, expected_dims: tuple[int, ...], family: str) -> None:
     """Reject inputs of the wrong dimensionality or channel count, naming the layer and the fix."""
     name = type(layer).__name__
     if x.dim() not in expected_dims:
@@ -53,7 +59,7 @@ def check_input(layer: _NormBase, x: Tensor, expected_dims: tuple[int, ...], fam
         )
 
 
-def check_group_size(layer: _NormBase, count: int) -> None:
+def check_group_size(layer: NormBase, count: int) -> None:
     """A statistics group of one value per channel has no variance."""
     if count < 2:
         raise ValueError(
@@ -63,7 +69,7 @@ def check_group_size(layer: _NormBase, count: int) -> None:
         )
 
 
-def refuse_recomputation(layer: _NormBase) -> None:
+def refuse_recomputation(layer: NormBase) -> None:
     """Refuse activation checkpointing for a layer whose training forward reads state that its
     previous forward changed (moving averages, a window of past batches): a recomputation in the
     backward would not reproduce the original output."""
@@ -84,7 +90,7 @@ def check_stat_batch_size(stat_batch_size: int | None) -> None:
         raise ValueError(f"stat_batch_size must be a positive integer, got {stat_batch_size}")
 
 
-def moving_average_factor(layer: _NormBase) -> float | Tensor:
+def moving_average_factor(layer: NormBase) -> float | Tensor:
     """Count the step and return BatchNorm's averaging factor (1/steps when momentum is None, as
     a tensor: torch's BatchNorm reads the count to the host there, this does not)."""
     layer.num_batches_tracked.add_(1)
@@ -93,7 +99,7 @@ def moving_average_factor(layer: _NormBase) -> float | Tensor:
     return layer.momentum
 
 
-def update_running_stats(layer: _NormBase, mean: Tensor, var: Tensor, count: int) -> None:
+def update_running_stats(layer: NormBase, mean: Tensor, var: Tensor, count: int) -> None:
     """running <- (1 - a) running + a mean over groups; ``var`` is biased and made unbiased."""
     factor = moving_average_factor(layer)
     F.exponential_average(layer.running_mean, mean.detach().mean(0), factor)
@@ -122,7 +128,7 @@ def _no_inspection(batch_mean: Tensor, batch_var: Tensor) -> None:
 
 
 def grouped_batch_norm(
-    layer: _NormBase,
+    layer: NormBase,
     x: Tensor,
     estimate: Estimate = batch_statistics,
     small: Sequence[Tensor] = (),
@@ -131,14 +137,15 @@ def grouped_batch_norm(
     ``estimate(xbar_g, S_g, *small)`` for each statistics group g of ``layer.stat_batch_size``.
 
     The gradient flows through ``estimate`` (``small`` tensors are constants unless they require
-    grad). Contiguous float32/float64 inputs take :class:`kalmannorm.fused.FusedGroupNorm` (one
-    autograd node, BatchNorm's number of passes); others the composite path, with the same result.
+    grad). Contiguous inputs take :class:`kalmannorm.fused.FusedGroupNorm` (one autograd node,
+    BatchNorm's number of passes; float32 statistics for half precision); others the composite
+    path, with the same result.
     """
     groups = F.num_stat_groups(x.shape[0], layer.stat_batch_size)
     count = (x.shape[0] // groups) * math.prod(x.shape[2:])
     check_group_size(layer, count)
     if fused_applicable(x, (layer.weight, layer.bias)) and all(
-        t.dtype in (x.dtype, torch.bool) for t in small
+        t.dtype in (x.dtype, statistics_dtype(x), torch.bool) for t in small
     ):
         y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
             x, SampleGroups(groups), layer.eps, variance_guard(layer), estimate, _no_inspection,
@@ -155,7 +162,7 @@ def grouped_batch_norm(
     )
 
 
-class GhostBatchNorm(_NormBase):
+class GhostBatchNorm(NormBase):
     """BatchNorm whose batch statistics come from groups of ``stat_batch_size`` samples.
 
     Args:

@@ -69,9 +69,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as torch_f
-from torch.nn.modules.batchnorm import _NormBase
 
 from kalmannorm import functional as F
+from kalmannorm._torch_private import NormBase
 from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
     check_input,
@@ -244,7 +244,7 @@ def second_moment_norm(
 # -- the layer ----------------------------------------------------------------------------------
 
 
-class MovingAverageBatchNorm(_NormBase):
+class MovingAverageBatchNorm(NormBase):
     """Moving Average Batch Normalization over (N, C, *spatial); use the 1d/2d/3d classes.
 
     Args:
