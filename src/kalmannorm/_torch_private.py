@@ -18,12 +18,14 @@ Autograd state (``torch._C``), read by activation checkpointing's support:
   missing: ``False``: a checkpoint recomputation is then not recognised and runs as a fresh
   forward (it would hand statistics over and move averages again), so activation checkpointing
   of Kalman layers needs a torch that has it (every supported one does).
-- :func:`is_checkpoint_recomputation`: whether the saved-tensor hooks on top of the stack are
-  non-reentrant checkpointing's recomputation hooks. torch >= 2.14 marks its checkpoint hooks
-  with a ``_checkpoint_internal`` attribute; torch 2.13 does not, and its recomputation hook is
-  recognised by its qualified name (``torch.utils.checkpoint._recomputation_hook``'s pack hook,
-  the same in both). Fallback where the hook stack cannot be read: ``True`` (no reentrant
-  checkpoint is refused; its lost prior gradient is then not reported).
+- :func:`is_checkpoint_recomputation`: whether the saved-tensor hooks on top of the stack
+  (``torch._C._autograd._top_saved_tensors_default_hooks``) are non-reentrant checkpointing's
+  recomputation hooks: recognised by the pack hook's qualified name
+  (``torch.utils.checkpoint._recomputation_hook``'s, the same in 2.13 and 2.14), and on
+  torch >= 2.14 also by the ``_checkpoint_internal`` mark its checkpoint hooks carry (2.13 has
+  none: reading only that mark failed all checkpointing tests there). Fallback where the hook
+  stack cannot be read: ``True`` (no reentrant checkpoint is refused; its lost prior gradient is
+  then not reported).
 
 Kernels (``torch.ops.aten``, schema-stable native functions without a public Python wrapper):
 
@@ -79,12 +81,14 @@ def is_checkpoint_recomputation() -> bool:
     if hooks is None:
         return False
     pack = hooks[0]
-    if TORCH_VERSION >= (2, 14) and getattr(pack, "_checkpoint_internal", False):
-        return True
     module, prefix = _RECOMPUTATION_HOOK
-    return getattr(pack, "__module__", None) == module and getattr(
-        pack, "__qualname__", ""
-    ).startswith(prefix)
+    name = getattr(pack, "__qualname__", "")
+    if getattr(pack, "__module__", None) == module and name.startswith(prefix):
+        return True
+    # torch >= 2.14 marks both its checkpoint hooks; inside a backward only the recomputation's
+    # can be on top (kept should the class be renamed)
+    marked = bool(getattr(pack, "_checkpoint_internal", False))
+    return TORCH_VERSION >= (2, 14) and marked and in_backward()
 
 
 # -- kernels ------------------------------------------------------------------------------------
