@@ -93,7 +93,7 @@ def test_the_recommendation_picks_the_best_evaluation_of_the_best_norm(report):
     lines = [line for line in report.splitlines() if line.startswith("| 4 | ")]
     pick = next(line for line in lines if "statistics |" in line)
     # at s = 4, bkn-flow with batch statistics (86.5) beats ghost BN (83.0) and GN (78.0)
-    assert "| 4 | bkn-flow | the test group's batch statistics | 86.50 ± 0.50 |" in pick
+    assert "| 4 | bkn-flow | the test group's batch statistics | 86.50 ± 0.50 | 3 |" in pick
 
 
 def test_a_missing_cell_is_left_out_not_invented(report):

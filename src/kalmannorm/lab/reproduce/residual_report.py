@@ -121,30 +121,35 @@ def verdicts(cells: Cells) -> list[str]:
         if flow is None:
             continue
         parts = []
-        if ghost is not None:
-            d = difference(flow, ghost)
-            parts.append(f"vs ghost BN {d.text()}")
+        for mode in ("moving", "batch"):
+            if ghost is not None:
+                parts.append(f"vs ghost BN {difference(flow, ghost, mode).text()} ({mode})")
         if gn is not None:
             parts.append(f"vs GN {difference(flow, gn).text()}")
         closed = gap_closed(cells, flow, s)
         if closed is not None:
             parts.append(f"closes {closed:.0%} of ghost BN's gap to BN@128")
-        lines.append(f"- s = {s}, {name(FLOW.label)} ({flow.seeds} seeds): " + "; ".join(parts))
+        lines.append(f"- s = {s}, {name(FLOW.label)} ({seeds(flow)}): " + "; ".join(parts))
     return lines
 
 
+def seeds(cell: Cell) -> str:
+    return f"{cell.seeds} seed{'s' if cell.seeds != 1 else ''}"
+
+
 def recommendation(cells: Cells, step_time: Mapping[str, float]) -> list[str]:
-    """Per s: the candidate with the highest mean accuracy in its best evaluation, among cells
-    with at least 3 seeds; its cost in step time where a benchmark was given."""
+    """Per s: the candidate with the highest mean accuracy in its best evaluation (a pick from
+    fewer than 3 seeds is marked provisional); its cost in step time where a benchmark was
+    given."""
     lines = [
-        "| s | pick | evaluate with | accuracy | runner-up | step time vs BN |",
-        "|---|---|---|---|---|---|",
+        "| s | pick | evaluate with | accuracy | seeds | runner-up | step time vs BN |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in sizes(cells):
         ranked = []
         for label in CANDIDATES:
             cell = cell_at(cells, label, s)
-            if cell is not None and cell.seeds >= 3:
+            if cell is not None:
                 mode = best_mode(cell)
                 ranked.append((cell.mean(mode), label, cell, mode))
         if not ranked:
@@ -155,9 +160,10 @@ def recommendation(cells: Cells, step_time: Mapping[str, float]) -> list[str]:
         call = difference(cell, runner[2], mode).call if runner else ""
         runner_text = f"{name(runner[1])} ({call})" if runner else "-"
         cost = step_time.get(label)
+        provisional = "" if cell.seeds >= 3 else " (provisional)"
         lines.append(
-            f"| {s} | {name(label)} | {MODE_TEXT[mode]} | {accuracy(cell, mode)} | "
-            f"{runner_text} | {'-' if cost is None else f'{cost:.2f}x'} |"
+            f"| {s} | {name(label)}{provisional} | {MODE_TEXT[mode]} | {accuracy(cell, mode)} | "
+            f"{cell.seeds} | {runner_text} | {'-' if cost is None else f'{cost:.2f}x'} |"
         )
     return lines
 
@@ -217,9 +223,9 @@ def write_residual_report(findings: ResidualFindings, path: str | Path) -> Path:
         "",
         "## What to use",
         "",
-        "Among ghost BN, GN and bkn-flow, cells with 3 seeds; the evaluation is the one with the "
-        "highest mean, picked on these test results (a guide, not a tuned choice); the runner-up "
-        "call is at that evaluation.",
+        "Among ghost BN, GN and bkn-flow; the evaluation is the one with the highest mean, picked "
+        "on these test results (a guide, not a tuned choice); the runner-up call is at that "
+        "evaluation; a pick from fewer than 3 seeds is provisional.",
         "",
         *recommendation(cells, findings.step_time),
         "",
