@@ -277,3 +277,14 @@ def test_micro_rows_report_a_failing_norm(monkeypatch) -> None:
     assert rows["bn"]["aten_calls_ratio"] == 1.0
     assert "RuntimeError: no such luck" in bench_micro.format_micro_table(section)
 
+
+
+def test_micro_rows_skip_without_torchvision(monkeypatch) -> None:
+    import sys
+
+    from kalmannorm.lab import bench_micro
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
+    section = bench_micro.micro_rows(quick=True)
+    assert section["rows"] == [] and section["skipped"] == "torchvision is not installed"
+    assert "skipped: torchvision is not installed" in bench_micro.format_micro_table(section)

@@ -419,6 +419,16 @@ def micro_rows(
     config = config or (QUICK_MICRO if quick else FULL_MICRO)
     started = time.perf_counter()
     rows: list[dict] = []
+    try:
+        import torchvision  # noqa: F401  (every model of MODELS is torchvision's)
+    except ImportError:
+        return {
+            "config": asdict(config),
+            "rows": [],
+            "headline": {},
+            "total_s": 0.0,
+            "skipped": "torchvision is not installed",
+        }
     for model_name, size in config.models:
         batches = list(config.batches)
         if config.large_batch and model_name in config.large_models:
@@ -463,6 +473,8 @@ def headline(rows: list[dict]) -> dict:
 
 def format_micro_table(section: dict) -> str:
     """A Markdown table of the micro rows."""
+    if "skipped" in section:
+        return f"micro-batch rows skipped: {section['skipped']}"
     lines = [
         "| model (px) | batch | mode | norm | BN ms | norm ms | time / BN | ATen calls (BN) "
         "| calls / BN | host syncs / step (BN) |",
