@@ -288,3 +288,14 @@ def test_micro_rows_skip_without_torchvision(monkeypatch) -> None:
     section = bench_micro.micro_rows(quick=True)
     assert section["rows"] == [] and section["skipped"] == "torchvision is not installed"
     assert "skipped: torchvision is not installed" in bench_micro.format_micro_table(section)
+
+
+def test_residual_report_reads_the_micro_rows(quick_results: dict) -> None:
+    import statistics
+
+    from kalmannorm.lab.reproduce.runner import residual_step_time
+
+    pytest.importorskip("torchvision")  # the micro rows build torchvision models
+    flow = [r["ratio"] for r in quick_results["micro"]["rows"] if r["norm"] == "bkn-flow"]
+    ratios = residual_step_time(quick_results)
+    assert ratios["bn"] == 1.0 and statistics.median(flow) in ratios.values()
