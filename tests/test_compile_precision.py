@@ -51,3 +51,31 @@ def test_bfloat16_autocast_accumulates_statistics_in_float32():
     torch.testing.assert_close(stats.posterior_var.double(), exact, rtol=0.03, atol=1e-3)
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+class _Stem(torch.nn.Module):
+    """ResNet's stem and one residual block: a max pool after a ReLU, then an addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))  # fmt: skip
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.relu(x + self.branch(x))).mean((2, 3))
+
+
+def test_compiled_data_flow_with_max_pool_and_addition_has_no_graph_breaks():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 12, 12)
+    model = kalmannorm.convert_norm(_Stem(), "bkn-flow", stat_batch_size=2, example_input=x)
+    twin = copy.deepcopy(model)
+    expected = model(x)
+    compiled = torch.compile(twin, fullgraph=True)  # raises on any graph break
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+    layer = model.branch[1]
+    assert layer.last_statistics.prior_mean is not None  # the pool's moments fed a prior

@@ -153,7 +153,8 @@ def test_max_pool_after_a_monotone_activation_pools_the_pre_activation(kind):
     em, ev = _channel_moments(torch_f.max_pool2d(fn(z), 3, 2))
     act = dataflow.Operation("activation", [_Given(mo.Moments(mean[None], var[None]))],
                              {"kind": kind})  # fmt: skip
-    pool = dataflow.Operation("pool", [act], {"kind": "max", "taps": 9})
+    info = {"kind": "max", "taps": 9}
+    pool = dataflow.Operation("pool", [act], {**info, **dataflow._geometries("pool", info)})
     ctx = dataflow.Context([], [], raw=False, source="batch", training=True, memo={})
     m, v = pool.evaluate(ctx, "reader")
     torch.testing.assert_close(m[0], em, atol=0.03, rtol=0.03)

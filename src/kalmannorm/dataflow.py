@@ -534,7 +534,7 @@ class Operation(Node):
             # has a point mass at 0).
             (act,) = self.children
             z = act.children[0].evaluate(ctx, reader)
-            pooled = mo.max_pool(z, self.info["taps"])
+            pooled = mo.max_pool(z, self.info["taps"], self.info["max_constants"])
             ctx.memo[key] = mo.activation(act.info["kind"], pooled, act.info.get("slope", 0.0))
         return super().evaluate(ctx, reader)
 
@@ -580,6 +580,8 @@ def _geometries(op: str, info: dict) -> dict:
         geometry = mo.tap_geometry(info["sizes"], module.kernel_size, module.stride,
                                    _conv_padding(module), module.dilation)  # fmt: skip
         return {"geometry": geometry, "raw_geometry": full}
+    if op == "pool" and info["kind"] == "max":
+        return {"max_constants": mo.max_constants(info["taps"])}
     if op == "pool" and info["kind"] == "avg":
         full = mo.full_geometry(info["taps"])
         geometry = mo.tap_geometry(info["sizes"], info["kernel"], info["stride"], info["padding"],
@@ -590,7 +592,7 @@ def _geometries(op: str, info: dict) -> dict:
 
 def _pool_moments(info: dict, x: Moments, raw: bool) -> Moments:
     if info["kind"] == "max":
-        return mo.max_pool(x, info["taps"])
+        return mo.max_pool(x, info["taps"], info["max_constants"])
     geometry = info["raw_geometry"] if raw else info["geometry"]
     return mo.average_pool(x, geometry, info["include_padding"])
 

@@ -237,7 +237,7 @@ def average_pool(moments: Moments, geometry: TapGeometry, include_padding: bool)
 
 
 @functools.cache
-def _max_constants(taps: int) -> tuple[float, float]:
+def max_constants(taps: int) -> tuple[float, float]:
     """Mean and variance of the maximum of ``taps`` independent standard normals."""
     z = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
     pdf = torch.exp(-0.5 * z.square()) / math.sqrt(2.0 * math.pi)
@@ -249,13 +249,17 @@ def _max_constants(taps: int) -> tuple[float, float]:
     return first, second - first * first
 
 
-def max_pool(moments: Moments, taps: int) -> Moments:
+def max_pool(
+    moments: Moments, taps: int, constants: tuple[float, float] | None = None
+) -> Moments:
     """Approximate moments of a maximum over ``taps`` i.i.d. Gaussian values (padding ignored):
-    mean m + sqrt(v) e_K, var v s_K, with e_K, s_K the moments of the max of K standard normals.
+    mean m + sqrt(v) e_K, var v s_K, with e_K, s_K the moments of the max of K standard normals
+    (``constants``, as :func:`max_constants` gives them; a program computes them when it is built,
+    so that its evaluation compiles without a graph break).
     """
     if taps == 1:
         return moments
-    shift, scale = _max_constants(taps)
+    shift, scale = max_constants(taps) if constants is None else constants
     std = moments.var.clamp_min(0.0).sqrt()
     return Moments(moments.mean + shift * std, moments.var * scale)
 
