@@ -163,6 +163,21 @@ def test_max_pool_after_a_monotone_activation_pools_the_pre_activation(kind):
     assert (m[0] - em).abs().sum() < (old.mean[0] - em).abs().sum()
 
 
+@pytest.mark.parametrize("rule", ["relu", "relu6", "silu", "max"])
+def test_moment_rules_keep_float32_gradients_bounded_at_vanishing_variance(rule):
+    """d/dvar of the standard deviation is bounded by the floor (it was 5e18 with the smallest
+    normal number as the floor, which overflowed to inf through a few layers)."""
+    mean = torch.tensor([0.0, 1e-3, 2.0], requires_grad=True)
+    var = torch.full((3,), 1e-30, requires_grad=True)  # a vanishing variance (0 itself is clamped)
+    if rule == "max":
+        out = mo.max_pool(mo.Moments(mean, var), 9)
+    else:
+        out = mo.activation(rule, mo.Moments(mean, var))
+    (out.mean.sum() + out.var.sum()).backward()
+    for grad in (mean.grad, var.grad):
+        assert torch.isfinite(grad).all() and grad.abs().max() < 1e8
+
+
 def test_relu_moments_have_finite_gradients_at_the_extremes():
     for mean_value, var_value in [(100.0, 1e-37), (-100.0, 1e-37), (0.0, 0.0), (1e-10, 0.0),
                                   (3e4, 1e-30), (0.0, 1e8)]:  # fmt: skip

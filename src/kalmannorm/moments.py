@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as torch_f
 
-from kalmannorm.functional import relu_moments
+from kalmannorm.functional import relu_moments, safe_std
 
 #: Gauss-Hermite nodes for the expectation of a smooth activation of a Gaussian.
 QUADRATURE_NODES = 24
@@ -90,7 +90,7 @@ def gaussian_moments(fn: Callable[[Tensor], Tensor], mean: Tensor, var: Tensor) 
     """
     z, w = _hermite(QUADRATURE_NODES)
     z, w = z.to(mean), w.to(mean)
-    std = var.clamp_min(0.0).add(torch.finfo(var.dtype).tiny).sqrt()
+    std = safe_std(mean, var)
     values = fn(mean.unsqueeze(-1) + std.unsqueeze(-1) * z)
     first = (values * w).sum(-1)
     second = (values.square() * w).sum(-1)
@@ -260,7 +260,7 @@ def max_pool(
     if taps == 1:
         return moments
     shift, scale = max_constants(taps) if constants is None else constants
-    std = moments.var.clamp_min(0.0).sqrt()
+    std = safe_std(*moments)
     return Moments(moments.mean + shift * std, moments.var * scale)
 
 
