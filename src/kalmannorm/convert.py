@@ -146,7 +146,7 @@ def _build_bkn(source: SourceNorm, **options) -> nn.Module:
 @register_norm(
     "bkn-flow",
     "BKN, recommended: prior propagated along the data flow from the producers' posteriors "
-    "(prior='propagate', source='posterior'; docs/results/residual.md)",
+    "(prior='propagate', source='posterior'; docs/results/REPORT.md)",
     link_options={"flow": "data", "source": "posterior"},
 )
 def _build_bkn_flow(source: SourceNorm, **options) -> nn.Module:

@@ -98,5 +98,7 @@ def residual(root: str | Path = "docs/results/residual/runs") -> Budget:
         "(population estimates, the default in eval), with each test group's batch statistics, "
         f"and, where measured, with moving statistics re-estimated from {PRECISE_BATCHES} "
         "training batches of 128 after training (PreciseBN, `kalmannorm.update_bn`).",
+        "What each BKN variant is, why the recommended one works and what its prior errors "
+        "are: [residual-analysis.md](residual-analysis.md).",
     ]
     return Budget("residual", root, grids, analysis_samples=None, notes=notes)
