@@ -98,6 +98,9 @@ def residual(root: str | Path = "docs/results/residual/runs") -> Budget:
         "(population estimates, the default in eval), with each test group's batch statistics, "
         f"and, where measured, with moving statistics re-estimated from {PRECISE_BATCHES} "
         "training batches of 128 after training (PreciseBN, `kalmannorm.update_bn`).",
+        "Hyper-parameters: every norm has the one recipe; none was searched on a held-out "
+        "split yet (`kalmannorm compare` has a `[search]` table for it, docs/training.md). "
+        "GroupNorm's wide seed spread at lr 0.1 is the first thing such a search should test.",
         "What each BKN variant is, why the recommended one works and what its prior errors "
         "are: [residual-analysis.md](residual-analysis.md).",
     ]

@@ -124,8 +124,8 @@ def verdicts(cells: Cells) -> list[str]:
         for mode in ("moving", "batch"):
             if ghost is not None:
                 parts.append(f"vs ghost BN {difference(flow, ghost, mode).text()} ({mode})")
-        if gn is not None:
-            parts.append(f"vs GN {difference(flow, gn).text()}")
+            if gn is not None:
+                parts.append(f"vs GN {difference(flow, gn, mode).text()} ({mode})")
         closed = gap_closed(cells, flow, s)
         if closed is not None:
             parts.append(f"closes {closed:.0%} of ghost BN's gap to BN@128")
