@@ -64,6 +64,8 @@ from kalmannorm.lab.bench_micro import (
     format_micro_table,
     micro_rows,
     step_counts,
+    synchronizer,
+    timed_rounds,
 )
 from kalmannorm.lab.models import preact_resnet20
 
@@ -122,38 +124,6 @@ QUICK = BenchConfig(
 
 
 # -- timing -----------------------------------------------------------------------------------
-
-
-def _synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def _interleaved(
-    calls: dict[str, Callable[[], None]],
-    warmup: int,
-    repeats: int,
-    iters: int,
-    sync: Callable[[], None],
-) -> dict[str, list[float]]:
-    """Per-round mean milliseconds per call of each callable, rounds interleaved."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    sync()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for round_index in range(repeats):
-        for name in names if round_index % 2 == 0 else reversed(names):
-            call = calls[name]
-            sync()
-            start = time.perf_counter()
-            for _ in range(iters):
-                call()
-            sync()
-            samples[name].append((time.perf_counter() - start) * 1e3 / iters)
-    return samples
 
 
 def _summary(samples: dict[str, list[float]]) -> dict:
@@ -365,7 +335,7 @@ def _compiled_step(
         reason = "; ".join(f"{name}: {message}" for name, message in errors.items())
         return {"error": f"failed: {reason}", "compile_s": compile_s}
     try:
-        samples = _interleaved(calls, 0, config.compile_repeats, config.compile_iters, sync)
+        samples = timed_rounds(calls, 0, config.compile_repeats, config.compile_iters, sync)
     except Exception as error:
         return {"error": f"failed: {_short_error(error)}", "compile_s": compile_s}
     return {
@@ -459,7 +429,7 @@ def _run(
     micro_config: MicroConfig | None,
     progress: Callable[[str], None] | None,
 ) -> dict:
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
     started = time.perf_counter()
     results: dict = {
         "machine": machine_info(device),
@@ -496,7 +466,7 @@ def _run_classic(
     sync: Callable[[], None],
 ) -> None:
     def time_pair(calls: dict[str, Callable[[], None]], warmup: int, repeats: int, iters: int):
-        return _summary(_interleaved(calls, warmup, repeats, iters, sync))
+        return _summary(timed_rounds(calls, warmup, repeats, iters, sync))
 
     layer_args = (config.layer_warmup, config.layer_repeats, config.layer_iters)
     shapes = {

@@ -219,14 +219,15 @@ def step_counts(workload: Workload) -> dict:
 # -- timing -----------------------------------------------------------------------------------
 
 
-def _rounds(
+def timed_rounds(
     calls: dict[str, Callable[[], None]],
     warmup: int,
     repeats: int,
     iters: int,
     sync: Callable[[], None],
 ) -> dict[str, list[float]]:
-    """Per-round mean ms per call of each callable; the order rotates from round to round."""
+    """Per-round mean ms per call of each callable (after ``warmup`` calls of each); the order
+    rotates from round to round, so that no callable always runs first or after the same one."""
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -248,7 +249,7 @@ def _rounds(
     return samples
 
 
-def _sync(device: torch.device) -> Callable[[], None]:
+def synchronizer(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
@@ -284,7 +285,7 @@ def _eager_rows(
         repeats, iters = (config.large_repeats, config.large_iters)
     calls = {name: w.step for name, w in workloads.items()}
     try:
-        samples = _rounds(calls, config.warmup, repeats, iters, _sync(device))
+        samples = timed_rounds(calls, config.warmup, repeats, iters, synchronizer(device))
     except Exception as error:  # reported on every row of this (model, batch)
         samples, errors = {}, dict.fromkeys(names, _short_error(error))
     return _rows(model_name, size, batch, config, "eager", samples, counts, errors)
@@ -312,7 +313,7 @@ def _compiled_rows(
             start = time.perf_counter()
             for _ in range(config.compile_warmup):
                 workload.step()
-            _sync(device)()
+            synchronizer(device)()
             compile_s[name] = time.perf_counter() - start
             graph_breaks[name] = _graph_breaks()
             calls[name] = workload.step
@@ -321,7 +322,9 @@ def _compiled_rows(
     samples: dict[str, list[float]] = {}
     if "torch_bn" in calls:
         try:
-            samples = _rounds(calls, 0, config.compile_repeats, config.compile_iters, _sync(device))
+            samples = timed_rounds(
+                calls, 0, config.compile_repeats, config.compile_iters, synchronizer(device)
+            )
         except Exception as error:  # reported on every row of this (model, batch)
             errors = dict.fromkeys(["torch_bn", *config.norms], _short_error(error))
     rows = _rows(model_name, size, batch, config, "compiled", samples, {}, errors)
