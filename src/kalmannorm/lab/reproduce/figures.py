@@ -3,7 +3,7 @@ in one plot). The other figures come from :mod:`kalmannorm.lab.analysis`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kalmannorm.lab.analysis.plotting import new_figure, save_figure
@@ -12,10 +12,16 @@ from kalmannorm.lab.reproduce.evidence import Cell
 MODES = (("moving", "moving statistics (population)"), ("batch", "batch statistics"))
 
 
-def write_sweep_plot(cells: Mapping[tuple[str, int | None], Cell], path: str | Path) -> Path:
+def write_sweep_plot(
+    cells: Mapping[tuple[str, int | None], Cell],
+    path: str | Path,
+    labels: Sequence[str] | None = None,
+    display: Mapping[str, str] | None = None,
+) -> Path:
     """Two panels (moving / batch statistics at test): mean final test accuracy ± std over
     seeds against the statistics batch (log scale), one line per norm; a batch-independent norm
-    is a horizontal band.
+    is a horizontal band. ``labels``: the norms to draw, in order (default: all); ``display``:
+    the names the legend gives them.
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -23,11 +29,13 @@ def write_sweep_plot(cells: Mapping[tuple[str, int | None], Cell], path: str | P
     sizes = sorted({s for (_, s) in cells if s is not None})
     if not sizes:
         raise ValueError("no batch-dependent cell to plot")
-    labels = list(dict.fromkeys(label for label, _ in cells))
+    labels = list(dict.fromkeys(label for label, _ in cells)) if labels is None else labels
+    display = display or {}
     figure = new_figure(12.0, 4.6)
     axes = figure.subplots(1, 2, sharey=True)
     for axis, (mode, title) in zip(axes, MODES):
-        for label in labels:
+        for index, label in enumerate(labels):
+            color = f"C{index % 10}"  # one colour per norm, the same in both panels
             own = sorted(
                 ((s, c) for (lab, s), c in cells.items() if lab == label and s is not None),
                 key=lambda item: item[0],
@@ -40,13 +48,15 @@ def write_sweep_plot(cells: Mapping[tuple[str, int | None], Cell], path: str | P
                     marker="o",
                     markersize=4,
                     capsize=3,
-                    label=label,
+                    color=color,
+                    label=display.get(label, label),
                 )
             elif (label, None) in cells:
                 cell = cells[(label, None)]
                 mean, std = 100 * cell.mean(mode), 100 * cell.std(mode)
-                line = axis.axhline(mean, linestyle="--", linewidth=1.2, label=f"{label} (any s)")
-                axis.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.15)
+                name = f"{display.get(label, label)} (any s)"
+                axis.axhline(mean, color=color, linestyle="--", linewidth=1.2, label=name)
+                axis.axhspan(mean - std, mean + std, color=color, alpha=0.15)
         axis.set_xscale("log", base=2)
         axis.set_xticks(sizes, [str(s) for s in sizes])
         axis.set_xlabel("statistics batch s (gradient batch fixed)")

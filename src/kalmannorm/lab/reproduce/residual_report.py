@@ -168,44 +168,6 @@ def recommendation(cells: Cells, step_time: Mapping[str, float]) -> list[str]:
     return lines
 
 
-def write_residual_plot(cells: Cells, path: str | Path) -> Path:
-    """Final test accuracy (mean ± std) against s per norm with runs at more than one s, with
-    moving and with batch statistics at test (two panels); BN@128 and GN as bands."""
-    from kalmannorm.lab.analysis.plotting import new_figure, save_figure
-
-    figure = new_figure(11.0, 4.4)
-    axes = figure.subplots(1, 2, sharey=True)
-    bands = {"none": "black", "gn": "tab:green"}
-    for axis, mode in zip(axes, ("moving", "batch")):
-        for label in dict.fromkeys(label for label, s in cells if s is not None):
-            own = sorted((s, c) for (lab, s), c in cells.items() if lab == label and s is not None)
-            if len(own) < 2:
-                continue
-            axis.errorbar(
-                [s for s, _ in own],
-                [100 * c.mean(mode) for _, c in own],
-                yerr=[100 * c.std(mode) for _, c in own],
-                marker="o",
-                capsize=3,
-                label=name(label),
-            )
-        for label, color in bands.items():
-            cell = cells.get((label, None))
-            if cell is not None:
-                mean, std = 100 * cell.mean(mode), 100 * cell.std(mode)
-                axis.axhline(mean, color=color, linestyle="--", linewidth=1.2, label=name(label))
-                axis.axhspan(mean - std, mean + std, color=color, alpha=0.1)
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(sizes(cells), [str(s) for s in sizes(cells)])
-        axis.set_xlabel("statistics batch s (gradient batch 128)")
-        axis.set_title(f"{mode} statistics at test")
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("final test accuracy (%), mean ± std over seeds")
-    figure.suptitle("preact ResNet-20, Fashion-MNIST, 600 steps")
-    axes[1].legend(fontsize=8, loc="lower right")
-    return save_figure(figure, path)
-
-
 def write_residual_report(findings: ResidualFindings, path: str | Path) -> Path:
     path = Path(path)
     cells = findings.cells

@@ -38,10 +38,9 @@ from kalmannorm.lab.reproduce.report import (
     cells_by_label,
     write_report,
 )
-from kalmannorm.lab.reproduce.residual import FLOW
+from kalmannorm.lab.reproduce.residual import DISPLAY, FLOW
 from kalmannorm.lab.reproduce.residual_report import (
     ResidualFindings,
-    write_residual_plot,
     write_residual_report,
 )
 from kalmannorm.lab.train.compare import CompareConfig, RunsFailedError, compare
@@ -262,7 +261,8 @@ def residual_report(
         cells.update(evidence.collect_cells(config))
     findings = ResidualFindings(cells, header, notes=list(budget.notes), failures=failures)
     if any(s is not None for _, s in cells):
-        findings.figure = write_residual_plot(cells, out / "residual.png").name
+        shown = ["bn", FLOW.label, "none", "gn"]
+        findings.figure = write_sweep_plot(cells, out / "residual.png", shown, DISPLAY).name
     if bench_saved:
         findings.step_time = residual_step_time(bench_saved)
     findings.secondary = (
