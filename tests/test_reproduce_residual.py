@@ -99,3 +99,42 @@ def test_the_recommendation_picks_the_best_evaluation_of_the_best_norm(report):
 def test_a_missing_cell_is_left_out_not_invented(report):
     assert "| 1 | bkn-flow |" not in report
     assert "s = 1," not in report
+
+
+def _finished(spec, moving: float, batch: float) -> None:
+    spec.folder.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "status": "finished",
+        "final": {"test_acc_moving": moving, "test_acc_batch": batch},
+        "wall_time_s": 60.0,
+        "config": dataclasses.asdict(spec.config),
+    }
+    (spec.folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_the_search_picks_replace_the_recipe_rows_and_both_are_shown(tmp_path):
+    from kalmannorm.lab.train.compare import make_search_grid
+    from kalmannorm.lab.train.search import Point
+
+    root = tmp_path / "runs"
+    _write_runs(root)
+    grid = residual(root).grids["search"]
+    for run in make_search_grid(grid):  # holdout scores: GN best at lr 0.05, the rest at 0.1
+        best = 0.05 if run.group == ("gn", None) else 0.1
+        _finished(run.spec, 0.9 if run.point.train["lr"] == best else 0.8, 0.8)
+    gn_picked = [0.84, 0.85, 0.83]
+    for spec in make_grid(grid, {("gn", None): Point({"lr": 0.05})}):
+        if spec.variant.label == "gn":
+            assert spec.folder.name == f"gn-sall-lr_0.05-seed{spec.seed}"
+            _finished(spec, gn_picked[spec.seed], gn_picked[spec.seed])
+    text = reproduce(residual(root), out=tmp_path / "out", train=False, argv=[]).read_text()
+    mean, std = _mean_std(gn_picked)
+    assert _row(text, "any", "GN")[3] == f"{mean:.2f} ± {std:.2f}"  # the pick, not the recipe
+    search = text.split("## Learning-rate search")[1].split("## Accuracy")[0]
+    assert search.count("**yes**") == 4  # BN@128, ghost BN, GN and bkn-flow each pick one
+    recipe_mean, recipe_std = _mean_std([m for m, _ in ACCURACY[("gn", None)]])
+    assert (
+        f"GN: test accuracy (moving) with the recipe {recipe_mean:.2f} ± {recipe_std:.2f} "
+        f"(3 seeds), with its pick lr=0.05 {mean:.2f} ± {std:.2f} (3 seeds)." in search
+    )
+    assert "ghost BN: test accuracy" not in search  # its pick is the recipe's lr

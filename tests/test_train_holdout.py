@@ -200,6 +200,8 @@ def test_search_points_and_its_grid_on_the_holdout(tmp_path) -> None:
 
 
 def test_compare_searches_every_norm_on_the_holdout_then_tests_the_pick(tmp_path, capsys):
+    import tomllib
+
     from kalmannorm.lab.cli import main
 
     grid = tmp_path / "grid.toml"
@@ -219,8 +221,18 @@ def test_compare_searches_every_norm_on_the_holdout_then_tests_the_pick(tmp_path
         if "| bn | 2 | lr=0.01 |" in next(line for line in search.splitlines() if "**yes**" in line)
         else 0.05
     )
-    final = json.loads((tmp_path / "grid" / "bn-s2-seed0" / "summary.json").read_text())
+    # the recipe's lr is 0.05: that pick reuses the plain folder, another gets its own
+    folder = "bn-s2-seed0" if picked == 0.05 else "bn-s2-lr_0.01-seed0"
+    assert [f.name for f in (tmp_path / "grid").glob("bn-s2-*")] == [folder]
+    final = json.loads((tmp_path / "grid" / folder / "summary.json").read_text())
     assert final["eval_set"] == "test" and final["config"]["lr"] == picked
     assert final["derived"]["test_size"] == 100  # the grid itself is tested on the test set
     assert f"Picked: bn (s=2) lr={picked}" in printed
     assert "final acc % (moving)" in (tmp_path / "grid" / "summary.md").read_text()
+    # the report reads the same picks back from the search runs' files
+    from kalmannorm.lab.reproduce.evidence import collect_cells
+    from kalmannorm.lab.train.compare import compare_config_from_dict
+
+    cfg = compare_config_from_dict(tomllib.loads(grid.read_text()))
+    (cell,) = (c for key, c in collect_cells(cfg).items() if key == ("bn", 2))
+    assert cell.moving == [final["final"]["test_acc_moving"]]

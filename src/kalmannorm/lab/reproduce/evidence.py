@@ -19,7 +19,7 @@ from torch import nn
 
 from kalmannorm.lab import analysis
 from kalmannorm.lab.analysis.run import LoadedRun, load_run
-from kalmannorm.lab.train.compare import CompareConfig, RunSpec, make_grid, run_status
+from kalmannorm.lab.train.compare import CompareConfig, RunSpec, run_status, searched_grid
 from kalmannorm.lab.train.loop import SUMMARY
 
 
@@ -54,9 +54,9 @@ class Cell:
 
 
 def collect_cells(cfg: CompareConfig) -> dict[tuple[str, int | None], Cell]:
-    """The finished runs of a grid, by (label, statistics batch)."""
+    """The finished runs of a grid (with its search's picks), by (label, statistics batch)."""
     cells: dict[tuple[str, int | None], Cell] = {}
-    for spec in make_grid(cfg):
+    for spec in searched_grid(cfg):
         if run_status(spec) != "finished":
             continue
         summary = json.loads((spec.folder / SUMMARY).read_text())
@@ -79,7 +79,7 @@ def collect_cells(cfg: CompareConfig) -> dict[tuple[str, int | None], Cell]:
 
 def seed_run(cfg: CompareConfig, label: str, stat_batch_size: int | None) -> RunSpec | None:
     """The finished run of ``label`` at ``stat_batch_size`` with the grid's first seed."""
-    for spec in make_grid(cfg):
+    for spec in searched_grid(cfg):
         if (
             spec.variant.label == label
             and spec.stat_batch_size == stat_batch_size

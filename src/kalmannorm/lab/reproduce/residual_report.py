@@ -37,6 +37,7 @@ class ResidualFindings:
     figure: str | None = None  # file name beside REPORT.md
     step_time: dict[str, float] = field(default_factory=dict)  # label -> step time / BN's
     secondary: str | None = None  # link to the quick check's report
+    search: list[str] = field(default_factory=list)  # the held-out search's lines
 
 
 def name(label: str) -> str:
@@ -194,6 +195,7 @@ def write_residual_report(findings: ResidualFindings, path: str | Path) -> Path:
         "",
         *recommendation(cells, findings.step_time),
         "",
+        *(["## Learning-rate search", "", *findings.search, ""] if findings.search else []),
         "## Accuracy",
         "",
         "Final test accuracy (%), mean ± std over seeds; verdicts against ghost BN at the same s "

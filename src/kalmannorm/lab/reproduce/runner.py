@@ -43,10 +43,17 @@ from kalmannorm.lab.reproduce.residual_report import (
     ResidualFindings,
     write_residual_report,
 )
-from kalmannorm.lab.train.compare import CompareConfig, RunsFailedError, compare
+from kalmannorm.lab.train.compare import (
+    CompareConfig,
+    RunsFailedError,
+    compare,
+    make_search_grid,
+    score_search,
+)
 from kalmannorm.lab.train.config import config_from_dict
 from kalmannorm.lab.train.loop import prepare_run_folder
 from kalmannorm.lab.train.plan import ConfigError
+from kalmannorm.lab.train.search import search_markdown
 
 
 def select_grids(budget: Budget, names: Sequence[str] | None) -> dict[str, CompareConfig]:
@@ -256,10 +263,13 @@ def residual_report(
     start: float,
 ) -> Path:
     """The residual budget's REPORT.md: every grid's cells in one table (they share a folder)."""
-    cells = {}
+    cells, searched = {}, []
     for config in grids.values():
         cells.update(evidence.collect_cells(config))
+        if config.search is not None:
+            searched += search_section(config)
     findings = ResidualFindings(cells, header, notes=list(budget.notes), failures=failures)
+    findings.search = searched
     if any(s is not None for _, s in cells):
         shown = ["bn", FLOW.label, "none", "gn"]
         findings.figure = write_sweep_plot(cells, out / "residual.png", shown, DISPLAY).name
@@ -274,6 +284,26 @@ def residual_report(
     minutes = sum(sum(c.wall_time_s) for c in cells.values()) / 60
     findings.header["training time (sum over runs, 1 thread each)"] = f"{minutes:.0f} min"
     return write_residual_report(findings, out / "REPORT.md")
+
+
+def search_section(cfg: CompareConfig) -> list[str]:
+    """A grid's held-out search as report lines: every point's holdout accuracy, then, for each
+    pick other than the recipe, the test accuracy of the recipe beside the pick's."""
+    picks, rows = score_search(make_search_grid(cfg))
+    lines = search_markdown(rows, cfg.search.describe() if cfg.search else "").splitlines()
+    recipe = evidence.collect_cells(dataclasses.replace(cfg, search=None))
+    chosen = evidence.collect_cells(cfg)
+    for group, point in picks.items():
+        before, after = recipe.get(group), chosen.get(group)
+        if before is None or after is None or before.moving == after.moving:
+            continue
+        lines.append(
+            f"- {DISPLAY.get(group[0], group[0])}: test accuracy (moving) with the recipe "
+            f"{100 * before.mean():.2f} ± {100 * before.std():.2f} ({before.seeds} seeds), "
+            f"with its pick {point.name} {100 * after.mean():.2f} ± {100 * after.std():.2f} "
+            f"({after.seeds} seeds)."
+        )
+    return lines
 
 
 def residual_step_time(bench: dict) -> dict[str, float]:

@@ -241,9 +241,17 @@ def make_grid(cfg: CompareConfig, picks: dict[Group, Point] | None = None) -> li
     specs = []
     for seed in cfg.seeds:  # seed-major: a grid cut short still has whole seeds
         for variant, stat in _groups(cfg):
-            name = f"{variant.label}-s{stat if stat else 'all'}-seed{seed}"
+            group = f"{variant.label}-s{stat if stat else 'all'}"
+            folder = Path(cfg.out) / _safe(f"{group}-seed{seed}")
+            spec = _spec(cfg, variant, stat, seed, folder, Point())
             point = picks.get((variant.label, stat), Point())
-            specs.append(_spec(cfg, variant, stat, seed, Path(cfg.out) / _safe(name), point))
+            picked = _spec(cfg, variant, stat, seed, spec.folder, point)
+            if fingerprint(picked.config) != fingerprint(spec.config):
+                # a pick other than the recipe gets its own folder; one equal to it reuses the
+                # recipe's runs
+                folder = Path(cfg.out) / _safe(f"{group}-{point.name.replace(' ', '-')}-seed{seed}")
+                picked = _spec(cfg, variant, stat, seed, folder, point)
+            specs.append(picked)
     return specs
 
 
@@ -284,6 +292,22 @@ def run_search(
     what = cfg.search.describe()
     print(f"search: {what}")
     run_grid([run.spec for run in runs], cfg.jobs, threads)
+    picks, rows = score_search(runs)
+    text = search_markdown(rows, what)
+    (Path(cfg.out) / "search.md").write_text(text)
+    print()
+    print(text)
+    chosen = ", ".join(
+        f"{label} (s={stat or 'all'}) {p.name}" for (label, stat), p in picks.items()
+    )
+    return picks, f"Search: {what}. Picked: {chosen or 'nothing (no search run finished)'}."
+
+
+def score_search(
+    runs: list[SearchRun],
+) -> tuple[dict[Group, Point], list[tuple[str, str, Point, list[float], bool]]]:
+    """Each group's pick from the finished search runs' summaries (a run not finished scores
+    nothing), and the rows of ``search.md``."""
     scores: dict[Group, dict[int, tuple[Point, list[float]]]] = {}
     for run in runs:
         _, values = scores.setdefault(run.group, {}).setdefault(run.index, (run.point, []))
@@ -300,14 +324,16 @@ def run_search(
         for position, i in enumerate(indices):
             point, values = by_index[i]
             rows.append((label, str(stat or "all"), point, values, position == best))
-    text = search_markdown(rows, what)
-    (Path(cfg.out) / "search.md").write_text(text)
-    print()
-    print(text)
-    chosen = ", ".join(
-        f"{label} (s={stat or 'all'}) {p.name}" for (label, stat), p in picks.items()
-    )
-    return picks, f"Search: {what}. Picked: {chosen or 'nothing (no search run finished)'}."
+    return picks, rows
+
+
+def searched_grid(cfg: CompareConfig) -> list[RunSpec]:
+    """The grid's runs with the picks of its finished search runs (the plain grid without a
+    ``[search]``): what the grid trains, or trained, after its search."""
+    if cfg.search is None:
+        return make_grid(cfg)
+    picks, _ = score_search(make_search_grid(cfg))
+    return make_grid(cfg, picks)
 
 
 def _spec(
