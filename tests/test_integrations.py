@@ -232,6 +232,26 @@ def test_a_model_built_by_the_factory_trains_with_an_optimizer_built_at_once():
     assert model.bn1.transition is None and model.layer4[1].bn2.transition.grad is not None
 
 
+def test_linking_removes_the_global_module_hooks_before_any_forward_call():
+    """A model linked by convert_norm or link_chain leaves no global hook for its first
+    (possibly compiled) call: torch.compile warns about, and fires twice, global hooks."""
+    from torch.nn.modules import module as torch_module
+
+    def global_hooks() -> int:
+        return len(torch_module._global_forward_pre_hooks)
+
+    x = torch.randn(4, 3, 32, 32)
+    before = global_hooks()
+    built = torchvision.models.resnet18(num_classes=3, norm_layer=kalmannorm.norm_layer("bkn"))
+    assert global_hooks() == before + 1  # its layers wait for a link
+    kalmannorm.link_chain(built, example_input=x)
+    assert global_hooks() == before
+    converted = kalmannorm.convert_norm(
+        torchvision.models.resnet18(num_classes=3), "bkn", stat_batch_size=2, example_input=x
+    )
+    assert global_hooks() == before and kalmannorm.find_chain(converted) is not None
+
+
 def test_a_relink_keeps_the_parameter_objects_an_optimizer_holds():
     """GKN's transitions are sized by the upstream; the traced order differs from the build
     order at each downsampling block, and the relink keeps the objects (new shapes)."""

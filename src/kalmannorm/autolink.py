@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from kalmannorm import chain as _chain
 from kalmannorm.chain import KalmanChain, is_chain_member, link_chain
 
 _AWAITING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -76,6 +77,11 @@ def _prune() -> None:
             handle.remove()
         _HANDLES.clear()
         _PARENTS.clear()
+
+
+# linked layers stop being watched at once, not on the next forward call of some module: the
+# global hooks would otherwise still be installed when the model is first called compiled
+_chain.AFTER_LINK.append(_prune)
 
 
 def _on_registration(parent: nn.Module, name: str, child: nn.Module | None) -> None:

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 FLOWS = ("data", "authors", "execution")
 SOURCES = ("batch", "posterior")
+#: Called with no arguments after every :func:`link_chain` (``autolink`` stops watching the
+#: layers that are now linked, and removes its global module hooks when none waits).
+AFTER_LINK: list[Callable[[], None]] = []
 
 
 class Posterior(NamedTuple):
@@ -440,6 +443,13 @@ def link_chain(
     ``"data"`` when every layer's statistics are per channel (BKN), else ``"execution"`` (GKN's
     per-sample channel-group statistics have no data-flow prior).
     """
+    chain = _link(root, example_input, flow, source)
+    for callback in AFTER_LINK:
+        callback()
+    return chain
+
+
+def _link(root: nn.Module, example_input: object, flow: str | None, source: str) -> KalmanChain:
     members = _kalman_layers(root)
     per_channel = all(getattr(m, "per_channel_statistics", False) for _, m in members)
     if flow is None:
