@@ -37,6 +37,10 @@ PARTS = (
     ("moments.py:", "data-flow moment programs"),
     ("dataflow.py:", "data-flow moment programs"),
     ("functional.py:relu_moments", "data-flow moment programs"),
+    ("functional.py:_relu_moment_terms", "data-flow moment programs"),
+    ("functional.py:forward", "data-flow moment programs"),  # _ReluMoments, the one Function
+    ("functional.py:backward", "data-flow moment programs"),
+    ("functional.py:safe_std", "data-flow moment programs"),
     ("functional.py:linear_moments", "data-flow moment programs"),
     ("functional.py:predict_data_flow_prior", "Kalman estimate (prior, Eq. 5, affine)"),
     ("functional.py:kalman_update", "Kalman estimate (prior, Eq. 5, affine)"),

@@ -113,6 +113,35 @@ def test_relu_moments_match_monte_carlo():
     torch.testing.assert_close(v, samples.var(0), atol=1e-2, rtol=0)
 
 
+def _composite_relu_moments(mean, var):
+    """The closed form written out, for autograd to differentiate (independent of the
+    analytic backward)."""
+    u = var.clamp_min(0.0) + 1e-6 * mean.square() + torch.finfo(var.dtype).eps ** 2
+    std = u.sqrt()
+    cdf = 0.5 * (1.0 + torch.erf(mean / std / 2**0.5))
+    pdf = torch.exp(-0.5 * (mean / std).square()) / (2 * torch.pi) ** 0.5
+    first = mean * cdf + std * pdf
+    return first, ((mean.square() + u) * cdf + mean * std * pdf - first.square()).clamp_min(0.0)
+
+
+def test_relu_moments_backward_is_autograds_of_the_closed_form():
+    torch.manual_seed(0)
+    mean = (3 * torch.randn(64, dtype=torch.float64)).requires_grad_()
+    var = (torch.rand(64, dtype=torch.float64) * 4).requires_grad_()
+    grads = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    for fn in (F.relu_moments, _composite_relu_moments):
+        outputs = fn(mean, var)
+        for got, want in zip(outputs, _composite_relu_moments(mean, var)):
+            torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    analytic = torch.autograd.grad(F.relu_moments(mean, var), (mean, var), grads)
+    reference = torch.autograd.grad(_composite_relu_moments(mean, var), (mean, var), grads)
+    for got, want in zip(analytic, reference):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    point = (mean[:6].detach().requires_grad_(), var[:6].detach().requires_grad_())
+    assert torch.autograd.gradcheck(F.relu_moments, point)
+    assert torch.autograd.gradgradcheck(F.relu_moments, point)
+
+
 def test_linear_moments_match_sampled_convolution():
     """The analytic moments equal what the authors' Gaussian-sample-through-conv estimates."""
     torch.manual_seed(0)

@@ -218,32 +218,81 @@ def kalman_update_full(
     return mean, cov
 
 
+#: The standard deviation's floor relative to the mean, squared (:func:`safe_std`).
+STD_FLOOR_SCALE = 1e-6
+
+
 def safe_std(mean: Tensor, var: Tensor) -> Tensor:
     """s = sqrt(max(var, 0) + 1e-6 mean^2 + eps^2), eps the dtype's machine epsilon: the standard
     deviation with a floor, so that d s / d var = 1 / (2 s) stays finite in float32 (with the
     floor at the smallest normal number it reached 5e18 at var = 0 and overflowed to inf through
     a few layers: NaN gradients in MobileNetV2 at 32 px)."""
-    floor = 1e-6 * mean.square() + torch.finfo(var.dtype).eps ** 2
+    floor = STD_FLOOR_SCALE * mean.square() + torch.finfo(var.dtype).eps ** 2
     return (var.clamp_min(0.0) + floor).sqrt()
 
 
 def relu_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and variance of ReLU(z) for z ~ N(mean, var), elementwise, in closed form.
+    """Mean and variance of ReLU(z) for z ~ N(mean, u), elementwise, in closed form.
 
-    With s = sqrt(var), a = mean / s, Phi/phi the standard normal cdf/pdf:
-    E[relu z] = mean Phi(a) + s phi(a);  E[(relu z)^2] = (mean^2 + var) Phi(a) + mean s phi(a).
+    With u = :func:`safe_std` ``(mean, var)^2`` (var with a floor), s = sqrt(u), a = mean / s and
+    Phi/phi the standard normal cdf/pdf:
 
-    For finite gradients at any input, s is :func:`safe_std`: |a| stays below 1000, where Phi
-    and phi are 0 or 1 to any precision, so a near-zero variance with a large mean (a
-    deterministic input) gives the exact moments and finite derivatives.
+        E[relu z] = mean Phi(a) + s phi(a),   E[(relu z)^2] = (mean^2 + u) Phi(a) + mean s phi(a).
+
+    In eager mode its backward is analytic (:class:`_ReluMoments`): a dozen elementwise
+    operations instead of autograd's seventy through erf and exp. Finite at any input, since
+    |a| stays below 1000, where Phi and phi are 0 or 1 to any precision (a near-zero variance
+    with a large mean, a deterministic input, gives the exact moments and finite derivatives).
     """
+    if torch.compiler.is_compiling():  # the compiler fuses autograd's backward itself (and a
+        # custom Function inside a compiled checkpoint breaks dynamo)
+        _, _, _, first, second = _relu_moment_terms(mean, var)
+        return first, (second - first.square()).clamp_min(0.0)
+    return _ReluMoments.apply(mean, var)
+
+
+def _relu_moment_terms(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(std, Phi(a), phi(a), E[relu z], E[(relu z)^2]) of :func:`relu_moments`."""
     std = safe_std(mean, var)
     ratio = mean / std
     cdf = 0.5 * (1.0 + torch.erf(ratio / math.sqrt(2.0)))
     pdf = torch.exp(-0.5 * ratio.square()) / math.sqrt(2.0 * math.pi)
     first = mean * cdf + std * pdf
-    second = (mean.square() + var) * cdf + mean * std * pdf
-    return first, (second - first.square()).clamp_min(0.0)
+    second = (mean.square() + std.square()) * cdf + mean * std * pdf
+    return std, cdf, pdf, first, second
+
+
+class _ReluMoments(torch.autograd.Function):
+    """:func:`relu_moments` with its derivatives in closed form. For z ~ N(m, u) (Stein's lemma):
+
+        d E[relu z] / dm = Phi,   d E[relu z] / du = phi / (2 s),
+        d E[(relu z)^2] / dm = 2 E[relu z],   d E[(relu z)^2] / du = Phi,
+
+    and u = max(var, 0) + 1e-6 m^2 + eps^2 adds d u / dm = 2e-6 m, d u / d var = [var >= 0].
+    The backward reuses the forward's terms; under ``create_graph`` it recomputes them from the
+    inputs, so that it has a backward too.
+    """
+
+    @staticmethod
+    def forward(ctx, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        terms = _relu_moment_terms(mean, var)
+        _, _, _, first, second = terms
+        out_var = second - first.square()
+        ctx.save_for_backward(mean, var, *terms)
+        return first, out_var.clamp_min(0.0)
+
+    @staticmethod
+    def backward(ctx, grad_first: Tensor, grad_var: Tensor) -> tuple[Tensor, Tensor]:
+        mean, var, *terms = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the terms as functions of the inputs
+            terms = _relu_moment_terms(mean, var)
+        std, cdf, pdf, first, second = terms
+        grad_second = grad_var * (second - first.square() >= 0)  # clamp_min's mask
+        grad_first = grad_first - 2.0 * first * grad_second  # var_out = E2 - E1^2
+        grad_u = grad_first * pdf / (2.0 * std) + grad_second * cdf
+        grad_mean = grad_first * cdf + 2.0 * first * grad_second
+        grad_mean = grad_mean + grad_u * (2.0 * STD_FLOOR_SCALE * mean)
+        return grad_mean, grad_u * (var >= 0)
 
 
 def channel_weights(weight: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:

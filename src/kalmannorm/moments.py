@@ -200,24 +200,36 @@ def convolution(
     D = ``geometry.spread``:
 
         mean = sum_t f_t a_t + b,   var = sum_t f_t c_t + a^T D a.
+
+    The sums over taps are taken on the weight first (sum_t f_t W_t, sum_t f_t W_t o W_t), so
+    only the border term a^T D a, where some tap reads padding, needs the per-tap a_t.
     """
     mean, var = moments
-    stat_groups = mean.shape[0]
-    out_channels, per_group = weight.shape[:2]
-    taps = weight.reshape(groups, out_channels // groups, per_group, -1)
-    grouped_mean = mean.reshape(stat_groups, groups, per_group)
-    grouped_var = var.reshape(stat_groups, groups, per_group)
-    tap_means = torch.einsum("sgi,goik->sgok", grouped_mean, taps).flatten(1, 2)
-    tap_vars = torch.einsum("sgi,goik->sgok", grouped_var, taps.square()).flatten(1, 2)
+    taps = weight.reshape(*weight.shape[:2], -1)  # (C_out, C_in / groups, K); K = 1: linear
     valid = geometry.valid.to(mean)
-    out_mean = tap_means @ valid
-    out_var = tap_vars @ valid
+    out_mean = _channel_map(mean, taps @ valid, groups)
+    out_var = _channel_map(var, taps.square() @ valid, groups)
     if geometry.bordered:
-        spread = geometry.spread.to(mean)
-        out_var = out_var + ((tap_means @ spread) * tap_means).sum(-1)
+        stat_groups = mean.shape[0]
+        out_channels, per_group = weight.shape[:2]
+        grouped_taps = taps.reshape(groups, out_channels // groups, per_group, -1)
+        grouped_mean = mean.reshape(stat_groups, groups, per_group)
+        tap_means = torch.einsum("sgi,goik->sgok", grouped_mean, grouped_taps).flatten(1, 2)
+        out_var = out_var + ((tap_means @ geometry.spread.to(mean)) * tap_means).sum(-1)
     if bias is not None:
         out_mean = out_mean + bias
     return Moments(out_mean, out_var.clamp_min(0.0))
+
+
+def _channel_map(x: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """y_o = sum_i W_oi x_i over the input channels of output channel o's convolution group:
+    ``x`` (G, C_in), ``weight`` (C_out, C_in / groups)."""
+    if groups == 1:
+        return x @ weight.T
+    stat_groups, out_channels = x.shape[0], weight.shape[0]
+    grouped = x.reshape(stat_groups, groups, 1, -1)
+    blocks = weight.reshape(groups, out_channels // groups, -1)
+    return (grouped * blocks).sum(-1).flatten(1)
 
 
 def average_pool(moments: Moments, geometry: TapGeometry, include_padding: bool) -> Moments:
