@@ -299,18 +299,53 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
 
 
 class BatchKalmanNorm1d(BatchKalmanNorm):
-    """BKN over (N, C) or (N, C, L) inputs."""
+    """BKN over (N, C) or (N, C, L) inputs.
+
+    Arguments: as :class:`BatchKalmanNorm`.
+
+    Shape:
+        - Input: (N, C) or (N, C, L), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+    """
 
     _expected_dims = (2, 3)
 
 
 class BatchKalmanNorm2d(BatchKalmanNorm):
-    """BKN over (N, C, H, W) inputs."""
+    """BKN over (N, C, H, W) inputs.
+
+    Arguments: as :class:`BatchKalmanNorm`.
+
+    Shape:
+        - Input: (N, C, H, W), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+
+    Examples::
+
+        >>> import torch, kalmannorm
+        >>> layer = kalmannorm.BatchKalmanNorm2d(16, stat_batch_size=2)  # alone: BatchNorm
+        >>> layer(torch.randn(8, 16, 5, 5)).shape  # 4 statistics groups of 2 samples
+        torch.Size([8, 16, 5, 5])
+        >>> net = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        ...     torch.nn.Conv2d(16, 16, 3), torch.nn.BatchNorm2d(16))
+        >>> x = torch.randn(4, 3, 8, 8)
+        >>> net = kalmannorm.convert_norm(net, "bkn-flow", stat_batch_size=2, example_input=x)
+        >>> type(net[4]).__name__, net(x).shape  # the second predicts from the first
+        ('BatchKalmanNorm2d', torch.Size([4, 16, 4, 4]))
+    """
 
     _expected_dims = (4,)
 
 
 class BatchKalmanNorm3d(BatchKalmanNorm):
-    """BKN over (N, C, D, H, W) inputs."""
+    """BKN over (N, C, D, H, W) inputs.
+
+    Arguments: as :class:`BatchKalmanNorm`.
+
+    Shape:
+        - Input: (N, C, D, H, W), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+    """
 
     _expected_dims = (5,)

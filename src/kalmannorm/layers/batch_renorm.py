@@ -256,18 +256,47 @@ def renormalized_statistics(
 
 
 class BatchRenorm1d(BatchRenorm):
-    """Batch Renormalization over (N, C) or (N, C, L) inputs."""
+    """Batch Renormalization over (N, C) or (N, C, L) inputs.
+
+    Arguments: as :class:`BatchRenorm`.
+
+    Shape:
+        - Input: (N, C) or (N, C, L), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+    """
 
     _expected_dims = (2, 3)
 
 
 class BatchRenorm2d(BatchRenorm):
-    """Batch Renormalization over (N, C, H, W) inputs."""
+    """Batch Renormalization over (N, C, H, W) inputs.
+
+    Arguments: as :class:`BatchRenorm`.
+
+    Shape:
+        - Input: (N, C, H, W), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+
+    Examples::
+
+        >>> import torch
+        >>> from kalmannorm.baselines import BatchRenorm2d
+        >>> layer = BatchRenorm2d(16, stat_batch_size=2)
+        >>> layer(torch.randn(8, 16, 5, 5)).shape
+        torch.Size([8, 16, 5, 5])
+    """
 
     _expected_dims = (4,)
 
 
 class BatchRenorm3d(BatchRenorm):
-    """Batch Renormalization over (N, C, D, H, W) inputs."""
+    """Batch Renormalization over (N, C, D, H, W) inputs.
+
+    Arguments: as :class:`BatchRenorm`.
+
+    Shape:
+        - Input: (N, C, D, H, W), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+    """
 
     _expected_dims = (5,)

@@ -584,19 +584,49 @@ class CrossIterationBatchNorm(NormBase):
 
 
 class CrossIterationBatchNorm1d(CrossIterationBatchNorm):
-    """CBN over (N, C) or (N, C, L) inputs (after nn.Linear or nn.Conv1d)."""
+    """CBN over (N, C) or (N, C, L) inputs (after nn.Linear or nn.Conv1d).
+
+    Arguments: as :class:`CrossIterationBatchNorm`.
+
+    Shape:
+        - Input: (N, C) or (N, C, L), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+    """
 
     _expected_dims = (2, 3)
 
 
 class CrossIterationBatchNorm2d(CrossIterationBatchNorm):
-    """CBN over (N, C, H, W) inputs (after nn.Conv2d)."""
+    """CBN over (N, C, H, W) inputs (after nn.Conv2d).
+
+    Arguments: as :class:`CrossIterationBatchNorm`.
+
+    Shape:
+        - Input: (N, C, H, W), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+
+    Examples::
+
+        >>> import torch
+        >>> from kalmannorm.baselines import CrossIterationBatchNorm2d
+        >>> conv = torch.nn.Conv2d(3, 16, 3)  # compensates past statistics through its weight
+        >>> layer = CrossIterationBatchNorm2d(16, stat_batch_size=2, conv=conv)
+        >>> layer(conv(torch.randn(8, 3, 7, 7))).shape
+        torch.Size([8, 16, 5, 5])
+    """
 
     _expected_dims = (4,)
 
 
 class CrossIterationBatchNorm3d(CrossIterationBatchNorm):
-    """CBN over (N, C, D, H, W) inputs (after nn.Conv3d)."""
+    """CBN over (N, C, D, H, W) inputs (after nn.Conv3d).
+
+    Arguments: as :class:`CrossIterationBatchNorm`.
+
+    Shape:
+        - Input: (N, C, D, H, W), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+    """
 
     _expected_dims = (5,)
 

@@ -66,6 +66,17 @@ class EvoNormS0(LoadsBatchNormCheckpoints):
         affine: learn gamma (``weight``) and beta (``bias``), BatchNorm's names.
         nonlinearity: multiply by sigmoid(v x) (learned ``v``); False gives the activation-free
             variant.
+
+    Shape:
+        - Input: (N, C, *spatial), any N (statistics are per sample and channel group).
+        - Output: the input's shape.
+
+    Examples::
+
+        >>> import torch
+        >>> from kalmannorm.baselines import EvoNormS0
+        >>> EvoNormS0(4, 16)(torch.randn(1, 16, 5, 5)).shape
+        torch.Size([1, 16, 5, 5])
     """
 
     _own_keys = ("v",)

@@ -69,6 +69,17 @@ class FilterResponseNorm(LoadsBatchNormCheckpoints):
             model keeps a BatchNorm checkpoint's gamma and beta.
         tlu: apply the thresholded linear unit max(y, tau) with learned ``tau``.
         learn_eps: learn eps = eps + |eps_raw| per channel (the paper's choice for 1x1 inputs).
+
+    Shape:
+        - Input: (N, C, *spatial), any N (statistics are per sample and channel).
+        - Output: the input's shape.
+
+    Examples::
+
+        >>> import torch
+        >>> from kalmannorm.baselines import FilterResponseNorm
+        >>> FilterResponseNorm(16)(torch.randn(1, 16, 5, 5)).shape
+        torch.Size([1, 16, 5, 5])
     """
 
     _own_keys = ("tau", "eps_raw")

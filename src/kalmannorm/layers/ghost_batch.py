@@ -216,18 +216,47 @@ class GhostBatchNorm(NormBase):
 
 
 class GhostBatchNorm1d(GhostBatchNorm):
-    """Ghost BatchNorm over (N, C) or (N, C, L) inputs."""
+    """Ghost BatchNorm over (N, C) or (N, C, L) inputs.
+
+    Arguments: as :class:`GhostBatchNorm`.
+
+    Shape:
+        - Input: (N, C) or (N, C, L), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+    """
 
     _expected_dims = (2, 3)
 
 
 class GhostBatchNorm2d(GhostBatchNorm):
-    """Ghost BatchNorm over (N, C, H, W) inputs."""
+    """Ghost BatchNorm over (N, C, H, W) inputs.
+
+    Arguments: as :class:`GhostBatchNorm`.
+
+    Shape:
+        - Input: (N, C, H, W), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+
+    Examples::
+
+        >>> import torch
+        >>> from kalmannorm.baselines import GhostBatchNorm2d
+        >>> layer = GhostBatchNorm2d(16, stat_batch_size=2)
+        >>> layer(torch.randn(8, 16, 5, 5)).shape
+        torch.Size([8, 16, 5, 5])
+    """
 
     _expected_dims = (4,)
 
 
 class GhostBatchNorm3d(GhostBatchNorm):
-    """Ghost BatchNorm over (N, C, D, H, W) inputs."""
+    """Ghost BatchNorm over (N, C, D, H, W) inputs.
+
+    Arguments: as :class:`GhostBatchNorm`.
+
+    Shape:
+        - Input: (N, C, D, H, W), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+    """
 
     _expected_dims = (5,)

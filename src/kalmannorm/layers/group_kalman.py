@@ -39,6 +39,17 @@ class GroupKalmanNorm(KalmanNormBase):
     Groups come first, as in :class:`torch.nn.GroupNorm`; the channel-first factory for a
     ``norm_layer`` argument is ``kalmannorm.norm_layer("gkn", num_groups=...)`` (unset: the
     default groups, at most 32 of at least 8 channels).
+
+    Shape:
+        - Input: (N, C, *), any N (statistics are per sample).
+        - Output: the input's shape.
+
+    Examples::
+
+        >>> import torch, kalmannorm
+        >>> layer = kalmannorm.GroupKalmanNorm(4, 16)  # alone: GroupNorm(4, 16)
+        >>> layer(torch.randn(1, 16, 5, 5)).shape
+        torch.Size([1, 16, 5, 5])
     """
 
     def __init__(

@@ -26,6 +26,17 @@ class ChannelLayerNorm(LoadsBatchNormCheckpoints):
         num_features: channels C.
         eps: added to the variance.
         affine: learn per-channel gamma (``weight``) and beta (``bias``).
+
+    Shape:
+        - Input: (N, C, *spatial), any N (statistics are per sample and position).
+        - Output: the input's shape.
+
+    Examples::
+
+        >>> import torch
+        >>> from kalmannorm.baselines import ChannelLayerNorm
+        >>> ChannelLayerNorm(16)(torch.randn(1, 16, 5, 5)).shape
+        torch.Size([1, 16, 5, 5])
     """
 
     _own_keys = ()

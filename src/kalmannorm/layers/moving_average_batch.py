@@ -459,19 +459,48 @@ class MovingAverageBatchNorm(NormBase):
 
 
 class MovingAverageBatchNorm1d(MovingAverageBatchNorm):
-    """MABN over (N, C) or (N, C, L) inputs."""
+    """MABN over (N, C) or (N, C, L) inputs.
+
+    Arguments: as :class:`MovingAverageBatchNorm`.
+
+    Shape:
+        - Input: (N, C) or (N, C, L), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+    """
 
     _expected_dims = (2, 3)
 
 
 class MovingAverageBatchNorm2d(MovingAverageBatchNorm):
-    """MABN over (N, C, H, W) inputs."""
+    """MABN over (N, C, H, W) inputs.
+
+    Arguments: as :class:`MovingAverageBatchNorm`.
+
+    Shape:
+        - Input: (N, C, H, W), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+
+    Examples::
+
+        >>> import torch
+        >>> from kalmannorm.baselines import MovingAverageBatchNorm2d
+        >>> layer = MovingAverageBatchNorm2d(16, stat_batch_size=2)
+        >>> layer(torch.randn(8, 16, 5, 5)).shape
+        torch.Size([8, 16, 5, 5])
+    """
 
     _expected_dims = (4,)
 
 
 class MovingAverageBatchNorm3d(MovingAverageBatchNorm):
-    """MABN over (N, C, D, H, W) inputs."""
+    """MABN over (N, C, D, H, W) inputs.
+
+    Arguments: as :class:`MovingAverageBatchNorm`.
+
+    Shape:
+        - Input: (N, C, D, H, W), N a multiple of ``stat_batch_size``.
+        - Output: the input's shape.
+    """
 
     _expected_dims = (5,)
 
