@@ -68,7 +68,7 @@ S2_NORMS = [
 BEYOND = [MABN, TEMPORAL, Variant("gn", "gn-old-groups", {"min_channels_per_group": 1})]
 #: The held-out search every compared norm gets (BN@128 too): the learning rate, on 10 % of the
 #: training set, one seed; each norm's pick is then trained with 3 seeds and tested.
-SEARCH = SearchConfig(holdout=0.1, train={"lr": [0.05, 0.1, 0.2, 0.4]}, seeds=[0])
+SEARCH = SearchConfig(holdout=0.1, train={"lr": [0.05, 0.1, 0.2, 0.4, 0.8]}, seeds=[0])
 SEARCHED_NORMS = [Variant("gn", "gn"), Variant("bn", "bn"), FLOW]
 OPTIONS = [TEMPORAL, Variant("bkn", "bkn-flow-calibrated", {**_FLOW, "calibrate_prior": True})]
 
