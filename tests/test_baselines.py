@@ -21,7 +21,6 @@ from kalmannorm.baselines import (
     GhostBatchNorm2d,
     GhostBatchNorm3d,
 )
-from kalmannorm.lab.bench_norms import takes_stat_batch_size
 from kalmannorm.layers.batch_renorm import relaxed_limit
 
 DOUBLE = torch.float64
@@ -437,7 +436,7 @@ def test_every_baseline_is_registered_and_built_by_name():
         options = {"stat_batch_size": 2} if name in ("bn", "brn", "cbn") else {}
         layer = kalmannorm.build_norm(name, 64, **options)
         assert type(layer) is cls, name
-        assert takes_stat_batch_size(name) == bool(options), name
+        assert kalmannorm.norm_spec(name).batch_statistics == bool(options), name
     assert kalmannorm.build_norm("gn", 48).num_groups == 6  # >= 8 channels per group
     assert kalmannorm.build_norm("gn", 48, min_channels_per_group=1).num_groups == 24
     assert kalmannorm.build_norm("gn", 64, num_groups=8).num_groups == 8
@@ -497,9 +496,24 @@ def resnet50():
 
 
 @pytest.mark.parametrize("name", sorted(kalmannorm.available_norms()))
+def test_every_norm_declares_what_it_takes(name):
+    """The registry's declarations against the builders: a norm with batch statistics takes
+    ``stat_batch_size``, a per-sample one refuses it; one with its own eps keeps it."""
+    spec = kalmannorm.norm_spec(name)
+    if spec.batch_statistics:
+        assert kalmannorm.build_norm(name, 8, stat_batch_size=2).stat_batch_size == 2
+    else:
+        with pytest.raises(TypeError, match="stat_batch_size"):
+            kalmannorm.build_norm(name, 8, stat_batch_size=2)
+    layer = kalmannorm.build_norm(name, 8)
+    if spec.own_eps:
+        assert layer.eps != 1e-5 and kalmannorm.build_norm(name, 8, eps=1e-3).eps == 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(kalmannorm.available_norms()))
 def test_resnet50_converted_to_every_registered_norm_trains_and_evaluates(resnet50, name):
     torch.manual_seed(0)
-    options = {"stat_batch_size": 2} if takes_stat_batch_size(name) else {}
+    options = {"stat_batch_size": 2} if kalmannorm.norm_spec(name).batch_statistics else {}
     model = kalmannorm.convert_norm(copy.deepcopy(resnet50), name, **options)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     # InstanceNorm needs more than one position per channel: layer4 is 1x1 at 32x32 inputs.

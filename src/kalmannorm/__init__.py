@@ -21,6 +21,7 @@ from kalmannorm.convert import (
     find_chain,
     kalman_statistics,
     last_conversion,
+    norm_spec,
     register_norm,
     set_eval_statistics,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "norm_layer",
     "parameter_groups",
     "register_mmcv",
+    "norm_spec",
     "register_norm",
     "register_timm",
     "set_eval_statistics",

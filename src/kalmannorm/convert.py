@@ -7,7 +7,6 @@ create layers the same way.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -64,27 +63,43 @@ Builder = Callable[..., nn.Module]
 
 @dataclass(frozen=True)
 class NormSpec:
+    """A registered norm: its builder and what it declares about itself."""
+
     name: str
     build: Builder
     description: str
     #: chain options (``flow``, ``source``) the norm links with unless the caller gives them
     link_options: dict | None = None
+    #: statistics over the samples of a group: it takes ``stat_batch_size`` and depends on the
+    #: batch (False: per-sample statistics, which take no ``stat_batch_size``)
+    batch_statistics: bool = False
+    #: its builder takes its own ``eps`` (FRN: the paper's 1e-6), not the replaced BatchNorm's
+    own_eps: bool = False
 
 
 _REGISTRY: dict[str, NormSpec] = {}
 
 
 def register_norm(
-    name: str, description: str, link_options: dict | None = None
+    name: str,
+    description: str,
+    link_options: dict | None = None,
+    *,
+    batch_statistics: bool = False,
+    own_eps: bool = False,
 ) -> Callable[[Builder], Builder]:
     """Register ``build(source: SourceNorm, **options) -> nn.Module`` under ``name``;
     ``link_options`` are the chain options (``flow``, ``source``) :func:`convert_norm` links
-    the norm's layers with unless given."""
+    the norm's layers with unless given; ``batch_statistics`` and ``own_eps`` declare what
+    :class:`NormSpec` says (the training harness passes ``stat_batch_size`` only to a norm
+    with batch statistics)."""
 
     def decorate(build: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"a norm named {name!r} is already registered")
-        _REGISTRY[name] = NormSpec(name, build, description, link_options)
+        _REGISTRY[name] = NormSpec(
+            name, build, description, link_options, batch_statistics, own_eps
+        )
         return build
 
     return decorate
@@ -95,7 +110,8 @@ def available_norms() -> dict[str, str]:
     return {name: spec.description for name, spec in sorted(_REGISTRY.items())}
 
 
-def _spec(name: str) -> NormSpec:
+def norm_spec(name: str) -> NormSpec:
+    """The registration of the norm ``name`` (a ``ValueError`` listing the names if none)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown norm {name!r}; registered norms: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -104,11 +120,11 @@ def _spec(name: str) -> NormSpec:
 def build_norm(name: str, num_features: int, dims: int = 2, **options) -> nn.Module:
     """Build the norm ``name`` for ``num_features`` channels of ``dims``-d data (1, 2 or 3).
 
-    A norm whose builder takes its own ``eps`` (FRN: the paper's 1e-6 rather than BatchNorm's)
+    A norm that declares its own ``eps`` (FRN: the paper's 1e-6 rather than BatchNorm's)
     receives a given ``eps`` as an option; the others take it as BatchNorm's eps.
     """
-    spec = _spec(name)
-    takes_eps = "eps" in inspect.signature(spec.build).parameters
+    spec = norm_spec(name)
+    takes_eps = spec.own_eps
     source = SourceNorm(
         num_features=num_features,
         dims=dims,
@@ -119,7 +135,7 @@ def build_norm(name: str, num_features: int, dims: int = 2, **options) -> nn.Mod
         device=options.pop("device", torch.device("cpu")),
         dtype=options.pop("dtype", torch.get_default_dtype()),
     )
-    return _spec(name).build(source, **options)
+    return norm_spec(name).build(source, **options)
 
 
 # -- the registered norms ---------------------------------------------------------------------
@@ -128,7 +144,9 @@ _BKN_BY_DIMS = {1: BatchKalmanNorm1d, 2: BatchKalmanNorm2d, 3: BatchKalmanNorm3d
 
 
 @register_norm(
-    "bkn", "Batch Kalman Normalization (prior='learned' as in the paper, or 'propagate')"
+    "bkn",
+    "Batch Kalman Normalization (prior='learned' as in the paper, or 'propagate')",
+    batch_statistics=True,
 )
 def _build_bkn(source: SourceNorm, **options) -> nn.Module:
     return _BKN_BY_DIMS[source.dims](
@@ -148,6 +166,7 @@ def _build_bkn(source: SourceNorm, **options) -> nn.Module:
     "BKN, recommended: prior propagated along the data flow from the producers' posteriors "
     "(prior='propagate', source='posterior'; docs/results/REPORT.md)",
     link_options={"flow": "data", "source": "posterior"},
+    batch_statistics=True,
 )
 def _build_bkn_flow(source: SourceNorm, **options) -> nn.Module:
     options.setdefault("prior", "propagate")
@@ -220,25 +239,37 @@ _CBN_BY_DIMS = {
 _INSTANCE_BY_DIMS = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
-@register_norm("bn", "BatchNorm; with stat_batch_size, ghost BatchNorm (statistics per group)")
+@register_norm(
+    "bn",
+    "BatchNorm; with stat_batch_size, ghost BatchNorm (statistics per group)",
+    batch_statistics=True,
+)
 def _build_bn(source: SourceNorm, **options) -> nn.Module:
     return _GHOST_BY_DIMS[source.dims](**_batch_norm_kwargs(source), **options)
 
 
-@register_norm("brn", "Batch Renormalization (Ioffe 2017), r_max/d_max relaxed on a schedule")
+@register_norm(
+    "brn",
+    "Batch Renormalization (Ioffe 2017), r_max/d_max relaxed on a schedule",
+    batch_statistics=True,
+)
 def _build_brn(source: SourceNorm, **options) -> nn.Module:
     return _BRN_BY_DIMS[source.dims](**_batch_norm_kwargs(source), **options)
 
 
 @register_norm(
-    "cbn", "Cross-Iteration BatchNorm (Yao et al. 2020): Taylor-compensated window of iterations"
+    "cbn",
+    "Cross-Iteration BatchNorm (Yao et al. 2020): Taylor-compensated window of iterations",
+    batch_statistics=True,
 )
 def _build_cbn(source: SourceNorm, **options) -> nn.Module:
     return _CBN_BY_DIMS[source.dims](**_batch_norm_kwargs(source), **options)
 
 
 @register_norm(
-    "mabn", "Moving Average BatchNorm (Yan et al. 2020): second moment, SMA forward and backward"
+    "mabn",
+    "Moving Average BatchNorm (Yan et al. 2020): second moment, SMA forward and backward",
+    batch_statistics=True,
 )
 def _build_mabn(source: SourceNorm, **options) -> nn.Module:
     from kalmannorm.layers import moving_average_batch as mabn
@@ -310,7 +341,9 @@ def _build_in(source: SourceNorm) -> nn.Module:
     )
 
 
-@register_norm("frn", "Filter Response Normalization + TLU (Singh & Krishnan 2020)")
+@register_norm(
+    "frn", "Filter Response Normalization + TLU (Singh & Krishnan 2020)", own_eps=True
+)
 def _build_frn(source: SourceNorm, eps: float = FRN_DEFAULT_EPS, **options) -> nn.Module:
     # The paper's eps (1e-6), not the replaced BatchNorm's; convert_norm(..., eps=) overrides it.
     return FilterResponseNorm(
@@ -460,7 +493,7 @@ def _needs_dims_from_input(name: str, options: dict) -> bool:
 def build_for_input(name: str, source: SourceNorm, options: dict) -> nn.Module:
     """``spec.build(source)``; with ``source.dims == 0`` the 2d norm, which takes the input's
     dimensionality on its first forward (:class:`DimsFromInput`)."""
-    spec = _spec(name)
+    spec = norm_spec(name)
     if source.dims:
         return spec.build(source, **options)
     layer = spec.build(replace(source, dims=2), **options)
@@ -618,7 +651,7 @@ def convert_norm(
     """
     from kalmannorm.autolink import link_model
 
-    link_options = _spec(name).link_options or {}
+    link_options = norm_spec(name).link_options or {}
     flow = link_options.get("flow") if flow is None else flow
     source = link_options.get("source", "batch") if source is None else source
     report = ConversionReport()

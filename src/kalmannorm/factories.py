@@ -35,7 +35,6 @@ itself on the model's first forward call (:mod:`kalmannorm.autolink`), traced on
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 import threading
 import weakref
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 
 from kalmannorm.autolink import await_link
-from kalmannorm.convert import SourceNorm, _spec, available_norms, build_for_input
+from kalmannorm.convert import SourceNorm, available_norms, build_for_input, norm_spec
 from kalmannorm.layers.base import KalmanNormBase
 from kalmannorm.layers.batch_kalman import BatchKalmanNorm
 from kalmannorm.layers.cross_iteration import CrossIterationBatchNorm
@@ -67,9 +66,8 @@ def make_norm(
 ) -> nn.Module:
     """The registered norm ``norm`` for ``num_features`` channels, BatchNorm's arguments mapped
     as by :func:`kalmannorm.build_norm` (``dims=None``: 2d until the first input tells)."""
-    spec = _spec(norm)
-    takes_eps = "eps" in inspect.signature(spec.build).parameters
-    if takes_eps and eps != 1e-5:
+    spec = norm_spec(norm)
+    if spec.own_eps and eps != 1e-5:
         options = {**options, "eps": eps}  # FRN: a given eps is the norm's own
     source = SourceNorm(
         num_features=num_features,
@@ -82,7 +80,7 @@ def make_norm(
         dtype=dtype if dtype is not None else torch.get_default_dtype(),
     )
     layer = build_for_input(norm, source, options)
-    link_options = getattr(spec, "link_options", None)
+    link_options = spec.link_options
     if link_options and isinstance(layer, KalmanNormBase):
         layer.link_options = dict(link_options)  # what its chain links with (autolink)
     _own_kalman_parameters(layer)

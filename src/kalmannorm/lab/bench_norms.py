@@ -33,27 +33,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kalmannorm.convert import available_norms, build_norm, convert_norm
+from kalmannorm.convert import available_norms, convert_norm, norm_spec
 
-__all__ = ["format_rows", "norm_layer_rows", "takes_stat_batch_size"]
+__all__ = ["format_rows", "norm_layer_rows"]
 
 #: Norms that need a feeding convolution (timed only in the conv+norm setup).
 NEEDS_CONV = ("cbn",)
 
 _FULL = {"batch": 128, "channels": 64, "size": 32, "warmup": 2, "repeats": 5, "iters": 2}
 _QUICK = {"batch": 32, "channels": 16, "size": 16, "warmup": 2, "repeats": 3, "iters": 2}
-
-
-def takes_stat_batch_size(name: str) -> bool:
-    """Whether the registered norm ``name`` computes batch statistics (takes ``stat_batch_size``;
-    batch-free norms refuse it with a TypeError naming it)."""
-    try:
-        build_norm(name, 4, stat_batch_size=2)
-    except TypeError as error:
-        if "stat_batch_size" in str(error):
-            return False
-        raise
-    return True
 
 
 def _norm_pair(channels: int) -> nn.Module:
@@ -111,7 +99,7 @@ def _measure(
     torch.manual_seed(0)
     c = sizes["channels"]
     reference = build(c).to(device)
-    options = {"stat_batch_size": 2} if takes_stat_batch_size(name) else {}
+    options = {"stat_batch_size": 2} if norm_spec(name).batch_statistics else {}
     candidate = convert_norm(copy.deepcopy(reference), name, **options)
     x = torch.randn(sizes["batch"], c, sizes["size"], sizes["size"], device=device)
     x.requires_grad_(True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,16 +39,9 @@ def check_names(dataset: str, model: str, norm: str) -> None:
         raise ConfigError(f"unknown norm {norm!r}; available norms: {', '.join(valid_norms())}")
 
 
-@functools.cache
 def takes_stat_batch_size(norm: str) -> bool:
-    """Whether the registered norm accepts ``stat_batch_size`` (batch-independent ones don't)."""
-    try:
-        kalmannorm.build_norm(norm, 4, 2, stat_batch_size=2)
-    except TypeError as error:
-        if "stat_batch_size" in str(error):
-            return False
-        raise
-    return True
+    """Whether the registered norm has batch statistics (takes ``stat_batch_size``)."""
+    return kalmannorm.norm_spec(norm).batch_statistics
 
 
 def build_run_model(
@@ -106,13 +98,9 @@ _COPIED_FROM_BATCHNORM = frozenset({"eps", "momentum", "affine", "track_running_
 
 
 def takes_own(norm: str, keys: list[str]) -> bool:
-    """Whether the registered norm's builder takes ``keys`` itself (FRN its own ``eps``)."""
-    import inspect
-
-    from kalmannorm.convert import _spec
-
-    parameters = inspect.signature(_spec(norm).build).parameters
-    return all(key in parameters for key in keys)
+    """Whether the registered norm takes ``keys`` itself rather than from the BatchNorm it
+    replaces (only ``eps``, for a norm that declares its own: FRN)."""
+    return all(key == "eps" and kalmannorm.norm_spec(norm).own_eps for key in keys)
 
 
 def _first_line(error: BaseException) -> str:
