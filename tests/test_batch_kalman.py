@@ -283,6 +283,9 @@ def test_bad_inputs_give_clear_errors():
         checked(bad)
     with pytest.raises(ValueError, match="stat_batch_size must be a positive"):
         BatchKalmanNorm2d(4, stat_batch_size=0)
+    for wrong in (True, 2.0):  # not silently taken as 1 or 2
+        with pytest.raises(TypeError, match="stat_batch_size must be an int or None"):
+            BatchKalmanNorm2d(4, stat_batch_size=wrong)
     with pytest.raises(ValueError, match="learn_gain=False"):
         BatchKalmanNorm2d(4, gain=1.0)
 

@@ -55,6 +55,7 @@ TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 NormBase = nn.modules.batchnorm._NormBase
 BatchNormBase = nn.modules.batchnorm._BatchNorm
+InstanceNormBase = nn.modules.instancenorm._InstanceNorm
 ConvNd = nn.modules.conv._ConvNd
 ConvTransposeNd = nn.modules.conv._ConvTransposeNd
 
@@ -124,6 +125,7 @@ __all__ = [
     "BatchNormBase",
     "ConvNd",
     "ConvTransposeNd",
+    "InstanceNormBase",
     "NormBase",
     "TorchDispatchMode",
     "in_backward",

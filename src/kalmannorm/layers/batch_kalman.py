@@ -36,6 +36,7 @@ from kalmannorm.layers.base import (
     KalmanEstimate,
     KalmanNormBase,
 )
+from kalmannorm.layers.ghost_batch import check_stat_batch_size
 
 EVAL_STATISTICS = ("moving", "batch")
 _TEMPORAL_BUFFERS = ("mean", "var", "mean_error", "var_error", "mean_noise", "var_noise")
@@ -102,8 +103,7 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **factory_kwargs)
-        if stat_batch_size is not None and stat_batch_size < 1:
-            raise ValueError(f"stat_batch_size must be a positive integer, got {stat_batch_size}")
+        check_stat_batch_size(stat_batch_size)
         if eval_statistics not in EVAL_STATISTICS:
             raise ValueError(f"eval_statistics must be one of {EVAL_STATISTICS}")
         self.stat_batch_size = stat_batch_size

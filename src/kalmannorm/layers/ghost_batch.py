@@ -82,6 +82,7 @@ def refuse_recomputation(layer: NormBase) -> None:
 
 
 def check_stat_batch_size(stat_batch_size: int | None) -> None:
+    """Refuse a statistics-batch size that is not None or a positive int (True, 2.0, 0)."""
     if stat_batch_size is not None and (
         isinstance(stat_batch_size, bool) or not isinstance(stat_batch_size, int)
     ):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
+from kalmannorm._torch_private import NormBase
 from kalmannorm.lab.train.batch_mode import is_batchnorm_like
 from kalmannorm.layers.base import KalmanNormBase
 
@@ -48,7 +48,7 @@ class ParameterCount:
 def is_norm_layer(module: nn.Module) -> bool:
     """BatchNorm-like, Kalman, GroupNorm, LayerNorm, InstanceNorm or any kalmannorm layer."""
     return (
-        isinstance(module, (_NormBase, nn.GroupNorm, nn.LayerNorm, KalmanNormBase))
+        isinstance(module, (NormBase, nn.GroupNorm, nn.LayerNorm, KalmanNormBase))
         or is_batchnorm_like(module)
         or type(module).__module__.startswith("kalmannorm.layers")
     )

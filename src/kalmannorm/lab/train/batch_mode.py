@@ -37,12 +37,12 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 from kalmannorm import functional as F
+from kalmannorm._torch_private import BatchNormBase, InstanceNormBase
 from kalmannorm.layers.base import KalmanNormBase
 from kalmannorm.layers.batch_kalman import BatchKalmanNorm
+from kalmannorm.layers.ghost_batch import check_stat_batch_size
 from kalmannorm.layers.group_kalman import GroupKalmanNorm
 from kalmannorm.layers.moving_average_batch import MovingAverageBatchNorm
 
@@ -91,9 +91,9 @@ Observer = Callable[[NormLayer, Tensor, GroupStatistics], None]
 
 def is_batchnorm_like(module: nn.Module) -> bool:
     """A non-Kalman norm with BatchNorm's moving statistics (or a BatchNorm without them)."""
-    if isinstance(module, (KalmanNormBase, _InstanceNorm)):
+    if isinstance(module, (KalmanNormBase, InstanceNormBase)):
         return False
-    if isinstance(module, _BatchNorm):
+    if isinstance(module, BatchNormBase):
         return True
     return isinstance(getattr(module, "running_mean", None), Tensor) and isinstance(
         getattr(module, "running_var", None), Tensor
@@ -198,8 +198,7 @@ def batch_statistics_mode(
     Yields the norm layers found. Forward passes inside the block should be whole groups (the
     batch a multiple of every layer's group size) and run under ``torch.no_grad``.
     """
-    if stat_batch_size is not None and stat_batch_size < 1:
-        raise ValueError(f"stat_batch_size must be a positive integer, got {stat_batch_size}")
+    check_stat_batch_size(stat_batch_size)
     layers = find_norm_layers(model, stat_batch_size)
     training = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
