@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import kalmannorm
+from kalmannorm.lab.accuracy import count_correct
 from kalmannorm.lab.data import load_digits_split
 from kalmannorm.lab.models import SmallCNN
 
@@ -29,12 +30,9 @@ class DemoResult:
 
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
     usable = len(y) - len(y) % batch_size
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, usable, batch_size):
-            logits = model(x[start : start + batch_size])
-            correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
-    return correct / usable
+    batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, usable, batch_size))
+    correct, count = count_correct(model, batches, x.device)
+    return correct / count
 
 
 def train(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kalmannorm.lab.accuracy import count_correct
 from kalmannorm.lab.analysis.batches import DataSource, iterate_batches, model_device
 from kalmannorm.lab.train.batch_mode import batch_statistics_mode, find_norm_layers, whole_groups
 from kalmannorm.layers.batch_kalman import BatchKalmanNorm
@@ -82,18 +83,18 @@ def accuracy(
 ) -> tuple[float, int]:
     """Top-1 accuracy of ``model`` as it is set up, and the number of samples scored."""
     device = model_device(model) if device is None else torch.device(device)
-    correct = count = 0
-    for inputs, labels in iterate_batches(
-        data, batch_size, multiple_of=multiple_of, max_samples=max_samples
-    ):
-        if labels is None:
-            raise ValueError("accuracy needs labels: pass (inputs, labels) batches")
-        logits = model(inputs.to(device))
-        correct += int((logits.argmax(1).cpu() == labels.cpu()).sum())
-        count += len(labels)
+    batches = iterate_batches(data, batch_size, multiple_of=multiple_of, max_samples=max_samples)
+    correct, count = count_correct(model, _labelled(batches), device)
     if count == 0:
         raise ValueError("no sample was scored: the data set is empty or smaller than one group")
     return correct / count, count
+
+
+def _labelled(batches: Iterator) -> Iterator:
+    for inputs, labels in batches:
+        if labels is None:
+            raise ValueError("accuracy needs labels: pass (inputs, labels) batches")
+        yield inputs, labels
 
 
 def eval_mode_accuracy(

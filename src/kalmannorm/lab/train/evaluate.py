@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from kalmannorm import update_bn
+from kalmannorm.lab.accuracy import count_correct
 from kalmannorm.lab.train.batch_mode import GKN, batch_statistics_mode, find_norm_layers
 from kalmannorm.lab.train.distributed import Distributed, all_reduce_sum
 
@@ -41,15 +42,12 @@ def _accuracy(
     """Correct fraction over the test set, in batches of ``batch_size``, each cut to a multiple
     of ``whole`` (the samples of an incomplete last group are left out); batches are shared
     round-robin among processes. NaN when no sample could be scored."""
-    correct = count = 0
-    for index, (x, y) in enumerate(data.test_batches(batch_size)):
-        keep = len(y) - len(y) % whole
-        if keep == 0 or index % dist.world_size != dist.rank:
-            continue
-        logits = model(x[:keep].to(device, non_blocking=True))
-        correct += int((logits.argmax(1) == y[:keep].to(device)).sum())
-        count += keep
-    correct, count = all_reduce_sum([correct, count], dist, device)
+    mine = (
+        (x[: len(y) - len(y) % whole], y[: len(y) - len(y) % whole])
+        for index, (x, y) in enumerate(data.test_batches(batch_size))
+        if len(y) >= whole and index % dist.world_size == dist.rank
+    )
+    correct, count = all_reduce_sum(list(count_correct(model, mine, device)), dist, device)
     return (correct / count if count else float("nan")), int(count)
 
 
