@@ -418,3 +418,28 @@ def test_the_recommended_preset_links_with_its_own_chain_options():
         preact_resnet20(10, 1), "bkn-flow", stat_batch_size=2, source="batch", example_input=x
     )
     assert kalmannorm.find_chain(overridden).source == "batch"
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_posterior_output_is_normalized_output_of_the_posterior(affine):
+    torch.manual_seed(0)
+    mean = torch.randn(3, 5, dtype=DOUBLE, requires_grad=True)
+    var = (torch.rand(3, 5, dtype=DOUBLE) + 0.1).requires_grad_()
+    weight = torch.randn(5, dtype=DOUBLE, requires_grad=True) if affine else None
+    bias = torch.randn(5, dtype=DOUBLE, requires_grad=True) if affine else None
+    leaves = [t for t in (mean, var, weight, bias) if t is not None]
+    grads = torch.randn(3, 5, dtype=DOUBLE), torch.randn(3, 5, dtype=DOUBLE)
+    short = mo.posterior_output(mean, var, weight, bias, 1e-5)
+    full = mo.normalized_output(mean, var, mean, var, weight, bias, 1e-5)
+    for got, want in zip(short, full):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+
+    def loss(outputs):  # a constant output (no bias: mean 0) carries no gradient
+        return sum((o * g).sum() for o, g in zip(outputs, grads) if o.requires_grad)
+
+    got = torch.autograd.grad(loss(short), leaves, allow_unused=True)
+    want = torch.autograd.grad(loss(full), leaves, allow_unused=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(
+            torch.zeros_like(b) if a is None else a, b, rtol=1e-12, atol=1e-14
+        )

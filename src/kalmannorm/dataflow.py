@@ -471,8 +471,11 @@ class LayerOutput(Node):
         if ctx.raw:
             return Moments(e.mean, e.var)
         layer = self.layer
-        source = (e.mean, e.var) if ctx.source == "posterior" else (e.batch_mean, e.batch_var)
-        return mo.normalized_output(*source, e.mean, e.var, layer.weight, layer.bias, layer.eps)
+        if ctx.source == "posterior":
+            return mo.posterior_output(e.mean, e.var, layer.weight, layer.bias, layer.eps)
+        return mo.normalized_output(
+            e.batch_mean, e.batch_var, e.mean, e.var, layer.weight, layer.bias, layer.eps
+        )
 
 
 class LayerInput(Node):
