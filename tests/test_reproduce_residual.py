@@ -112,7 +112,7 @@ def _finished(spec, moving: float, batch: float) -> None:
     (spec.folder / "summary.json").write_text(json.dumps(summary))
 
 
-def test_the_search_picks_replace_the_recipe_rows_and_both_are_shown(tmp_path):
+def test_the_search_picks_have_their_own_table_beside_the_recipe(tmp_path):
     from kalmannorm.lab.train.compare import make_search_grid
     from kalmannorm.lab.train.search import Point
 
@@ -128,13 +128,30 @@ def test_the_search_picks_replace_the_recipe_rows_and_both_are_shown(tmp_path):
             assert spec.folder.name == f"gn-sall-lr_0.05-seed{spec.seed}"
             _finished(spec, gn_picked[spec.seed], gn_picked[spec.seed])
     text = reproduce(residual(root), out=tmp_path / "out", train=False, argv=[]).read_text()
-    mean, std = _mean_std(gn_picked)
-    assert _row(text, "any", "GN")[3] == f"{mean:.2f} ± {std:.2f}"  # the pick, not the recipe
-    search = text.split("## Learning-rate search")[1].split("## Accuracy")[0]
-    assert search.count("**yes**") == 4  # BN@128, ghost BN, GN and bkn-flow each pick one
     recipe_mean, recipe_std = _mean_std([m for m, _ in ACCURACY[("gn", None)]])
+    mean, std = _mean_std(gn_picked)
+    main, own = text.split("## Each norm at its own learning rate")
+    assert _row(main, "any", "GN")[3] == f"{recipe_mean:.2f} ± {recipe_std:.2f}"  # the recipe
+    assert _row(own, "any", "GN")[3] == f"{mean:.2f} ± {std:.2f}"  # the pick, in its own table
+    search = text.split("## Learning-rate search")[1]
+    assert search.count("**yes**") == 4  # BN@128, ghost BN, GN and bkn-flow each pick one
     assert (
         f"GN: test accuracy (moving) with the recipe {recipe_mean:.2f} ± {recipe_std:.2f} "
         f"(3 seeds), with its pick lr=0.05 {mean:.2f} ± {std:.2f} (3 seeds)." in search
     )
     assert "ghost BN: test accuracy" not in search  # its pick is the recipe's lr
+
+
+def test_no_gap_closed_is_claimed_where_bn128_does_not_lead_beyond_noise():
+    from kalmannorm.lab.reproduce.evidence import Cell
+    from kalmannorm.lab.reproduce.residual_report import gap_closed
+
+    def cell(label, s, values):
+        return Cell(label, "x", 128, s, moving=list(values))
+
+    flow = cell(FLOW.label, 2, [0.85, 0.86, 0.84])
+    clear = {("none", None): cell("none", None, [0.87, 0.875, 0.865])}
+    clear[("bn", 2)] = cell("bn", 2, [0.81, 0.815, 0.805])
+    assert gap_closed(clear, flow, 2) == pytest.approx((0.85 - 0.81) / (0.87 - 0.81))
+    within = {**clear, ("bn", 2): cell("bn", 2, [0.86, 0.87, 0.875])}  # ghost BN at BN@128's
+    assert gap_closed(within, flow, 2) is None

@@ -113,11 +113,12 @@ def residual(root: str | Path = "docs/results/residual/runs") -> Budget:
         "(population estimates, the default in eval), with each test group's batch statistics, "
         f"and, where measured, with moving statistics re-estimated from {PRECISE_BATCHES} "
         "training batches of 128 after training (PreciseBN, `kalmannorm.update_bn`).",
-        "Hyper-parameters: one recipe for every norm; at s = 2, BN@128, ghost BN, GN and "
-        "bkn-flow each also had the same learning-rate search on a held-out split of the "
-        "training set (section *Learning-rate search*), and their rows show the pick. The "
-        "norms' own hyper-parameters keep their defaults (GN: groups of 8 channels, which the "
-        "GN paper's Table 3 finds as good as 32 groups).",
+        "Hyper-parameters: one recipe for every norm in the main table; at s = 2, BN@128, ghost "
+        "BN, GN and bkn-flow each also had the same learning-rate search on a held-out split of "
+        "the training set, one seed per point (section *Learning-rate search*), and their picks "
+        "are compared in *Each norm at its own learning rate*. s = 1 and 4 were not searched. "
+        "The norms' own hyper-parameters keep their defaults (GN: groups of 8 channels, which "
+        "the GN paper's Table 3 finds as good as 32 groups).",
         "What each BKN variant is, why the recommended one works and what its prior errors "
         "are: [residual-analysis.md](residual-analysis.md).",
     ]

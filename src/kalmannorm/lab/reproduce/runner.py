@@ -263,13 +263,16 @@ def residual_report(
     start: float,
 ) -> Path:
     """The residual budget's REPORT.md: every grid's cells in one table (they share a folder)."""
-    cells, searched = {}, []
+    cells, searched, lines = {}, {}, []
     for config in grids.values():
-        cells.update(evidence.collect_cells(config))
-        if config.search is not None:
-            searched += search_section(config)
+        if config.search is None:
+            cells.update(evidence.collect_cells(config))
+        else:  # its picks are a table of their own; its runs at the recipe's lr join the rest
+            searched.update(evidence.collect_cells(config))
+            cells.update(evidence.collect_cells(dataclasses.replace(config, search=None)))
+            lines += search_section(config)
     findings = ResidualFindings(cells, header, notes=list(budget.notes), failures=failures)
-    findings.search = searched
+    findings.search, findings.searched = lines, searched
     if any(s is not None for _, s in cells):
         shown = ["bn", FLOW.label, "none", "gn"]
         findings.figure = write_sweep_plot(cells, out / "residual.png", shown, DISPLAY).name
@@ -290,7 +293,7 @@ def search_section(cfg: CompareConfig) -> list[str]:
     """A grid's held-out search as report lines: every point's holdout accuracy, then, for each
     pick other than the recipe, the test accuracy of the recipe beside the pick's."""
     picks, rows = score_search(make_search_grid(cfg))
-    lines = search_markdown(rows, cfg.search.describe() if cfg.search else "").splitlines()
+    lines = [*search_markdown(rows, cfg.search.describe() if cfg.search else "").splitlines(), ""]
     recipe = evidence.collect_cells(dataclasses.replace(cfg, search=None))
     chosen = evidence.collect_cells(cfg)
     for group, point in picks.items():
