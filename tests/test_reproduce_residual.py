@@ -93,7 +93,10 @@ def test_the_recommendation_picks_the_best_evaluation_of_the_best_norm(report):
     lines = [line for line in report.splitlines() if line.startswith("| 4 | ")]
     pick = next(line for line in lines if "statistics |" in line)
     # at s = 4, bkn-flow with batch statistics (86.5) beats ghost BN (83.0) and GN (78.0)
-    assert "| 4 | bkn-flow | the test group's batch statistics | 86.50 ± 0.50 | 3 |" in pick
+    assert (
+        "| 4 | bkn-flow | the recipe's 0.1 | the test group's batch statistics | 86.50 ± 0.50 | 3 |"
+        in pick
+    )
 
 
 def test_a_missing_cell_is_left_out_not_invented(report):
@@ -140,6 +143,10 @@ def test_the_search_picks_have_their_own_table_beside_the_recipe(tmp_path):
         f"(3 seeds), with its pick lr=0.05 {mean:.2f} ± {std:.2f} (3 seeds)." in search
     )
     assert "ghost BN: test accuracy" not in search  # its pick is the recipe's lr
+    # the recommendation at s = 2 weighs each norm at its pick: GN's 84 % against bkn-flow's 85
+    pick = next(line for line in main.splitlines() if line.startswith("| 2 | ") and "pick" in line)
+    assert pick.startswith("| 2 | bkn-flow | its held-out pick | moving statistics | 85.00")
+    assert "GN (tie)" in pick
 
 
 def test_no_gap_closed_is_claimed_where_bn128_does_not_lead_beyond_noise():

@@ -141,18 +141,23 @@ def seeds(cell: Cell) -> str:
     return f"{cell.seeds} seed{'s' if cell.seeds != 1 else ''}"
 
 
-def recommendation(cells: Cells, step_time: Mapping[str, float]) -> list[str]:
+def recommendation(
+    cells: Cells, step_time: Mapping[str, float], searched: Cells | None = None
+) -> list[str]:
     """Per s: the candidate with the highest mean accuracy in its best evaluation (a pick from
-    fewer than 3 seeds is marked provisional); its cost in step time where a benchmark was
-    given."""
+    fewer than 3 seeds is marked provisional), each candidate at its searched learning rate
+    where the search covered it (``searched``), else at the recipe's; its cost in step time
+    where a benchmark was given."""
     lines = [
-        "| s | pick | evaluate with | accuracy | seeds | runner-up | step time vs BN |",
-        "|---|---|---|---|---|---|---|",
+        "| s | pick | learning rate | evaluate with | accuracy | seeds | runner-up | "
+        "step time vs BN |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    searched = searched or {}
     for s in sizes(cells):
         ranked = []
         for label in CANDIDATES:
-            cell = cell_at(cells, label, s)
+            cell = cell_at(searched, label, s) or cell_at(cells, label, s)
             if cell is not None:
                 mode = best_mode(cell)
                 ranked.append((cell.mean(mode), label, cell, mode))
@@ -165,9 +170,11 @@ def recommendation(cells: Cells, step_time: Mapping[str, float]) -> list[str]:
         runner_text = f"{name(runner[1])} ({call})" if runner else "-"
         cost = step_time.get(label)
         provisional = "" if cell.seeds >= 3 else " (provisional)"
+        lr = "its held-out pick" if cell_at(searched, label, s) is cell else "the recipe's 0.1"
         lines.append(
-            f"| {s} | {name(label)}{provisional} | {MODE_TEXT[mode]} | {accuracy(cell, mode)} | "
-            f"{cell.seeds} | {runner_text} | {'-' if cost is None else f'{cost:.2f}x'} |"
+            f"| {s} | {name(label)}{provisional} | {lr} | {MODE_TEXT[mode]} | "
+            f"{accuracy(cell, mode)} | {cell.seeds} | {runner_text} | "
+            f"{'-' if cost is None else f'{cost:.2f}x'} |"
         )
     return lines
 
@@ -192,11 +199,12 @@ def write_residual_report(findings: ResidualFindings, path: str | Path) -> Path:
         "",
         "## What to use",
         "",
-        "Among ghost BN, GN and bkn-flow; the evaluation is the one with the highest mean, picked "
-        "on these test results (a guide, not a tuned choice); the runner-up call is at that "
-        "evaluation; a pick from fewer than 3 seeds is provisional.",
+        "Among ghost BN, GN and bkn-flow, each at its held-out learning rate where it was "
+        "searched (s = 2), else at the recipe's; the evaluation is the one with the highest "
+        "mean, picked on these test results (a guide, not a tuned choice); the runner-up call is "
+        "at that evaluation; a pick from fewer than 3 seeds is provisional.",
         "",
-        *recommendation(cells, findings.step_time),
+        *recommendation(cells, findings.step_time, findings.searched),
         "",
         "## Accuracy",
         "",
