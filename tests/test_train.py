@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,15 @@ def test_end_to_end_run_writes_the_run_folder(tmp_path: Path, capsys) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["test_acc_moving"] > 0.3  # ten classes: chance is 0.1
     assert summary["derived"]["stat_batch_size_used"] == 2
+    assert summary["derived"]["kalmannorm"] == kalmannorm.__version__
+    revision = summary["derived"]["source_revision"]  # the checkout's commit (None if installed)
+    source = Path(kalmannorm.__file__).parent
+    head = subprocess.run(
+        ["git", "-C", str(source), "rev-parse", "--short=12", "HEAD"],
+        capture_output=True,
+        text=True,
+    )
+    assert revision is None or revision.split("+")[0] == head.stdout.strip()
     assert load_config(out / "config.toml") == config_from_args(
         build_parser().parse_args(
             ["train", *args, "--norm", "bkn", "--stat-batch-size", "2", "--out", str(out)]

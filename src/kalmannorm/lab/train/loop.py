@@ -35,6 +35,7 @@ import math
 import os
 import shlex
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as torch_f
 
+import kalmannorm
 from kalmannorm.lab.data.holdout import HOLDOUT, TEST
 from kalmannorm.lab.errors import UserError
 from kalmannorm.lab.train import distributed
@@ -294,6 +296,29 @@ class RunState:
         return self.elapsed_before + time.perf_counter() - self.started
 
 
+def source_revision() -> str | None:
+    """The git commit of the library's source tree (``+dirty`` with uncommitted changes), or
+    None where the library is not a tracked part of a git checkout (an installed copy): which
+    code produced a run, for results kept as evidence."""
+    where = Path(kalmannorm.__file__).parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10
+        )
+        if done.returncode != 0:
+            raise subprocess.SubprocessError(done.stderr)
+        return done.stdout.strip()
+
+    try:
+        git("ls-files", "--error-unmatch", "__init__.py")  # not a copy inside someone's repo
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", ".")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit
+
+
 def _train(
     config: TrainConfig,
     plan: BatchPlan,
@@ -383,6 +408,8 @@ def _setup(
             "stat_batch_size_used": plan.stat_batch_size,
             "parameters": sum(p.numel() for p in model.parameters()),
             "torch": torch.__version__,
+            "kalmannorm": kalmannorm.__version__,
+            "source_revision": source_revision(),
         },
     )
     _restore(run, resume)
