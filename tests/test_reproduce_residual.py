@@ -31,15 +31,7 @@ def _write_runs(root) -> None:
             key = (spec.variant.label, spec.stat_batch_size)
             if key not in ACCURACY or spec.seed >= len(ACCURACY[key]):
                 continue
-            moving, batch = ACCURACY[key][spec.seed]
-            spec.folder.mkdir(parents=True, exist_ok=True)
-            summary = {
-                "status": "finished",
-                "final": {"test_acc_moving": moving, "test_acc_batch": batch},
-                "wall_time_s": 60.0,
-                "config": dataclasses.asdict(spec.config),
-            }
-            (spec.folder / "summary.json").write_text(json.dumps(summary))
+            _finished(spec, *ACCURACY[key][spec.seed])
             assert run_status(spec) == "finished"
 
 
