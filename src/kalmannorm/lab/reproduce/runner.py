@@ -268,9 +268,11 @@ def residual_report(
         if config.search is None:
             cells.update(evidence.collect_cells(config))
         else:  # its picks are a table of their own; its runs at the recipe's lr join the rest
-            searched.update(evidence.collect_cells(config))
-            cells.update(evidence.collect_cells(dataclasses.replace(config, search=None)))
-            lines += search_section(config)
+            chosen = evidence.collect_cells(config)
+            recipe = evidence.collect_cells(dataclasses.replace(config, search=None))
+            searched.update(chosen)
+            cells.update(recipe)
+            lines += search_section(config, recipe, chosen)
     findings = ResidualFindings(cells, header, notes=list(budget.notes), failures=failures)
     findings.search, findings.searched = lines, searched
     if any(s is not None for _, s in cells):
@@ -289,13 +291,14 @@ def residual_report(
     return write_residual_report(findings, out / "REPORT.md")
 
 
-def search_section(cfg: CompareConfig) -> list[str]:
+def search_section(
+    cfg: CompareConfig, recipe: dict[tuple, evidence.Cell], chosen: dict[tuple, evidence.Cell]
+) -> list[str]:
     """A grid's held-out search as report lines: every point's holdout accuracy, then, for each
-    pick other than the recipe, the test accuracy of the recipe beside the pick's."""
+    pick other than the recipe, the test accuracy of the recipe's cell (``recipe``) beside the
+    pick's (``chosen``)."""
     picks, rows = score_search(make_search_grid(cfg))
     lines = [*search_markdown(rows, cfg.search.describe() if cfg.search else "").splitlines(), ""]
-    recipe = evidence.collect_cells(dataclasses.replace(cfg, search=None))
-    chosen = evidence.collect_cells(cfg)
     for group, point in picks.items():
         before, after = recipe.get(group), chosen.get(group)
         if before is None or after is None or before.moving == after.moving:
