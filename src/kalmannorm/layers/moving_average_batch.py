@@ -62,6 +62,7 @@ included.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -104,24 +105,32 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def _grouped(t: Tensor, groups: int) -> Tensor:
-    """(N, C, *spatial) -> (G, N/G, C, *spatial)."""
-    return t.unflatten(0, (groups, t.shape[0] // groups))
+def _spatial_dims(t: Tensor) -> tuple[int, ...]:
+    return tuple(range(2, t.dim()))
 
 
-def _per_group(stat: Tensor, x_dims: int) -> Tensor:
-    """(G, C) -> (G, 1, C, 1, ...) to broadcast against a grouped (G, s, C, *spatial) tensor."""
-    return stat.view(stat.shape[0], 1, stat.shape[1], *(1,) * (x_dims - 2))
+def _group_sum(per_sample: Tensor, groups: int) -> Tensor:
+    """(N, C) -> (G, C): the sum over each group's s samples."""
+    return per_sample.unflatten(0, (groups, per_sample.shape[0] // groups)).sum(dim=1)
 
 
 def group_second_moments(x: Tensor, stat_batch_size: int | None) -> tuple[Tensor, Tensor, int]:
     """Mean and second moment chi2_B = (1/m) sum x^2 per statistics group and channel.
 
-    Returns ``(mean (G, C), second (G, C), m)``; low-precision inputs accumulate in float32. The
-    second moment is computed as var + mean^2 from one ``var_mean`` pass (no cancellation).
+    Returns ``(mean (G, C), second (G, C), m)``; low-precision inputs accumulate in float32. Both
+    come from per-sample sums over positions (sum x and ||x||^2, contiguous reductions) added up
+    over each group's samples: the second moment is a sum of squares, with no cancellation.
     """
-    mean, var, count = F.group_moments(x, stat_batch_size)
-    return mean, var + mean.square(), count
+    groups = F.num_stat_groups(x.shape[0], stat_batch_size)
+    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    spatial = _spatial_dims(work)
+    count = (x.shape[0] // groups) * math.prod(x.shape[2:])
+    if spatial:
+        sums = work.sum(dim=spatial)
+        squares = torch.linalg.vector_norm(work, dim=spatial).square()
+    else:
+        sums, squares = work, work.square()
+    return _group_sum(sums, groups) / count, _group_sum(squares, groups) / count, count
 
 
 def window_average(current: Tensor, past: Tensor, weight: Tensor) -> Tensor:
@@ -193,27 +202,34 @@ class MovingAverageNormFunction(torch.autograd.Function):
         x, weight, inv_std, r, psi_past_sum, psi_past_count = ctx.saved_tensors
         groups = inv_std.shape[0]
         work = inv_std.dtype
-        dims = x.dim()
-        dy = _grouped(grad_output, groups).to(work)
-        x_hat = _grouped(x, groups).to(work) * _per_group(inv_std, dims)
-        reduce = (1, *range(3, dims + 1))  # samples of a group and positions
-        # g = dL/dx_hat = r * gamma * dL/dy
-        g_scale = r if weight is None else r * weight.to(work)
-        g = dy * _per_group(g_scale, dims)
-        psi_batch = (g * x_hat).mean(dim=reduce)
+        dy, x = grad_output.to(work), x.to(work)
+        spatial = _spatial_dims(x)
+        count = (x.shape[0] // groups) * math.prod(x.shape[2:])
+        # sum over a group's values of dy * x, from one per-sample dot product over positions
+        dot = torch.linalg.vecdot(x.flatten(2), dy.flatten(2)) if spatial else x * dy
+        dot = _group_sum(dot, groups)
+        # g = dL/dx_hat = r * gamma * dL/dy, x_hat = x * inv_std:
+        # Psi_B = mean(g * x_hat) = r * gamma * inv_std * mean(dy * x)
+        gain = r if weight is None else r * weight.to(work)
+        psi_batch = gain * inv_std * dot / count
         if ctx.record is not None:
             ctx.record(psi_batch.detach())
         psi = (psi_batch + psi_past_sum.to(work)) / (1.0 + psi_past_count.to(work))
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g - x_hat * _per_group(psi, dims)) * _per_group(inv_std, dims)
-            grad_x = grad_x.flatten(0, 1).to(x.dtype)
-        channel_dims = (0, *reduce)
+            # (g - x_hat Psi_t) / sqrt(chi2_t + eps) = dy r gamma inv_std - x Psi_t inv_std^2
+            per_sample = (1,) * len(spatial)
+            dy_scale = (gain * inv_std).repeat_interleave(x.shape[0] // groups, dim=0)
+            x_scale = (psi * inv_std.square()).repeat_interleave(x.shape[0] // groups, dim=0)
+            grad_x = dy * dy_scale.view(*dy_scale.shape, *per_sample)
+            grad_x = grad_x.addcmul_(x, x_scale.view(*x_scale.shape, *per_sample), value=-1.0)
+            grad_x = grad_x.to(grad_output.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (dy * x_hat * _per_group(r, dims)).sum(dim=channel_dims)
-            grad_weight = grad_weight.to(weight.dtype)
+            # sum dy * x_hat * r over every group, sample and position
+            grad_weight = (r * inv_std * dot).sum(dim=0).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = dy.sum(dim=channel_dims).to(grad_output.dtype)
+            grad_bias = (dy.sum(dim=spatial) if spatial else dy).sum(dim=0)
+            grad_bias = grad_bias.to(grad_output.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
