@@ -36,6 +36,7 @@ SMALL_SETTINGS = ((16, 4), (8, 2))
 #: two the claim is about, to fit the CPU budget).
 SETTINGS_NORMS = ("bn", "bkn")
 
+
 def _rooted(cfg: CompareConfig, root: Path, name: str) -> CompareConfig:
     return dataclasses.replace(cfg, out=str(root / name))
 

@@ -188,6 +188,7 @@ def write_residual_report(findings: ResidualFindings, path: str | Path) -> Path:
     if findings.failures:
         out += ["", "**Runs that failed** (their cells are missing below):", ""]
         out += [f"- {failure}" for failure in findings.failures]
+    searched_sizes = ", ".join(f"s = {size}" for size in sizes(findings.searched)) or "nowhere"
     out += [
         "",
         "## Verdict",
@@ -200,9 +201,9 @@ def write_residual_report(findings: ResidualFindings, path: str | Path) -> Path:
         "## What to use",
         "",
         "Among ghost BN, GN and bkn-flow, each at its held-out learning rate where it was "
-        "searched (s = 2), else at the recipe's; the evaluation is the one with the highest "
-        "mean, picked on these test results (a guide, not a tuned choice); the runner-up call is "
-        "at that evaluation; a pick from fewer than 3 seeds is provisional.",
+        f"searched ({searched_sizes}), else at the recipe's; the evaluation is the one with the "
+        "highest mean, picked on these test results (a guide, not a tuned choice); the runner-up "
+        "call is at that evaluation; a pick from fewer than 3 seeds is provisional.",
         "",
         *recommendation(cells, findings.step_time, findings.searched),
         "",
