@@ -17,6 +17,7 @@ from kalmannorm.lab.train.compare import make_grid, run_status
 ACCURACY = {
     ("none", None): [(0.87, 0.86), (0.88, 0.87), (0.86, 0.86)],
     ("gn", None): [(0.78, 0.78), (0.77, 0.77), (0.79, 0.79)],
+    ("frn", None): [(0.70, 0.70), (0.71, 0.71), (0.69, 0.69)],
     ("bn", 2): [(0.81, 0.79), (0.815, 0.80), (0.805, 0.78)],
     (FLOW.label, 2): [(0.85, 0.84), (0.86, 0.85), (0.84, 0.85)],
     ("bn", 4): [(0.83, 0.82), (0.835, 0.83), (0.825, 0.82)],
@@ -64,6 +65,15 @@ def test_the_table_gives_mean_std_and_the_gap_closed(report):
     top = statistics.fmean(m for m, _ in ACCURACY[("none", None)])
     ghost = statistics.fmean(m for m, _ in ACCURACY[("bn", 2)])
     assert row[6] == f"{(statistics.fmean(moving) - ghost) / (top - ghost):.0%}"
+
+
+def test_every_batch_free_norm_has_a_row_against_gn(report):
+    row = _row(report, "any", "frn")
+    mean, std = _mean_std([m for m, _ in ACCURACY[("frn", None)]])
+    assert row[2] == "3" and row[3] == f"{mean:.2f} ± {std:.2f}"
+    # 70 vs 78 %, each +- 1 point over 3 seeds: worse beyond 2 standard errors
+    assert row[8].startswith("-8.00 ± 0.82 pt (worse)")
+    assert _row(report, "any", "GN")[8] == ""
 
 
 def test_verdicts_follow_the_two_standard_error_rule(report):

@@ -11,9 +11,10 @@ configurations; checkpoints are git-ignored), so ``kalmannorm reproduce --budget
 fresh checkout skips the finished runs and trains only the missing cells. The grids record the
 order in which the evidence was measured: the s = 2 comparison of eight norms first, then
 s = 1 and 4 for ghost BN and the recommended ``bkn-flow`` (with PreciseBN re-estimated moving
-statistics), then two BKN options at s = 2, MABN and the temporal prior at s = 1 and 4, then
-the learning-rate search on a held-out split for BN@128, ghost BN, GN and ``bkn-flow`` at
-s = 2 and for ghost BN and ``bkn-flow`` at s = 1, whose picks the report shows for them.
+statistics), then two BKN options at s = 2, MABN and the temporal prior at s = 1 and 4, the
+other registered norms (BRN, CBN, GKN, FRN, EvoNorm-S0) at s = 2, then the learning-rate
+search on a held-out split for BN@128, ghost BN, GN and ``bkn-flow`` at s = 2 and for ghost BN
+and ``bkn-flow`` at s = 1, whose picks the report shows for them.
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ SEARCH = SearchConfig(holdout=0.1, train={"lr": [0.05, 0.1, 0.2, 0.4, 0.8]}, see
 SEARCHED_NORMS = [Variant("gn", "gn"), Variant("bn", "bn"), FLOW]
 #: The batch-statistics norms searched again at s = 1 (GN and BN@128 do not depend on s).
 SEARCHED_AT_S1 = [Variant("bn", "bn"), FLOW]
+#: The other registered norms at s = 2 (BRN's and CBN's schedules as fractions of the 600 steps,
+#: the rule of the quick check's sweep).
+OTHERS = [
+    Variant("brn", "brn", {"warmup_steps": 24, "r_max_relax_steps": 162, "d_max_relax_steps": 90}),
+    Variant("cbn", "cbn", {"burn_in": 150}),
+    Variant("gkn", "gkn"),
+    Variant("frn", "frn"),
+    Variant("evonorm_s0", "evonorm_s0"),
+]
 OPTIONS = [TEMPORAL, Variant("bkn", "bkn-flow-calibrated", {**_FLOW, "calibrate_prior": True})]
 
 
@@ -98,6 +108,7 @@ def residual(root: str | Path = "docs/results/residual/runs") -> Budget:
         "s1-s4": grid(precise, [FLOW, Variant("bn", "bn")], [1, 4], baseline=False),
         "options": grid(precise, OPTIONS, [2], baseline=False),
         "beyond": grid(precise, BEYOND, [1, 4], baseline=False),
+        "others": grid(precise, OTHERS, [2], baseline=False),
         # last: their picks replace the recipe's cells of these norms in the report
         "search": dataclasses.replace(
             grid(RESIDUAL_TRAIN, SEARCHED_NORMS, [2], baseline=True), search=SEARCH

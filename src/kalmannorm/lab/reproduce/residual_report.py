@@ -91,10 +91,16 @@ def table(cells: Cells) -> list[str]:
             f"{accuracy(top, 'batch')} | - | 100 % | | |"
         )
     gn = cells.get(("gn", None))
-    if gn is not None:
+    # the norms that do not depend on the statistics batch: one row each, GN first
+    free = sorted(
+        (c for (label, size), c in cells.items() if size is None and label != "none"),
+        key=lambda c: (c.label != "gn", c.label),
+    )
+    for cell in free:
+        vs_gn = difference(cell, gn).text() if gn and cell is not gn else ""
         lines.append(
-            f"| any | {name('gn')} | {gn.seeds} | {accuracy(gn, 'moving')} | "
-            f"{accuracy(gn, 'batch')} | - | | | |"
+            f"| any | {name(cell.label)} | {cell.seeds} | {accuracy(cell, 'moving')} | "
+            f"{accuracy(cell, 'batch')} | - | | | {vs_gn} |"
         )
     for s in sizes(cells):
         ghost = cells.get(("bn", s))
