@@ -294,6 +294,13 @@ def test_center_conv_weights():
     model(x).sum().backward()
     pickle.loads(pickle.dumps(model))(x)
     assert center_conv_weights(copy.deepcopy(model), "all") == ["0", "3"]
+    # folding scales each output channel's weights, which commutes with centring them
+    for norm in (model[1], model[4]):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    model.eval()
+    torch.testing.assert_close(kalmannorm.fold(model)(x), model(x))
+    model.train()
     mlp = nn.Sequential(nn.Linear(3, 4), MovingAverageBatchNorm1d(4))
     assert center_conv_weights(mlp) == ["0"] and type(mlp[0]) is CenteredLinear
     with pytest.raises(ValueError, match="layers must be"):

@@ -323,3 +323,23 @@ def test_learning_rate_schedules() -> None:
     assert step == pytest.approx([1] * 5 + [0.1] * 3 + [0.01] * 2)
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_factor(0, total_steps=10, schedule="linear")
+
+
+def test_center_weights_centres_every_convolution_of_the_run(tmp_path: Path) -> None:
+    from kalmannorm.baselines import CenteredConv2d
+    from kalmannorm.lab.analysis.run import load_run
+
+    config = tiny(tmp_path / "mabn", norm="mabn", center_weights=True)
+    summary = train(config)
+    assert summary["config"]["center_weights"] is True
+    model = load_run(config.out).model  # rebuilt as the run built it: centred again
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is CenteredConv2d for m in convs)
+    x = torch.randn(2, convs[0].in_channels, 8, 8)
+    weight = convs[0].weight
+    centred = weight - weight.mean(dim=(1, 2, 3), keepdim=True)
+    expected = nn.functional.conv2d(x, centred, convs[0].bias, convs[0].stride, convs[0].padding)
+    torch.testing.assert_close(convs[0](x), expected)
+    # the default leaves the model's convolutions alone
+    plain = load_run(train(tiny(tmp_path / "plain", norm="mabn"))["config"]["out"]).model
+    assert not any(isinstance(m, CenteredConv2d) for m in plain.modules())

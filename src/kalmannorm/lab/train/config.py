@@ -53,6 +53,11 @@ class TrainConfig:
     norm_options: dict = field(
         default_factory=dict, metadata={"help": "norm options (KEY=VALUE, e.g. gain=0.9)"}
     )
+    center_weights: bool = _option(
+        False,
+        "MABN's weight centring: every convolution uses its weight minus the mean over its "
+        "fan-in (kalmannorm.center_conv_weights, layers='all', as the MABN paper's ResNet)",
+    )
     batch_size: int = _option(128, "gradient batch: samples per optimizer step, all processes")
     stat_batch_size: int | None = _option(
         None, "statistics batch: samples per normalization group (default: the forward batch)"

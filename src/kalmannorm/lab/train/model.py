@@ -121,8 +121,9 @@ def load_run_data(config: TrainConfig):
 
 
 def build_model_for(config: TrainConfig, data) -> nn.Module:
-    """The run's model for ``data`` (classes, channels, image size), converted to its norm."""
-    return build_run_model(
+    """The run's model for ``data`` (classes, channels, image size), converted to its norm,
+    its convolutions' weights centred where the run asks (``center_weights``)."""
+    model = build_run_model(
         config.model,
         data.num_classes,
         data.in_channels,
@@ -132,3 +133,9 @@ def build_model_for(config: TrainConfig, data) -> nn.Module:
         model_options=config.model_options,
         norm_options=config.norm_options,
     )
+    if config.center_weights:
+        try:
+            kalmannorm.center_conv_weights(model, layers="all")
+        except TypeError as error:  # a convolution of another class than torch's
+            raise ConfigError(f"center_weights: {_first_line(error)}") from error
+    return model
