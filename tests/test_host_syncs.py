@@ -84,7 +84,6 @@ _CORE_CASES = [
     ("bkn", {"flow": "execution"}),
     ("bkn", {"flow": "execution", "prior": "propagate"}),
     ("bkn", {"covariance": "full"}),
-    ("bkn", {"temporal_prior": True}),
     ("bkn", {"calibrate_prior": True}),
     ("bkn", {"momentum": None}),
     ("bkn-flow", {}),

@@ -18,6 +18,7 @@ ACCURACY = {
     ("none", None): [(0.87, 0.86), (0.88, 0.87), (0.86, 0.86)],
     ("gn", None): [(0.78, 0.78), (0.77, 0.77), (0.79, 0.79)],
     ("frn", None): [(0.70, 0.70), (0.71, 0.71), (0.69, 0.69)],
+    ("bkn-flow-temporal", 2): [(0.82, 0.80), (0.83, 0.81), (0.81, 0.79)],  # a retired grid's
     ("bn", 2): [(0.81, 0.79), (0.815, 0.80), (0.805, 0.78)],
     (FLOW.label, 2): [(0.85, 0.84), (0.86, 0.85), (0.84, 0.85)],
     ("bn", 4): [(0.83, 0.82), (0.835, 0.83), (0.825, 0.82)],
@@ -27,7 +28,7 @@ ACCURACY = {
 
 def _write_runs(root) -> None:
     budget = residual(root)
-    for config in budget.grids.values():
+    for config in [*budget.grids.values(), *budget.retired.values()]:
         for spec in make_grid(config):
             key = (spec.variant.label, spec.stat_batch_size)
             if key not in ACCURACY or spec.seed >= len(ACCURACY[key]):
@@ -74,6 +75,14 @@ def test_every_batch_free_norm_has_a_row_against_gn(report):
     # 70 vs 78 %, each +- 1 point over 3 seeds: worse beyond 2 standard errors
     assert row[8].startswith("-8.00 ± 0.82 pt (worse)")
     assert _row(report, "any", "GN")[8] == ""
+
+
+def test_a_retired_grid_is_reported_and_never_trained(report, tmp_path):
+    row = _row(report, "2", "bkn-flow-temporal")
+    assert row[2] == "3" and row[3].startswith("82.00 ± 1.00")
+    budget = residual(tmp_path / "runs")
+    trained = {v.label for cfg in budget.grids.values() for v in cfg.norms}
+    assert "bkn-flow-temporal" not in trained and "temporal" not in budget.grids
 
 
 def test_verdicts_follow_the_two_standard_error_rule(report):

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from kalmannorm import functional as F
-from kalmannorm import temporal
 from kalmannorm._torch_private import NormBase
 from kalmannorm.autolink import await_link
 from kalmannorm.chain import recomputing
@@ -33,13 +32,11 @@ from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.base import (
     DEFAULT_NOISE,
     KALMAN_STATE_VERSION,
-    KalmanEstimate,
     KalmanNormBase,
 )
 from kalmannorm.layers.ghost_batch import check_stat_batch_size
 
 EVAL_STATISTICS = ("moving", "batch")
-_TEMPORAL_BUFFERS = ("mean", "var", "mean_error", "var_error", "mean_noise", "var_noise")
 
 
 class BatchKalmanNorm(KalmanNormBase, NormBase):
@@ -63,11 +60,6 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
             a training step then never waits for the device, and, as with torch's BatchNorm, a
             non-finite input makes the output and the loss non-finite, which the training loop
             sees (the lab's harness stops there and keeps the last finite checkpoint).
-        temporal_prior: also fuse the layer's own statistics from previous iterations, with
-            gains from the measured sampling noise and prior uncertainty
-            (:mod:`kalmannorm.temporal`): a large statistics group is BatchNorm, one sample
-            leans on the history.
-        temporal_warmup: training steps with gain 1 (BatchNorm) while the estimates settle.
         calibrate_prior: scale a data-flow prior's variance by the ratio of the batch variance
             to the prior variance measured over past training steps
             (:func:`kalmannorm.functional.calibrate_prior_variance`; buffers
@@ -97,8 +89,6 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
         covariance: str = "diag",
         eval_statistics: str = "moving",
         check_finite: bool = False,
-        temporal_prior: bool = False,
-        temporal_warmup: int = 20,
         calibrate_prior: bool = False,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -108,22 +98,6 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
             raise ValueError(f"eval_statistics must be one of {EVAL_STATISTICS}")
         self.stat_batch_size = stat_batch_size
         self.eval_statistics = eval_statistics
-        if temporal_prior and covariance == "full":
-            raise ValueError("temporal_prior tracks variances only: use covariance='diag'")
-        if temporal_warmup < 0:
-            raise ValueError(f"temporal_warmup must be >= 0, got {temporal_warmup}")
-        self.temporal_prior = temporal_prior
-        self.temporal_warmup = temporal_warmup
-        self._temporal_count = 0
-        self._temporal_seen: tuple[Tensor, Tensor] | None = None
-        self._temporal_host_steps: int | None = None  # mirror of temporal_steps
-        if temporal_prior:
-            for name in _TEMPORAL_BUFFERS:
-                initial = 1.0 if name == "var" else 0.0
-                self.register_buffer(
-                    f"temporal_{name}", torch.full((num_features,), initial, device=device)
-                )
-            self.register_buffer("temporal_steps", torch.zeros((), dtype=torch.long, device=device))
         if calibrate_prior and covariance == "full":
             raise ValueError("calibrate_prior scales variances only: use covariance='diag'")
         self.calibrate_prior = calibrate_prior
@@ -184,9 +158,6 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
             )
         upstream = self.upstream_posterior()
         inputs = self.estimate_inputs(upstream)
-        if self.temporal_prior:
-            groups = F.num_stat_groups(x.shape[0], self.stat_batch_size)
-            self._temporal_count = (x.shape[0] // max(groups, 1)) * x[0, 0].numel()
         if self.covariance == "diag" and fused_applicable(x, (self.weight, *inputs)):
             return self._forward_fused(x, inputs)
 
@@ -210,30 +181,6 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
         y, estimate, batch_var = self.fused_step(x, SampleGroups(groups), count, inputs)
         self._update_running_stats(estimate.mean, estimate.var, estimate.gain, batch_var, count)
         return y
-
-    def estimate(
-        self, batch_mean: Tensor, batch_second: Tensor, *inputs: Tensor | None
-    ) -> KalmanEstimate:
-        """Eq. (5) (:meth:`KalmanNormBase.estimate`), then, with ``temporal_prior``, the fusion
-        of that posterior with this layer's own history (:func:`kalmannorm.temporal.fuse`)."""
-        result = super().estimate(batch_mean, batch_second, *inputs)
-        if not self.temporal_prior:
-            return result
-        if self.training and not recomputing():
-            self._temporal_seen = (result.mean.detach(), result.var.detach())
-        gain = temporal.gains(
-            self.temporal_mean_error, self.temporal_var_error,
-            self.temporal_mean_noise, self.temporal_var_noise,
-        )  # fmt: skip
-        settled = self.temporal_steps >= self.temporal_warmup  # (no host sync)
-        dtype = result.mean.dtype
-        gain = temporal.TemporalGains(
-            *(torch.where(settled, g, torch.ones_like(g)).to(dtype) for g in gain)
-        )
-        mean, var = temporal.fuse(
-            result.mean, result.var, self.temporal_mean.to(dtype), self.temporal_var.to(dtype), gain
-        )
-        return result._replace(mean=mean, var=var, gain=result.gain * gain.var)
 
     def calibrated_prior_var(self, prior_var: Tensor, batch_var: Tensor) -> Tensor:
         """kappa o sigma^2_{k|k-1} with ``calibrate_prior`` (kappa from past steps; this step's
@@ -260,20 +207,9 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
     def _update_running_stats(
         self, mean: Tensor, var: Tensor, gain: Tensor, batch_var: Tensor, count: int
     ) -> None:
-        """EMA of the posterior mean and of the posterior variance with S unbiased (m/(m-1) S);
-        with ``temporal_prior``, the temporal filter's time update."""
+        """EMA of the posterior mean and of the posterior variance with S unbiased (m/(m-1) S)."""
         if not (self.training and self.track_running_stats) or recomputing():
             return
-        if self.temporal_prior and self._temporal_seen is not None:
-            names = (*_TEMPORAL_BUFFERS, "steps")
-            state = {name: getattr(self, f"temporal_{name}") for name in names}
-            if self._temporal_host_steps is None:
-                self._temporal_host_steps = int(self.temporal_steps)  # once (one host read)
-            temporal.update(state, *self._temporal_seen, count, self.temporal_warmup,
-                            self._temporal_host_steps)  # fmt: skip
-            self._temporal_host_steps += 1
-            self._temporal_seen = None
-
         with torch.no_grad():
             unbiased_var = torch.addcmul(var, gain, batch_var, value=1.0 / (count - 1))
             self.num_batches_tracked.add_(1)
@@ -287,13 +223,12 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
                 self._update_calibration(self.momentum if self.momentum is not None else 0.1)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs) -> None:
-        self._temporal_host_steps = None  # the loaded step count is read at the next update
         version = local_metadata.get("version")
         if version is None or version < KALMAN_STATE_VERSION:
-            # A plain norm's checkpoint has no temporal or calibration state: keep the initial.
+            # A plain norm's checkpoint has no calibration state: keep the initial.
             for name, value in self._buffers.items():
                 key = prefix + name
-                if name.startswith(("temporal_", "calibration_")) and key not in state_dict:
+                if name.startswith("calibration_") and key not in state_dict:
                     state_dict[key] = value.detach().clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 

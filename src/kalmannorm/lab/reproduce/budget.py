@@ -24,3 +24,6 @@ class Budget:
     table3_stat_batch: int = TABLE3_STAT_BATCH
     notes: list[str] = field(default_factory=list)
     report_dir: Path = Path("docs/results")  # where REPORT.md goes unless --out says
+    #: Grids of options since removed from the library: the report reads their finished runs,
+    #: ``reproduce`` never trains them (the commit that measured them is in the notes).
+    retired: dict[str, CompareConfig] = field(default_factory=dict)

@@ -231,7 +231,8 @@ def reproduce(
         "runs": str(budget.root),
     }
     if budget.name == "residual":
-        return residual_report(budget, selected, out, header, failures, bench_saved, start)
+        read = {**selected, **budget.retired}
+        return residual_report(budget, read, out, header, failures, bench_saved, start)
     findings = gather(budget, selected, out, header=header, failures=failures)
     if bench or bench_json:
         from kalmannorm.lab.bench import format_table, run_benchmark
