@@ -12,10 +12,10 @@ fresh checkout skips the finished runs and trains only the missing cells. The gr
 order in which the evidence was measured: the s = 2 comparison of eight norms first, then
 s = 1 and 4 for ghost BN and the recommended ``bkn-flow`` (with PreciseBN re-estimated moving
 statistics), then two BKN options at s = 2, MABN and the temporal prior at s = 1 and 4 (the
-temporal prior since removed from the library: a retired grid), the other registered norms
-(BRN, CBN, GKN, FRN, EvoNorm-S0) at s = 2, then the learning-rate search on a held-out split for
-BN@128, ghost BN, GN and ``bkn-flow`` at s = 2 and for ghost BN and ``bkn-flow`` at s = 1,
-whose picks the report shows for them.
+temporal prior since removed from the library: a retired grid), the authors' variant and the
+other registered norms (BRN, CBN, GKN, FRN, EvoNorm-S0) at s = 2, then the learning-rate search
+on a held-out split for BN@128, ghost BN, GN and ``bkn-flow`` at s = 2 and for ghost BN and
+``bkn-flow`` at s = 1, whose picks the report shows for them.
 """
 
 from __future__ import annotations
@@ -83,9 +83,11 @@ SEARCH = SearchConfig(holdout=0.1, train={"lr": [0.05, 0.1, 0.2, 0.4, 0.8]}, see
 SEARCHED_NORMS = [Variant("gn", "gn"), Variant("bn", "bn"), FLOW]
 #: The batch-statistics norms searched again at s = 1 (GN and BN@128 do not depend on s).
 SEARCHED_AT_S1 = [Variant("bn", "bn"), FLOW]
-#: The other registered norms at s = 2 (BRN's and CBN's schedules as fractions of the 600 steps,
-#: the rule of the quick check's sweep).
+#: The authors' code (propagated prior, raw posteriors along the data flow, fixed q = 0.1, guard
+#: 100) and the other registered norms at s = 2 (BRN's and CBN's schedules as fractions of the 600
+#: steps, the rule of the quick check's sweep).
 OTHERS = [
+    Variant("bkn", "bkn-authors", {"prior": "propagate", "flow": "authors"}),
     Variant("brn", "brn", {"warmup_steps": 24, "r_max_relax_steps": 162, "d_max_relax_steps": 90}),
     Variant("cbn", "cbn", {"burn_in": 150}),
     Variant("gkn", "gkn"),
