@@ -173,3 +173,24 @@ def test_no_gap_closed_is_claimed_where_bn128_does_not_lead_beyond_noise():
     assert gap_closed(clear, flow, 2) == pytest.approx((0.85 - 0.81) / (0.87 - 0.81))
     within = {**clear, ("bn", 2): cell("bn", 2, [0.86, 0.87, 0.875])}  # ghost BN at BN@128's
     assert gap_closed(within, flow, 2) is None
+
+
+def test_every_vs_gn_verdict_is_against_the_strongest_gn_setting():
+    from kalmannorm.lab.reproduce.evidence import Cell
+    from kalmannorm.lab.reproduce.residual_report import table, verdicts
+
+    def cell(label, norm, s, values):
+        return Cell(label, norm, 128, s, moving=list(values), batch=list(values))
+
+    cells = {
+        ("gn", None): cell("gn", "gn", None, [0.76, 0.77, 0.78]),
+        ("gn-old-groups", None): cell("gn-old-groups", "gn", None, [0.82, 0.83, 0.84]),
+        ("frn", None): cell("frn", "frn", None, [0.90, 0.91, 0.92]),  # not a GN: never the bar
+        (FLOW.label, 2): cell(FLOW.label, "bkn", 2, [0.84, 0.85, 0.86]),
+    }
+    # bkn-flow 85 vs the old-groups GN's 83 (not the default GN's 77): +2.00 +- 0.82, better
+    (line,) = verdicts(cells)
+    assert "vs gn-old-groups +2.00 ± 0.82 pt (better) (moving)" in line
+    rows = {r.split("|")[2].strip(): r for r in table(cells)[2:]}
+    assert rows["GN"].rstrip(" |").endswith("-6.00 ± 0.82 pt (worse)")
+    assert rows["gn-old-groups"].split("|")[-2].strip() == ""  # the bar itself: no verdict
