@@ -340,3 +340,21 @@ def test_propagate_without_a_matching_convolution_warns_and_uses_the_batch():
         kalmannorm.convert_norm(model, "bkn", flow="execution", prior="propagate")
     upstream = Posterior(torch.zeros(1, 4), torch.ones(1, 4))
     assert model[3].estimate_inputs(upstream) == ()
+
+
+def test_a_checkpoint_with_the_removed_temporal_prior_names_the_fix() -> None:
+    layer = BatchKalmanNorm2d(3, stat_batch_size=2)
+    saved = layer.state_dict()
+    old = {**saved, "temporal_mean": torch.zeros(3), "temporal_steps": torch.tensor(5)}
+    with (
+        pytest.warns(UserWarning, match=r"temporal prior .* strict=False"),
+        pytest.raises(RuntimeError, match="Unexpected key"),
+    ):
+        BatchKalmanNorm2d(3, stat_batch_size=2).load_state_dict(old)
+    fresh = BatchKalmanNorm2d(3, stat_batch_size=2)
+    with pytest.warns(UserWarning, match="temporal prior"):
+        result = fresh.load_state_dict(old, strict=False)
+    assert sorted(result.unexpected_keys) == ["temporal_mean", "temporal_steps"]
+    assert not result.missing_keys
+    for key, value in saved.items():
+        torch.testing.assert_close(fresh.state_dict()[key], value)

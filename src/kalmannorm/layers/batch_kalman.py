@@ -20,6 +20,8 @@ Kalman parameters it lacks keep their initial values.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -222,7 +224,18 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
             if self.calibrate_prior:
                 self._update_calibration(self.momentum if self.momentum is not None else 0.1)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        if any(key.startswith(prefix + "temporal_") for key in state_dict):
+            # torch reports these keys as unexpected (strict) or returns them (strict=False)
+            warnings.warn(
+                "the checkpoint holds the state of the temporal prior (temporal_* buffers of "
+                "temporal_prior=True), an option since removed (docs/design.md, 'Tried and "
+                "removed'); load it with strict=False to drop that state (everything else loads "
+                "as saved)",
+                stacklevel=2,
+            )
         version = local_metadata.get("version")
         if version is None or version < KALMAN_STATE_VERSION:
             # A plain norm's checkpoint has no calibration state: keep the initial.
@@ -230,7 +243,9 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
                 key = prefix + name
                 if name.startswith("calibration_") and key not in state_dict:
                     state_dict[key] = value.detach().clone()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class BatchKalmanNorm1d(BatchKalmanNorm):
