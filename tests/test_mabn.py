@@ -338,3 +338,32 @@ def test_lab_batch_statistics_mode_uses_the_second_moment():
     kalmannorm.set_eval_statistics(model, "moving")
     with torch.no_grad(), batch_statistics_mode(model):
         torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"name": "bkn-flow"}, {"name": "bkn", "prior": "propagate", "flow": "execution"}],
+    ids=["data-flow", "execution"],
+)
+def test_a_kalman_prior_propagates_through_the_centred_weight(options):
+    """A centred convolution and a plain one holding the centred weight give the same priors."""
+    torch.manual_seed(7)
+    plain = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5),
+    ).double()  # fmt: skip
+    holding = copy.deepcopy(plain)
+    with torch.no_grad():
+        for conv in (holding[0], holding[3]):
+            conv.weight.copy_(centered_weight(conv.weight))
+    options = dict(options)
+    name = options.pop("name")
+    centred = kalmannorm.convert_norm(plain, name, stat_batch_size=2, **options)
+    center_conv_weights(centred, "all")
+    reference = kalmannorm.convert_norm(holding, name, stat_batch_size=2, **options)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(centred(x), reference(x))
+    got, want = kalmannorm.kalman_statistics(centred), kalmannorm.kalman_statistics(reference)
+    assert got["4"].prior_var is not None
+    torch.testing.assert_close(got["4"].prior_mean, want["4"].prior_mean)
+    torch.testing.assert_close(got["4"].prior_var, want["4"].prior_var)

@@ -553,8 +553,16 @@ class Operation(Node):
         )
 
 
+def convolved_weight(module: nn.Module) -> Tensor:
+    """The weight a convolution or linear layer applies: ``module.weight``, or what the layer's
+    ``convolved_weight()`` returns where it transforms its weight in the forward (MABN's
+    centred convolutions)."""
+    transformed = getattr(module, "convolved_weight", None)
+    return module.weight if transformed is None else transformed()
+
+
 def _conv_moments(module: nn.Module, geometry: mo.TapGeometry, x: Moments) -> Moments:
-    weight = module.weight.to(x.mean.dtype)
+    weight = convolved_weight(module).to(x.mean.dtype)
     bias = None if module.bias is None else module.bias.to(x.mean.dtype)
     if isinstance(module, nn.Linear):
         return mo.convolution(x, weight.unsqueeze(-1), bias, 1, geometry)

@@ -33,6 +33,7 @@ from torch.nn import functional as torch_f
 
 from kalmannorm import functional as F
 from kalmannorm.chain import Posterior, check_recomputation, recomputing
+from kalmannorm.dataflow import convolved_weight
 from kalmannorm.fused import FusedGroupNorm, Layout, detached_leaf, variance_guard
 
 if TYPE_CHECKING:
@@ -302,7 +303,7 @@ class KalmanNormBase(nn.Module):
             feeding = self._propagation_source()
             if feeding is None:
                 return ()
-            return (upstream.mean, upstream.var, gain, feeding.weight, feeding.bias)
+            return (upstream.mean, upstream.var, gain, convolved_weight(feeding), feeding.bias)
         return (upstream.mean, upstream.var, gain, self.transition, self.noise_raw)
 
     def estimate(

@@ -537,12 +537,20 @@ def centered_weight(weight: Tensor) -> Tensor:
 class CenteredConv1d(nn.Conv1d):
     """nn.Conv1d that convolves with :func:`centered_weight` (gradient through the centring)."""
 
+    def convolved_weight(self) -> Tensor:
+        """The weight the forward uses (what a data-flow prior propagates through)."""
+        return centered_weight(self.weight)
+
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return super()._conv_forward(input, centered_weight(weight), bias)
 
 
 class CenteredConv2d(nn.Conv2d):
     """nn.Conv2d that convolves with :func:`centered_weight` (gradient through the centring)."""
+
+    def convolved_weight(self) -> Tensor:
+        """The weight the forward uses (what a data-flow prior propagates through)."""
+        return centered_weight(self.weight)
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return super()._conv_forward(input, centered_weight(weight), bias)
@@ -551,12 +559,20 @@ class CenteredConv2d(nn.Conv2d):
 class CenteredConv3d(nn.Conv3d):
     """nn.Conv3d that convolves with :func:`centered_weight` (gradient through the centring)."""
 
+    def convolved_weight(self) -> Tensor:
+        """The weight the forward uses (what a data-flow prior propagates through)."""
+        return centered_weight(self.weight)
+
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return super()._conv_forward(input, centered_weight(weight), bias)
 
 
 class CenteredLinear(nn.Linear):
     """nn.Linear with :func:`centered_weight` (each output's weights sum to zero)."""
+
+    def convolved_weight(self) -> Tensor:
+        """The weight the forward uses (what a data-flow prior propagates through)."""
+        return centered_weight(self.weight)
 
     def forward(self, input: Tensor) -> Tensor:
         return torch_f.linear(input, centered_weight(self.weight), self.bias)
