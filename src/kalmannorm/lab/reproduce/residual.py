@@ -12,7 +12,8 @@ fresh checkout skips the finished runs and trains only the missing cells. The gr
 order in which the evidence was measured: the s = 2 comparison of eight norms first, then
 s = 1 and 4 for ghost BN and the recommended ``bkn-flow`` (with PreciseBN re-estimated moving
 statistics), then two BKN options at s = 2, MABN and the temporal prior at s = 1 and 4 (the
-temporal prior since removed from the library: a retired grid), the authors' variant and the
+temporal prior since removed from the library: a retired grid), ``bkn-flow`` and ghost BN with
+MABN's centred convolution weights at s = 1 and 2, the authors' variant and the
 other registered norms (BRN, CBN, GKN, FRN, EvoNorm-S0) at s = 2, then the learning-rate search
 on a held-out split for BN@128, ghost BN, GN and ``bkn-flow`` at s = 2 and for ghost BN and
 ``bkn-flow`` at s = 1, whose picks the report shows for them.
@@ -57,9 +58,10 @@ DISPLAY = {
     "gn": "GN",
     FLOW.label: "bkn-flow",
     GN_GROUPS.label: "GN, groups searched",
+    "mabn": "MABN",
 }
 #: The norms a user picks between (rows of the recommendation).
-CANDIDATES = ("bn", "gn", GN_GROUPS.label, FLOW.label)
+CANDIDATES = ("bn", "gn", GN_GROUPS.label, "mabn", FLOW.label, "bkn-flow-centred")
 
 #: MABN as its paper trains it: every convolution's weights centred (the mean MABN does not
 #: subtract moves into the convolutions).
@@ -98,6 +100,12 @@ GN_GROUPS_SEARCH = SearchConfig(
 )
 #: The batch-statistics norms searched again at s = 1 (GN and BN@128 do not depend on s).
 SEARCHED_AT_S1 = [Variant("bn", "bn"), FLOW]
+#: MABN's weight centring given to the recommended BKN and to ghost BN: how much of MABN's lead
+#: at s = 1 is its convolutions' centred weights rather than its moving averages.
+CENTRED = [
+    Variant("bkn", "bkn-flow-centred", _FLOW, train={"center_weights": True}),
+    Variant("bn", "bn-centred", train={"center_weights": True}),
+]
 #: The authors' code (propagated prior, raw posteriors along the data flow, fixed q = 0.1, guard
 #: 100) and the other registered norms at s = 2 (BRN's and CBN's schedules as fractions of the 600
 #: steps, the rule of the quick check's sweep).
@@ -136,6 +144,7 @@ def residual(root: str | Path = "docs/results/residual/runs") -> Budget:
         "s1-s4": grid(precise, [FLOW, Variant("bn", "bn")], [1, 4], baseline=False),
         "options": grid(precise, OPTIONS, [2], baseline=False),
         "beyond": grid(precise, BEYOND, [1, 4], baseline=False),
+        "centred": grid(precise, CENTRED, [1, 2], baseline=False),
         "others": grid(precise, OTHERS, [2], baseline=False),
         # last: their picks replace the recipe's cells of these norms in the report
         "search": dataclasses.replace(

@@ -213,7 +213,8 @@ def write_residual_report(findings: ResidualFindings, path: str | Path) -> Path:
         "",
         "## What to use",
         "",
-        "Among ghost BN, GN (default groups; and with its groups searched) and bkn-flow, each "
+        "Among ghost BN, GN (default groups; and with its groups searched), MABN and bkn-flow "
+        "(also with MABN's centred weights), each "
         "at its held-out setting where it was "
         f"searched ({searched_sizes}), else at the recipe's; the evaluation is the one with the "
         "highest mean, picked on these test results (a guide, not a tuned choice); the runner-up "
