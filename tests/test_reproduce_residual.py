@@ -194,3 +194,11 @@ def test_every_vs_gn_verdict_is_against_the_strongest_gn_setting():
     rows = {r.split("|")[2].strip(): r for r in table(cells)[2:]}
     assert rows["GN"].rstrip(" |").endswith("-6.00 ± 0.82 pt (worse)")
     assert rows["gn-old-groups"].split("|")[-2].strip() == ""  # the bar itself: no verdict
+
+
+def test_a_search_that_has_not_run_shows_no_picks(report):
+    # the fixture writes the grids' runs at the recipe's settings but no search run: nothing
+    # may be shown as a held-out pick (the recipe's cells would otherwise pose as picks)
+    assert "## Each norm at its own learning rate" not in report
+    assert "## Learning-rate search" not in report
+    assert "its held-out pick" not in report

@@ -48,6 +48,7 @@ from kalmannorm.lab.train.compare import (
     RunsFailedError,
     compare,
     make_search_grid,
+    run_status,
     score_search,
 )
 from kalmannorm.lab.train.config import config_from_dict
@@ -269,11 +270,17 @@ def residual_report(
         if config.search is None:
             cells.update(evidence.collect_cells(config))
         else:  # its picks are a table of their own; its runs at the recipe's lr join the rest
-            chosen = evidence.collect_cells(config)
+            searched_groups = finished_searches(config)
+            chosen = {
+                group: cell
+                for group, cell in evidence.collect_cells(config).items()
+                if group in searched_groups
+            }
             recipe = evidence.collect_cells(dataclasses.replace(config, search=None))
             searched.update(chosen)
             cells.update(recipe)
-            lines += search_section(config, recipe, chosen)
+            if searched_groups:  # a search not run yet has nothing to show
+                lines += search_section(config, recipe, chosen)
     findings = ResidualFindings(cells, header, notes=list(budget.notes), failures=failures)
     findings.search, findings.searched = lines, searched
     if any(s is not None for _, s in cells):
@@ -290,6 +297,15 @@ def residual_report(
     minutes = sum(sum(c.wall_time_s) for c in cells.values()) / 60
     findings.header["training time (sum over runs, 1 thread each)"] = f"{minutes:.0f} min"
     return write_residual_report(findings, out / "REPORT.md")
+
+
+def finished_searches(cfg: CompareConfig) -> set[tuple]:
+    """The groups of a grid whose every search run finished: only they have a pick to show (a
+    group whose search has not run would otherwise show the recipe's cell as its pick)."""
+    done: dict[tuple, bool] = {}
+    for run in make_search_grid(cfg):
+        done[run.group] = done.get(run.group, True) and run_status(run.spec) == "finished"
+    return {group for group, finished in done.items() if finished}
 
 
 def search_section(
