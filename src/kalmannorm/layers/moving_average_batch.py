@@ -109,6 +109,11 @@ def _spatial_dims(t: Tensor) -> tuple[int, ...]:
     return tuple(range(2, t.dim()))
 
 
+def _values_per_group(x: Tensor, groups: int) -> int:
+    """m = s * prod(spatial): the values of one channel in one statistics group."""
+    return (x.shape[0] // groups) * math.prod(x.shape[2:])
+
+
 def _group_sum(per_sample: Tensor, groups: int) -> Tensor:
     """(N, C) -> (G, C): the sum over each group's s samples."""
     return per_sample.unflatten(0, (groups, per_sample.shape[0] // groups)).sum(dim=1)
@@ -124,7 +129,7 @@ def group_second_moments(x: Tensor, stat_batch_size: int | None) -> tuple[Tensor
     groups = F.num_stat_groups(x.shape[0], stat_batch_size)
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     spatial = _spatial_dims(work)
-    count = (x.shape[0] // groups) * math.prod(x.shape[2:])
+    count = _values_per_group(x, groups)
     if spatial:
         sums = work.sum(dim=spatial)
         squares = torch.linalg.vector_norm(work, dim=spatial).square()
@@ -204,7 +209,7 @@ class MovingAverageNormFunction(torch.autograd.Function):
         work = inv_std.dtype
         dy, x = grad_output.to(work), x.to(work)
         spatial = _spatial_dims(x)
-        count = (x.shape[0] // groups) * math.prod(x.shape[2:])
+        count = _values_per_group(x, groups)
         # sum over a group's values of dy * x, from one per-sample dot product over positions
         dot = torch.linalg.vecdot(x.flatten(2), dy.flatten(2)) if spatial else x * dy
         dot = _group_sum(dot, groups)
@@ -534,48 +539,36 @@ def centered_weight(weight: Tensor) -> Tensor:
     return weight - weight.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
 
 
-class CenteredConv1d(nn.Conv1d):
+class _CenteredWeight:
+    """Mixin of the centring layers: they apply :func:`centered_weight` of their stored weight."""
+
+    weight: Tensor
+
+    def convolved_weight(self) -> Tensor:
+        """The weight the forward uses (what a data-flow prior propagates through)."""
+        return centered_weight(self.weight)
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return super()._conv_forward(input, centered_weight(weight), bias)  # type: ignore[misc]
+
+
+class CenteredConv1d(_CenteredWeight, nn.Conv1d):
     """nn.Conv1d that convolves with :func:`centered_weight` (gradient through the centring)."""
 
-    def convolved_weight(self) -> Tensor:
-        """The weight the forward uses (what a data-flow prior propagates through)."""
-        return centered_weight(self.weight)
 
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return super()._conv_forward(input, centered_weight(weight), bias)
-
-
-class CenteredConv2d(nn.Conv2d):
+class CenteredConv2d(_CenteredWeight, nn.Conv2d):
     """nn.Conv2d that convolves with :func:`centered_weight` (gradient through the centring)."""
 
-    def convolved_weight(self) -> Tensor:
-        """The weight the forward uses (what a data-flow prior propagates through)."""
-        return centered_weight(self.weight)
 
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return super()._conv_forward(input, centered_weight(weight), bias)
-
-
-class CenteredConv3d(nn.Conv3d):
+class CenteredConv3d(_CenteredWeight, nn.Conv3d):
     """nn.Conv3d that convolves with :func:`centered_weight` (gradient through the centring)."""
 
-    def convolved_weight(self) -> Tensor:
-        """The weight the forward uses (what a data-flow prior propagates through)."""
-        return centered_weight(self.weight)
 
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return super()._conv_forward(input, centered_weight(weight), bias)
-
-
-class CenteredLinear(nn.Linear):
+class CenteredLinear(_CenteredWeight, nn.Linear):
     """nn.Linear with :func:`centered_weight` (each output's weights sum to zero)."""
 
-    def convolved_weight(self) -> Tensor:
-        """The weight the forward uses (what a data-flow prior propagates through)."""
-        return centered_weight(self.weight)
-
     def forward(self, input: Tensor) -> Tensor:
-        return torch_f.linear(input, centered_weight(self.weight), self.bias)
+        return torch_f.linear(input, self.convolved_weight(), self.bias)
 
 
 _CENTERED: dict[type[nn.Module], type[nn.Module]] = {

@@ -158,7 +158,7 @@ def recommendation(
     cells: Cells, step_time: Mapping[str, float], searched: Cells | None = None
 ) -> list[str]:
     """Per s: the candidate with the highest mean accuracy in its best evaluation (a pick from
-    fewer than 3 seeds is marked provisional), each candidate at its searched learning rate
+    fewer than 3 seeds is marked provisional), each candidate at its searched setting
     where the search covered it (``searched``), else at the recipe's; its cost in step time
     where a benchmark was given."""
     lines = [
@@ -183,9 +183,9 @@ def recommendation(
         runner_text = f"{name(runner[1])} ({call})" if runner else "-"
         cost = step_time.get(label)
         provisional = "" if cell.seeds >= 3 else " (provisional)"
-        lr = "its held-out pick" if cell_at(searched, label, s) is cell else "the recipe's 0.1"
+        setting = "its held-out pick" if cell_at(searched, label, s) is cell else "the recipe's 0.1"
         lines.append(
-            f"| {s} | {name(label)}{provisional} | {lr} | {MODE_TEXT[mode]} | "
+            f"| {s} | {name(label)}{provisional} | {setting} | {MODE_TEXT[mode]} | "
             f"{accuracy(cell, mode)} | {cell.seeds} | {runner_text} | "
             f"{'-' if cost is None else f'{cost:.2f}x'} |"
         )

@@ -48,13 +48,12 @@ from kalmannorm.lab.train.compare import (
     RunsFailedError,
     compare,
     make_search_grid,
-    run_status,
     score_search,
 )
 from kalmannorm.lab.train.config import config_from_dict
 from kalmannorm.lab.train.loop import prepare_run_folder
 from kalmannorm.lab.train.plan import ConfigError
-from kalmannorm.lab.train.search import search_markdown
+from kalmannorm.lab.train.search import Point, search_markdown
 
 
 def select_grids(budget: Budget, names: Sequence[str] | None) -> dict[str, CompareConfig]:
@@ -270,17 +269,14 @@ def residual_report(
         if config.search is None:
             cells.update(evidence.collect_cells(config))
         else:  # its picks are a table of their own; its runs at the recipe's lr join the rest
-            searched_groups = finished_searches(config)
-            chosen = {
-                group: cell
-                for group, cell in evidence.collect_cells(config).items()
-                if group in searched_groups
-            }
+            picks, rows = score_search(make_search_grid(config))
+            # a group whose search has not run has no pick: its recipe cell is not one
+            chosen = {g: c for g, c in evidence.collect_cells(config).items() if g in picks}
             recipe = evidence.collect_cells(dataclasses.replace(config, search=None))
             searched.update(chosen)
             cells.update(recipe)
-            if searched_groups:  # a search not run yet has nothing to show
-                lines += search_section(config, recipe, chosen)
+            if picks:
+                lines += search_section(config, picks, rows, recipe, chosen)
     findings = ResidualFindings(cells, header, notes=list(budget.notes), failures=failures)
     findings.search, findings.searched = lines, searched
     if any(s is not None for _, s in cells):
@@ -299,22 +295,16 @@ def residual_report(
     return write_residual_report(findings, out / "REPORT.md")
 
 
-def finished_searches(cfg: CompareConfig) -> set[tuple]:
-    """The groups of a grid whose every search run finished: only they have a pick to show (a
-    group whose search has not run would otherwise show the recipe's cell as its pick)."""
-    done: dict[tuple, bool] = {}
-    for run in make_search_grid(cfg):
-        done[run.group] = done.get(run.group, True) and run_status(run.spec) == "finished"
-    return {group for group, finished in done.items() if finished}
-
-
 def search_section(
-    cfg: CompareConfig, recipe: dict[tuple, evidence.Cell], chosen: dict[tuple, evidence.Cell]
+    cfg: CompareConfig,
+    picks: dict[tuple, Point],
+    rows: list,
+    recipe: dict[tuple, evidence.Cell],
+    chosen: dict[tuple, evidence.Cell],
 ) -> list[str]:
-    """A grid's held-out search as report lines: every point's holdout accuracy, then, for each
-    pick other than the recipe, the test accuracy of the recipe's cell (``recipe``) beside the
-    pick's (``chosen``)."""
-    picks, rows = score_search(make_search_grid(cfg))
+    """A grid's held-out search as report lines: every point's holdout accuracy (``rows`` of
+    :func:`score_search`), then, for each pick other than the recipe, the test accuracy of the
+    recipe's cell (``recipe``) beside the pick's (``chosen``)."""
     lines = [*search_markdown(rows, cfg.search.describe() if cfg.search else "").splitlines(), ""]
     for group, point in picks.items():
         before, after = recipe.get(group), chosen.get(group)
