@@ -130,9 +130,14 @@ def test_default_preset_falls_back_to_digits(monkeypatch, capsys) -> None:
     monkeypatch.setattr(presets, "dataset_available", lambda name: False)
     cfg = presets.default()
     assert cfg.train["dataset"] == "digits" and "using digits" in capsys.readouterr().out
-    assert [v.norm for v in cfg.norms] == ["bn", "bkn-flow", "gn"]
+    assert [v.norm for v in cfg.norms] == ["bn", "bkn-flow", "mabn", "gn"]
     assert cfg.baseline.norm == "none" and cfg.stat_batch_sizes == [2]
-    assert len(make_grid(cfg)) == 4
+    grid = {spec.variant.label: spec.config for spec in make_grid(cfg)}
+    assert len(grid) == 5
+    # the recommended BKN and MABN train on centred convolutions, the others on plain ones
+    centred = {label for label, config in grid.items() if config.center_weights}
+    assert centred == {"bkn-flow-centred", "mabn"}
+    assert grid["mabn"].norm_options["renorm_start"] == grid["mabn"].steps // 4
 
 
 def test_report_presets_build_their_grids():

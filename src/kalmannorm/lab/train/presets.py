@@ -1,8 +1,9 @@
 """Ready-made compare grids: ``kalmannorm compare --preset NAME``.
 
 ``default`` is the project's main job: plain BatchNorm with the whole batch of 128 as one
-statistics group (the baseline) against ghost BN ("bn"), the recommended BKN ("bkn-flow") and
-GroupNorm with statistics groups of 2, on Fashion-MNIST when it is installed (Debian:
+statistics group (the baseline) against ghost BN ("bn"), the recommended BKN ("bkn-flow" on
+centred convolutions), MABN (centred, as its paper trains it) and GroupNorm with statistics
+groups of 2, on Fashion-MNIST when it is installed (Debian:
 ``apt-get install dataset-fashion-mnist``), otherwise on scikit-learn's digits. It takes about
 10 minutes on 2 CPU cores. ``tiny`` is the same grid in seconds, for smoke tests.
 """
@@ -15,17 +16,31 @@ import kalmannorm
 from kalmannorm.lab.data import dataset_available
 from kalmannorm.lab.train.compare import CompareConfig, Variant
 
-#: The norms the main job compares at statistics-batch 2.
-DEFAULT_NORMS = ("bn", "bkn-flow", "gn")
+#: Every convolution's weights centred (``kalmannorm.center_conv_weights``).
+CENTRED = {"center_weights": True}
 
 
-def _registered(names: tuple[str, ...]) -> list[Variant]:
-    """The registered ones of ``names``; the others are announced and left out."""
+def default_norms(steps: int) -> tuple[Variant, ...]:
+    """The norms the main job compares at statistics batch 2, for a run of ``steps``: ghost BN,
+    the recommended BKN (``bkn-flow`` with centred convolutions, the residual evidence's best
+    configuration), MABN (its renormalisation from a quarter of the run, as in the residual
+    budget) and GroupNorm."""
+    mabn = {"warmup_steps": steps // 10, "renorm_start": steps // 4, "window_size": 4}
+    return (
+        Variant("bn", "bn"),
+        Variant("bkn-flow", "bkn-flow-centred", train=CENTRED),
+        Variant("mabn", "mabn", mabn, train=CENTRED),
+        Variant("gn", "gn"),
+    )
+
+
+def _registered(variants: tuple[Variant, ...]) -> list[Variant]:
+    """The variants of registered norms; the others are announced and left out."""
     available = kalmannorm.available_norms()
-    missing = [n for n in names if n not in available]
+    missing = [v.norm for v in variants if v.norm not in available]
     if missing:
         print(f"note: norm(s) {', '.join(missing)} not registered in this version; left out")
-    return [Variant(n, n) for n in names if n in available]
+    return [v for v in variants if v.norm in available]
 
 
 #: The small-CNN recipe shared by the CPU-sized grids (gradient batch 128, SGD, cosine).
@@ -42,7 +57,7 @@ SMALL_CNN_RECIPE = {
 
 
 def default() -> CompareConfig:
-    """BN(128) vs bn / bkn / gn at statistics batch 2 on real data (Fashion-MNIST or digits)."""
+    """BN(128) vs bn / bkn-flow (centred) / mabn / gn at statistics batch 2 on real data (Fashion-MNIST or digits)."""
     common = {**SMALL_CNN_RECIPE, "warmup_steps": 100}
     if dataset_available("fashion_mnist"):
         train = {**common, "dataset": "fashion_mnist", "steps": 1000, "eval_every": 125}
@@ -51,7 +66,7 @@ def default() -> CompareConfig:
         train = {**common, "dataset": "digits", "steps": 600, "eval_every": 50}
     return CompareConfig(
         train=train,
-        norms=_registered(DEFAULT_NORMS),
+        norms=_registered(default_norms(train["steps"])),
         stat_batch_sizes=[2],
         seeds=[0],
         baseline=Variant("none", "bn-plain"),
@@ -73,7 +88,7 @@ def tiny() -> CompareConfig:
             "eval_every": 20,
             "progress": "log",
         },
-        norms=_registered(DEFAULT_NORMS),
+        norms=_registered(default_norms(40)),
         stat_batch_sizes=[2],
         seeds=[0],
         baseline=Variant("none", "bn-plain"),
