@@ -13,10 +13,10 @@ order in which the evidence was measured: the s = 2 comparison of eight norms fi
 s = 1 and 4 for ghost BN and the recommended ``bkn-flow`` (with PreciseBN re-estimated moving
 statistics), then two BKN options at s = 2, MABN and the temporal prior at s = 1 and 4 (the
 temporal prior since removed from the library: a retired grid), ``bkn-flow`` and ghost BN with
-MABN's centred convolution weights at s = 1 and 2 (``bkn-flow`` at 4 too), the authors' variant and the
-other registered norms (BRN, CBN, GKN, FRN, EvoNorm-S0) at s = 2, then the learning-rate search
-on a held-out split for BN@128, ghost BN, GN and ``bkn-flow`` at s = 2 and for ghost BN and
-``bkn-flow`` at s = 1, whose picks the report shows for them.
+MABN's centred convolution weights at s = 1 and 2 (``bkn-flow`` at 4 too), the authors' variant
+and the other registered norms (BRN, CBN, GKN, FRN, EvoNorm-S0) at s = 2, then the learning-rate
+search on a held-out split for BN@128, ghost BN, GN and ``bkn-flow`` at s = 2 and for ghost BN
+and ``bkn-flow`` at s = 1, whose picks the report shows for them.
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ SMALL_CNN_RECIPE = {
 
 
 def default() -> CompareConfig:
-    """BN(128) vs bn / bkn-flow (centred) / mabn / gn at statistics batch 2 on real data (Fashion-MNIST or digits)."""
+    """BN(128) vs bn / bkn-flow (centred) / mabn / gn at statistics batch 2 on real data
+    (Fashion-MNIST or digits)."""
     common = {**SMALL_CNN_RECIPE, "warmup_steps": 100}
     if dataset_available("fashion_mnist"):
         train = {**common, "dataset": "fashion_mnist", "steps": 1000, "eval_every": 125}
