@@ -33,6 +33,7 @@ def test_the_example_uses_the_library_alone() -> None:
     assert "import kalmannorm" in imports
     assert not [line for line in imports if "kalmannorm." in line or "from kalmannorm" in line]
     assert "convert_norm(model, NORM, stat_batch_size=STAT_BATCH)" in source
+    assert 'center_conv_weights(model, layers="all")' in source  # the best configuration
     assert len(source.splitlines()) <= 180
 
 

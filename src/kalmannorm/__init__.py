@@ -3,7 +3,8 @@
 Quick use::
 
     import kalmannorm
-    model = kalmannorm.convert_norm(model, "bkn", stat_batch_size=2)
+    model = kalmannorm.convert_norm(model, "bkn-flow", stat_batch_size=2)
+    kalmannorm.center_conv_weights(model, layers="all")  # the best configuration measured
 
 This namespace holds what a user constructs and calls; the baselines are in
 :mod:`kalmannorm.baselines`; internals stay in their modules (:mod:`kalmannorm.chain`,
