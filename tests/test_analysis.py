@@ -187,7 +187,7 @@ def test_bkn_statistics_equal_the_training_forward_posterior():
     stats = analysis.collect_statistics(model, (x,), batch_size=4)
     assert_same_state(model, before)
     bkn = [m for m in model.modules() if isinstance(m, BatchKalmanNorm)]
-    assert all(m.eval_statistics == "moving" and m.stat_batch_size == 2 for m in bkn)
+    assert all(m.eval_statistics == "auto" and m.stat_batch_size == 2 for m in bkn)
     assert not model.training
 
     # Reference: the training-mode forward of a copy, batch by batch (same groups, same math).
@@ -329,7 +329,7 @@ def test_eval_mode_accuracy_of_a_bkn_classifier_matches_set_eval_statistics():
     assert result.batch == pytest.approx(float((batch == y).double().mean()))
     assert result.stat_batch_size is None and result.batch_samples == 12
     assert all(
-        m.eval_statistics == "moving"
+        m.eval_statistics == "auto"
         for m in model.modules()
         if isinstance(m, BatchKalmanNorm)
     )

@@ -553,6 +553,29 @@ def test_bench_rows_cover_every_registered_norm(monkeypatch):
     assert "x conv+BN" in bench_norms.format_rows(with_conv)
 
 
+def test_ghost_bn_auto_eval_is_instance_statistics_with_one_sample_groups():
+    """Ghost BN's default ``eval_statistics="auto"`` at s = 1 normalises each test sample over
+    its own positions (instance norm with BN's affine), at s = 2 with the moving statistics."""
+    x = torch.randn(3, 4, 5, 5)
+    one = kalmannorm.convert_norm(nn.Sequential(nn.BatchNorm2d(4)), "bn", stat_batch_size=1)
+    two = kalmannorm.convert_norm(nn.Sequential(nn.BatchNorm2d(4)), "bn", stat_batch_size=2)
+    for model in (one, two):
+        model(torch.randn(6, 4, 5, 5))
+        with torch.no_grad():
+            model[0].weight.uniform_(0.5, 1.5)
+            model[0].bias.uniform_(-1, 1)
+        model.eval()
+    layer = one[0]
+    ref = torch.nn.functional.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps)
+    with torch.no_grad():
+        torch.testing.assert_close(one(x), ref, rtol=1e-4, atol=1e-5)
+        moving = torch.nn.functional.batch_norm(
+            x, two[0].running_mean, two[0].running_var, two[0].weight, two[0].bias, False,
+            eps=two[0].eps,
+        )  # fmt: skip
+        torch.testing.assert_close(two(x), moving)
+
+
 @pytest.mark.parametrize("name", ["bn", "brn", "cbn"])
 def test_eval_with_batch_statistics_normalises_each_test_group(name):
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))

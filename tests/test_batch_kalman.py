@@ -232,6 +232,34 @@ def test_eval_with_batch_statistics_uses_test_groups():
     assert not torch.allclose(model(x), train_out)
 
 
+def test_auto_eval_uses_each_samples_statistics_with_one_sample_groups():
+    """The default ``eval_statistics="auto"``: with groups of one sample, eval normalises each
+    sample with its own posterior (as training did, without touching the moving averages);
+    with larger groups it uses the moving statistics."""
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    one = kalmannorm.convert_norm(conv_bn_stack(), "bkn-flow", stat_batch_size=1)
+    randomize_kalman(one)
+    assert {m.eval_statistics for m in one.modules() if hasattr(m, "eval_statistics")} == {"auto"}
+    train_out = one(x)
+    before = one[1].running_mean.clone()
+    one.eval()
+    torch.testing.assert_close(one(x), train_out)
+    torch.testing.assert_close(one(x[2:3]), train_out[2:3])  # independent of the other samples
+    torch.testing.assert_close(one[1].running_mean, before)
+    kalmannorm.set_eval_statistics(one, "moving")
+    assert not torch.allclose(one(x), train_out)
+
+    two = kalmannorm.convert_norm(conv_bn_stack(), "bkn-flow", stat_batch_size=2)
+    randomize_kalman(two)
+    two(x)
+    two.eval()
+    moving = two(x)
+    kalmannorm.set_eval_statistics(two, "moving")
+    torch.testing.assert_close(two(x), moving)
+    with pytest.raises(ValueError, match="eval_statistics must be one of"):
+        kalmannorm.set_eval_statistics(two, "population")
+
+
 def test_last_statistics_are_detached_and_do_not_keep_graphs():
     model = kalmannorm.convert_norm(
         conv_bn_stack(dtype=torch.float32), "bkn", flow="execution", stat_batch_size=2

@@ -183,7 +183,7 @@ def test_options_mixed_models_and_errors():
     bkn = kalmannorm.convert_norm(_model("torch"), "bkn", stat_batch_size=4)
     with pytest.raises(ValueError, match="not divisible"):
         update_bn(batches, bkn)
-    assert bkn.training and bkn[1].eval_statistics == "moving"
+    assert bkn.training and bkn[1].eval_statistics == "auto"
     # gkn has no moving statistics: nothing to do, nothing breaks
     gkn = kalmannorm.convert_norm(_model("torch"), "gkn")
     assert update_bn(batches, gkn) == 4

@@ -272,6 +272,42 @@ def test_batch_evaluation_scores_whole_groups_only() -> None:
     }
 
 
+def test_moving_column_uses_moving_statistics_with_one_sample_groups() -> None:
+    """At s = 1 a layer's default eval mode ("auto") takes each sample's own statistics; the
+    moving column must still be the moving statistics', and the default stays."""
+    from kalmannorm.lab.train.distributed import Distributed
+    from kalmannorm.lab.train.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = kalmannorm.convert_norm(
+        nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 3)),
+        "bn",
+        stat_batch_size=1,
+    )
+    model(torch.randn(4, 1, 6, 6) + 3.0)  # moving statistics far from the test inputs'
+    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 3, (64,))
+    model.eval()
+    with torch.no_grad():
+        own = model(x).argmax(1)
+        kalmannorm.set_eval_statistics(model, "moving")
+        moving = model(x).argmax(1)
+        kalmannorm.set_eval_statistics(model, "auto")
+    assert not torch.equal(own, moving)
+    result = evaluate(
+        model,
+        _TestSet(x, y),
+        stat_batch_size=1,
+        eval_batch_size=16,
+        dist=Distributed(),
+        device=torch.device("cpu"),
+    )
+    assert result == {
+        "test_acc_moving": pytest.approx((moving == y).float().mean().item()),
+        "test_acc_batch": pytest.approx((own == y).float().mean().item()),
+    }
+    assert model[1].eval_statistics == "auto"
+
+
 def _small_model() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
@@ -311,7 +347,7 @@ def test_batch_statistics_switches_layers_with_eval_statistics() -> None:
     assert not torch.allclose(moving, batch) and torch.equal(moving, again)
     torch.testing.assert_close(batch[:2], first_groups)  # statistics per group of 2
     assert all(
-        m.eval_statistics == "moving" for m in model.modules() if hasattr(m, "eval_statistics")
+        m.eval_statistics == "auto" for m in model.modules() if hasattr(m, "eval_statistics")
     )
 
 

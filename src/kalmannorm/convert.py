@@ -41,6 +41,7 @@ from kalmannorm.layers import (
     link_cross_iteration,
 )
 from kalmannorm.layers.filter_response import DEFAULT_EPS as FRN_DEFAULT_EPS
+from kalmannorm.layers.ghost_batch import check_eval_statistics
 from kalmannorm.normact import NormAct
 
 
@@ -680,14 +681,12 @@ def find_chain(model: nn.Module) -> KalmanChain | None:
 
 
 def set_eval_statistics(model: nn.Module, mode: str) -> None:
-    """Evaluate every layer that offers it (BKN, ghost BN, BRN, CBN) with ``"moving"`` or
+    """Evaluate every layer that offers it (BKN, ghost BN, BRN, CBN, MABN) with ``"moving"`` or
     ``"batch"`` statistics, the paper's inference options B and A (Table 3); in batch mode each
     test statistics group of the layer's ``stat_batch_size`` is normalised with its own statistics.
+    ``"auto"`` (BKN's and ghost BN's default): batch mode for layers with one-sample groups.
     """
-    from kalmannorm.layers.batch_kalman import EVAL_STATISTICS
-
-    if mode not in EVAL_STATISTICS:
-        raise ValueError(f"mode must be one of {EVAL_STATISTICS}, got {mode!r}")
+    check_eval_statistics(mode)
     for m in model.modules():
         if hasattr(m, "eval_statistics"):
             m.eval_statistics = mode

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kalmannorm._torch_private import ConvNd, ConvTransposeNd, NormBase
+from kalmannorm.layers.ghost_batch import evaluates_with_batch
 
 
 class ChannelAffine(nn.Module):
@@ -39,7 +40,7 @@ def _is_foldable(module: nn.Module) -> bool:
     """A norm whose eval output is the affine map of its moving statistics."""
     if not isinstance(module, NormBase) or module.running_var is None:
         return False
-    return getattr(module, "eval_statistics", "moving") == "moving"
+    return not evaluates_with_batch(module)
 
 
 def _affine_of(norm: NormBase) -> tuple[Tensor, Tensor]:

@@ -36,9 +36,11 @@ from kalmannorm.layers.base import (
     KALMAN_STATE_VERSION,
     KalmanNormBase,
 )
-from kalmannorm.layers.ghost_batch import check_stat_batch_size
-
-EVAL_STATISTICS = ("moving", "batch")
+from kalmannorm.layers.ghost_batch import (
+    check_eval_statistics,
+    check_stat_batch_size,
+    evaluates_with_batch,
+)
 
 
 class BatchKalmanNorm(KalmanNormBase, NormBase):
@@ -56,7 +58,9 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
         guard: skip the prior of a group when mean(prior_var / batch_var) reaches this;
             default ``None`` (learned) or 100 (propagate).
         covariance: ``"diag"`` tracks variances, ``"full"`` full covariance matrices.
-        eval_statistics: ``"moving"`` (default) or ``"batch"`` statistics in eval mode.
+        eval_statistics: in eval mode, ``"moving"`` statistics, each test group's posterior
+            (``"batch"``), or ``"auto"`` (default): the posterior with one-sample groups (the
+            moving averages do not fit a network trained on them), else moving.
         check_finite: raise ``FloatingPointError`` naming this layer when its input holds NaN
             or Inf (a debugging aid: one host sync per layer per training step). Off by default:
             a training step then never waits for the device, and, as with torch's BatchNorm, a
@@ -89,15 +93,14 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
         noise: float = DEFAULT_NOISE,
         guard: float | None = None,
         covariance: str = "diag",
-        eval_statistics: str = "moving",
+        eval_statistics: str = "auto",
         check_finite: bool = False,
         calibrate_prior: bool = False,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **factory_kwargs)
         check_stat_batch_size(stat_batch_size)
-        if eval_statistics not in EVAL_STATISTICS:
-            raise ValueError(f"eval_statistics must be one of {EVAL_STATISTICS}")
+        check_eval_statistics(eval_statistics)
         self.stat_batch_size = stat_batch_size
         self.eval_statistics = eval_statistics
         if calibrate_prior and covariance == "full":
@@ -145,7 +148,7 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
 
     def uses_batch_statistics(self) -> bool:
         """Whether this forward normalises with (Kalman-filtered) batch statistics."""
-        return self.training or not self.track_running_stats or self.eval_statistics == "batch"
+        return self.training or not self.track_running_stats or evaluates_with_batch(self)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)

@@ -51,6 +51,7 @@ from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
     check_input,
     check_stat_batch_size,
+    evaluates_with_batch,
     grouped_batch_norm,
     refuse_recomputation,
     update_running_stats,
@@ -149,7 +150,8 @@ class BatchRenorm(NormBase):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.stat_batch_size = stat_batch_size
-        #: "moving" (default) or "batch": statistics used in eval mode (``set_eval_statistics``)
+        #: statistics used in eval mode (``set_eval_statistics``; "moving" by default: the
+        #: corrections toward the moving averages are what this norm trains for)
         self.eval_statistics = "moving"
         self.final_r_max = float(r_max)
         self.final_d_max = float(d_max)
@@ -212,7 +214,7 @@ class BatchRenorm(NormBase):
         self._check_input_dim(x)
         if x.shape[0] == 0:  # as torch's BatchNorm: an empty batch in, an empty batch out
             return empty_output(x, self.weight, self.bias)
-        if not (self.training or not self.track_running_stats or self.eval_statistics == "batch"):
+        if not (self.training or not self.track_running_stats or evaluates_with_batch(self)):
             return F.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )

@@ -85,6 +85,7 @@ from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
     check_input,
     check_stat_batch_size,
+    evaluates_with_batch,
     grouped_batch_norm,
     refuse_recomputation,
     update_running_stats,
@@ -344,7 +345,8 @@ class CrossIterationBatchNorm(NormBase):
         if burn_in < 0:
             raise ValueError(f"burn_in must be >= 0, got {burn_in}")
         self.stat_batch_size = stat_batch_size
-        #: "moving" (default) or "batch": statistics used in eval mode (``set_eval_statistics``)
+        #: statistics used in eval mode (``set_eval_statistics``; "moving" by default: the
+        #: corrections toward the moving averages are what this norm trains for)
         self.eval_statistics = "moving"
         self.window_size = int(window_size)
         self.burn_in = int(burn_in)
@@ -432,7 +434,7 @@ class CrossIterationBatchNorm(NormBase):
             return x.clone()
         if x.shape[0] == 0:  # as torch's BatchNorm: an empty batch in, an empty batch out
             return empty_output(x, self.weight, self.bias)
-        if not (self.training or not self.track_running_stats or self.eval_statistics == "batch"):
+        if not (self.training or not self.track_running_stats or evaluates_with_batch(self)):
             return F.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )

@@ -77,6 +77,7 @@ from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
     check_input,
     check_stat_batch_size,
+    evaluates_with_batch,
     moving_average_factor,
     refuse_recomputation,
 )
@@ -316,7 +317,8 @@ class MovingAverageBatchNorm(NormBase):
         if r_max < 1.0:
             raise ValueError(f"r_max must be >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
         self.stat_batch_size = stat_batch_size
-        #: "moving" (default) or "batch": statistics used in eval mode (``set_eval_statistics``)
+        #: statistics used in eval mode (``set_eval_statistics``; "moving" by default: MABN's
+        #: forward normalises with moving averages, and its batch evaluation fails at s = 1)
         self.eval_statistics = "moving"
         self.window_size = window_size
         self.warmup_steps = int(warmup_steps)
@@ -369,7 +371,7 @@ class MovingAverageBatchNorm(NormBase):
         if x.shape[0] == 0:  # as torch's BatchNorm: an empty batch in, an empty batch out
             return empty_output(x, self.weight, self.bias)
         if not self.training:
-            if self.track_running_stats and self.eval_statistics == "moving":
+            if self.track_running_stats and not evaluates_with_batch(self):
                 return second_moment_norm(
                     x, self.moving_second_moment(), self.weight, self.bias, self.eps
                 )

@@ -16,7 +16,6 @@ Neither evaluation changes the model: buffers, modes and settings are restored.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,8 +24,12 @@ from torch import nn
 
 from kalmannorm.lab.accuracy import count_correct
 from kalmannorm.lab.analysis.batches import DataSource, iterate_batches, model_device
-from kalmannorm.lab.train.batch_mode import batch_statistics_mode, find_norm_layers, whole_groups
-from kalmannorm.layers.batch_kalman import BatchKalmanNorm
+from kalmannorm.lab.train.batch_mode import (
+    batch_statistics_mode,
+    find_norm_layers,
+    moving_statistics_mode,
+    whole_groups,
+)
 
 
 @dataclass
@@ -47,28 +50,6 @@ class EvalModeAccuracy:
             "samples_moving": self.moving_samples,
             "samples_batch": self.batch_samples,
         }
-
-
-@contextlib.contextmanager
-def moving_statistics_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode with every BKN on its moving statistics; modes and buffers restored after."""
-    training = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    kalman = [m for m in model.modules() if isinstance(m, BatchKalmanNorm)]
-    modes = [m.eval_statistics for m in kalman]
-    try:
-        model.eval()
-        for module in kalman:
-            module.eval_statistics = "moving"
-        yield model
-    finally:
-        for module, mode in zip(kalman, modes):
-            module.eval_statistics = mode
-        for module, flag in training:
-            module.training = flag
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
 
 
 @torch.no_grad()

@@ -234,6 +234,29 @@ def batch_statistics_mode(
                 buffer.copy_(value)
 
 
+@contextlib.contextmanager
+def moving_statistics_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode with every layer that has an ``eval_statistics`` mode on its moving statistics
+    (the ``"auto"`` default takes each sample's own with one-sample groups); modes, training
+    flags and buffers restored after the block."""
+    training = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.eval_statistics) for m in model.modules() if hasattr(m, "eval_statistics")]
+    try:
+        model.eval()
+        for module, _ in modes:
+            module.eval_statistics = "moving"
+        yield model
+    finally:
+        for module, mode in modes:
+            module.eval_statistics = mode
+        for module, flag in training:
+            module.training = flag
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+
+
 def whole_groups(layers: list[NormLayer], batch_size: int) -> int:
     """The number every forward batch must be a multiple of so that each layer sees whole groups.
 

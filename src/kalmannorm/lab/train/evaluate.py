@@ -26,7 +26,12 @@ from torch import nn
 
 from kalmannorm import update_bn
 from kalmannorm.lab.accuracy import count_correct
-from kalmannorm.lab.train.batch_mode import GKN, batch_statistics_mode, find_norm_layers
+from kalmannorm.lab.train.batch_mode import (
+    GKN,
+    batch_statistics_mode,
+    find_norm_layers,
+    moving_statistics_mode,
+)
 from kalmannorm.lab.train.distributed import Distributed, all_reduce_sum
 
 
@@ -75,7 +80,8 @@ def evaluate(
         eval_batch_size: test batch for the moving-statistics evaluation.
     """
     model.eval()
-    moving, _ = _accuracy(model, data, eval_batch_size, dist, device)
+    with moving_statistics_mode(model):
+        moving, _ = _accuracy(model, data, eval_batch_size, dist, device)
     layers = [layer for layer in find_norm_layers(model) if layer.kind != GKN]
     if not layers:  # nothing depends on the batch
         return {"test_acc_moving": moving, "test_acc_batch": moving}
@@ -103,5 +109,6 @@ def precise_accuracy(
     precise = copy.deepcopy(model)
     update_bn(batches, precise, device=device)
     precise.eval()
-    accuracy, _ = _accuracy(precise, data, eval_batch_size, dist, device)
+    with moving_statistics_mode(precise):
+        accuracy, _ = _accuracy(precise, data, eval_batch_size, dist, device)
     return accuracy
