@@ -6,7 +6,8 @@ its convolutions centred (``kalmannorm.center_conv_weights``, the best configura
 every norm layer then normalises each batch of 128 in 64 groups of 2 samples, fusing each
 group's statistics with the prior it predicts from the layers that feed it. It trains on
 Fashion-MNIST (the idx files of Debian's ``dataset-fashion-mnist``; scikit-learn's digits when
-they are missing) and is evaluated with the moving statistics, as deployed.
+they are missing) and is evaluated in eval mode, as deployed (moving statistics; with one
+sample per group, each sample's own: the layers' default ``eval_statistics="auto"``).
 
     python examples/train_minimal.py                        # 600 steps (1.3 epochs)
     STEPS=4 SUBSET=256 python examples/train_minimal.py     # a smoke run in seconds
@@ -29,7 +30,6 @@ import kalmannorm
 NORM = "bkn-flow"  # the recommended BKN (`kalmannorm norms`); try "bn" (ghost BN) or "gn"
 STAT_BATCH = 2  # samples per statistics group
 CENTRED = True  # every convolution's weights centred over its fan-in (MABN's paper does this)
-EVAL = "batch" if STAT_BATCH == 1 else "moving"  # eval statistics (s = 1: each sample's own)
 BATCH = 128  # samples per optimizer step
 STEPS = int(os.environ.get("STEPS", 600))
 EVAL_EVERY = int(os.environ.get("EVAL_EVERY", 100))
@@ -113,7 +113,7 @@ def preact_resnet(num_classes: int = 10) -> nn.Sequential:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
-    """Test accuracy in eval mode (moving statistics: no dependence on the batch)."""
+    """Test accuracy in eval mode (no dependence on the other samples of the batch)."""
     model.eval()
     correct = sum(
         (model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()
@@ -137,7 +137,6 @@ def main() -> None:
     model = kalmannorm.convert_norm(model, NORM, stat_batch_size=STAT_BATCH)  # BN -> BKN
     if CENTRED:
         kalmannorm.center_conv_weights(model, layers="all")  # conv(x, W - mean(W))
-    kalmannorm.set_eval_statistics(model, EVAL)
     model = model.to(DEVICE)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY
@@ -170,7 +169,7 @@ def main() -> None:
             done = (step + 1) % EVAL_EVERY or EVAL_EVERY
             print(
                 f"step {step + 1:5d}  train loss {loss_sum.item() / done:.4f}  test accuracy "
-                f"({EVAL} statistics) {accuracy(model, test_x, test_y):.4f}  "
+                f"(eval mode) {accuracy(model, test_x, test_y):.4f}  "
                 f"{time.perf_counter() - start:.0f} s"
             )
             loss_sum.zero_()
