@@ -222,6 +222,9 @@ def write_residual_report(findings: ResidualFindings, path: str | Path) -> Path:
         "",
         *recommendation(cells, findings.step_time, findings.searched),
         "",
+        "BKN's and ghost BN's default eval mode (`eval_statistics=\"auto\"`) is the test group's "
+        "batch statistics at s = 1 (each sample's own) and the moving statistics at larger s.",
+        "",
         "## Accuracy",
         "",
         "Final test accuracy (%), mean ± std over seeds, every norm with the one recipe (lr 0.1); "
