@@ -112,12 +112,17 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     dist, device = distributed.setup(config.device)
     try:
         if not dist.is_main:  # only the main process writes to the run folder
-            return _train(config, plan, dist, device, resume)
-        out = Path(config.out)
-        prepare_run_folder(out)
-        with lock_run_folder(out):
-            remove_stale_temporaries(out)
-            return _train(config, plan, dist, device, resume)
+            summary = _train(config, plan, dist, device, resume)
+        else:
+            out = Path(config.out)
+            prepare_run_folder(out)
+            with lock_run_folder(out):
+                remove_stale_temporaries(out)
+                summary = _train(config, plan, dist, device, resume)
+        # leave together: a process that tears its process group down while another still
+        # writes can abort at exit in gloo's threads ("terminate called", seen once in a test)
+        distributed.barrier(dist)
+        return summary
     finally:
         distributed.teardown(dist)
 
