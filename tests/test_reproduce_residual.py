@@ -202,3 +202,15 @@ def test_a_search_that_has_not_run_shows_no_picks(report):
     assert "## Each norm at its own learning rate" not in report
     assert "## Learning-rate search" not in report
     assert "its held-out pick" not in report
+
+
+def test_the_bn128_row_shows_its_precise_bn_accuracy_where_measured():
+    from kalmannorm.lab.reproduce.evidence import Cell
+    from kalmannorm.lab.reproduce.residual_report import table
+
+    measured = Cell("none", "none", 128, None, moving=[0.87, 0.88], precise=[0.86, 0.88])
+    (row,) = [r for r in table({("none", None): measured}) if r.startswith("| 128")]
+    assert row.split("|")[6].strip() == "87.00 ± 1.41"
+    unmeasured = Cell("none", "none", 128, None, moving=[0.87, 0.88])
+    (row,) = [r for r in table({("none", None): unmeasured}) if r.startswith("| 128")]
+    assert row.split("|")[6].strip() == "-"

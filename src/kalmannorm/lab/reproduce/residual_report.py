@@ -95,7 +95,7 @@ def table(cells: Cells) -> list[str]:
     if top is not None:
         lines.append(
             f"| 128 | {name('none')} | {top.seeds} | {accuracy(top, 'moving')} | "
-            f"{accuracy(top, 'batch')} | - | 100 % | | |"
+            f"{accuracy(top, 'batch')} | {accuracy(top, 'precise')} | 100 % | | |"
         )
     gn = strongest_gn(cells)
     # the norms that do not depend on the statistics batch: one row each, GN first
