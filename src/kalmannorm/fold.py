@@ -95,7 +95,9 @@ def fold(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for inference with every fixed-statistics norm folded away.
 
     Norms that normalise with batch statistics at inference (GroupNorm, GroupKalmanNorm, a BKN
-    set to ``eval_statistics="batch"``, ...) are kept as they are. The copy is in eval mode.
+    set to ``eval_statistics="batch"`` or left at ``"auto"`` with ``stat_batch_size=1``, ...)
+    are kept as they are; ``set_eval_statistics(model, "moving")`` first folds those too. The
+    copy is in eval mode.
     """
     model = copy.deepcopy(model).eval()
     try:
