@@ -57,6 +57,11 @@ def test_batch_statistics_norms_are_kept_and_untraceable_models_get_affines():
     model = _trained(kalmannorm.convert_norm(SmallCNN(3, 10, 8), "bkn", stat_batch_size=2), x)
     kalmannorm.set_eval_statistics(model, "batch")
     assert len(_kalman_layers(fold(model))) == 4
+    # one-sample groups: the default "auto" evaluates with each sample's statistics, kept too
+    single = _trained(kalmannorm.convert_norm(SmallCNN(3, 10, 8), "bkn", stat_batch_size=1), x)
+    assert len(_kalman_layers(fold(single))) == 4
+    kalmannorm.set_eval_statistics(single, "moving")
+    assert not _kalman_layers(fold(single))
 
     class Branchy(nn.Module):
         def __init__(self):
