@@ -141,6 +141,15 @@ def test_registry_names_and_unknown_name():
         kalmannorm.register_norm("bkn", "again")(lambda source: None)
 
 
+@pytest.mark.parametrize("name", ["gn", "gkn", "frn", "ln"])
+def test_a_per_sample_norm_refuses_stat_batch_size_in_one_line(name):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    with pytest.raises(TypeError, match=f"'{name}' computes each sample's statistics on its own"):
+        kalmannorm.convert_norm(model, name, stat_batch_size=2)
+    assert isinstance(model[1], nn.BatchNorm2d)  # nothing converted
+    kalmannorm.convert_norm(model, name)
+
+
 def test_a_batchnorm_root_is_returned_converted():
     converted = kalmannorm.convert_norm(nn.BatchNorm1d(5), "bkn")
     assert isinstance(converted, kalmannorm.BatchKalmanNorm1d)

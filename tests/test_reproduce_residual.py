@@ -214,3 +214,24 @@ def test_the_bn128_row_shows_its_precise_bn_accuracy_where_measured():
     unmeasured = Cell("none", "none", 128, None, moving=[0.87, 0.88])
     (row,) = [r for r in table({("none", None): unmeasured}) if r.startswith("| 128")]
     assert row.split("|")[6].strip() == "-"
+
+
+def test_the_recommendation_reads_the_committed_step_times(tmp_path):
+    """A ``step_time.json`` beside the runs (experiments/residual_step.py) gives each pick's
+    cost in the recommendation table; without it the column is '-'."""
+    import json
+
+    from kalmannorm.lab.reproduce.residual import CANDIDATES, DISPLAY
+
+    _write_runs(tmp_path / "runs")
+    ratios = {label: 1.0 + 0.01 * (i + 1) for i, label in enumerate(CANDIDATES)}
+    rows = [{"label": label, "ratio": ratio} for label, ratio in ratios.items()]
+    (tmp_path / "runs" / "step_time.json").write_text(json.dumps({"rows": rows}))
+    budget = residual(tmp_path / "runs")
+    text = reproduce(budget, out=tmp_path / "out", train=False, argv=["--no-train"]).read_text()
+    picks = [line for line in text.splitlines() if line.count("|") == 9 and "recipe's" in line]
+    assert picks
+    by_name = {DISPLAY.get(label, label): ratio for label, ratio in ratios.items()}
+    for line in picks:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[7] == f"{by_name[cells[1].removesuffix(' (provisional)')]:.2f}x"

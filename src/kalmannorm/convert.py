@@ -652,7 +652,13 @@ def convert_norm(
     """
     from kalmannorm.autolink import link_model
 
-    link_options = norm_spec(name).link_options or {}
+    spec = norm_spec(name)
+    if "stat_batch_size" in options and not spec.batch_statistics:
+        raise TypeError(
+            f"{name!r} computes each sample's statistics on its own, so it takes no "
+            f"stat_batch_size: call convert_norm(model, {name!r}) without it"
+        )
+    link_options = spec.link_options or {}
     flow = link_options.get("flow") if flow is None else flow
     source = link_options.get("source", "batch") if source is None else source
     report = ConversionReport()

@@ -163,7 +163,7 @@ def recommendation(
     where a benchmark was given."""
     lines = [
         "| s | pick | setting | evaluate with | accuracy | seeds | runner-up | "
-        "step time vs BN |",
+        "step time vs ghost BN |",
         "|---|---|---|---|---|---|---|---|",
     ]
     searched = searched or {}
@@ -218,7 +218,9 @@ def write_residual_report(findings: ResidualFindings, path: str | Path) -> Path:
         "at its held-out setting where it was "
         f"searched ({searched_sizes}), else at the recipe's; the evaluation is the one with the "
         "highest mean, picked on these test results (a guide, not a tuned choice); the runner-up "
-        "call is at that evaluation; a pick from fewer than 3 seeds is provisional.",
+        "call is at that evaluation; a pick from fewer than 3 seeds is provisional. Step time: "
+        "one training step of the ResNet-20 at s = 2 over ghost BN's, measured by "
+        "`python experiments/residual_step.py` (its file beside the runs says where and when).",
         "",
         *recommendation(cells, findings.step_time, findings.searched),
         "",
