@@ -345,8 +345,8 @@ class CrossIterationBatchNorm(NormBase):
         if burn_in < 0:
             raise ValueError(f"burn_in must be >= 0, got {burn_in}")
         self.stat_batch_size = stat_batch_size
-        #: statistics used in eval mode (``set_eval_statistics``; "moving" by default: the
-        #: corrections toward the moving averages are what this norm trains for)
+        #: statistics used in eval mode (``set_eval_statistics``; "moving" by default, as
+        #: BatchNorm: "auto" is measured only for BKN and ghost BN)
         self.eval_statistics = "moving"
         self.window_size = int(window_size)
         self.burn_in = int(burn_in)
