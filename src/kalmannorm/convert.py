@@ -165,7 +165,8 @@ def _build_bkn(source: SourceNorm, **options) -> nn.Module:
 @register_norm(
     "bkn-flow",
     "BKN, recommended: prior propagated along the data flow from the producers' posteriors "
-    "(prior='propagate', source='posterior'; docs/results/REPORT.md)",
+    "(prior='propagate', source='posterior'); best with center_conv_weights(model, "
+    "layers='all') (docs/results/REPORT.md)",
     link_options={"flow": "data", "source": "posterior"},
     batch_statistics=True,
 )
