@@ -240,10 +240,22 @@ class _TestSet:
         for start in range(0, len(self.y), batch_size):
             yield self.x[start : start + batch_size], self.y[start : start + batch_size]
 
+    def evaluate(self, model: nn.Module, stat_batch_size: int, eval_batch_size: int) -> dict:
+        """The harness's ``evaluate`` of ``model`` on these tensors, one process, on the CPU."""
+        from kalmannorm.lab.train.distributed import Distributed
+        from kalmannorm.lab.train.evaluate import evaluate
+
+        return evaluate(
+            model,
+            self,
+            stat_batch_size=stat_batch_size,
+            eval_batch_size=eval_batch_size,
+            dist=Distributed(),
+            device=torch.device("cpu"),
+        )
+
 
 def test_batch_evaluation_scores_whole_groups_only() -> None:
-    from kalmannorm.lab.train.distributed import Distributed
-    from kalmannorm.lab.train.evaluate import evaluate
 
     torch.manual_seed(0)
     model = kalmannorm.convert_norm(
@@ -258,14 +270,8 @@ def test_batch_evaluation_scores_whole_groups_only() -> None:
         moving = (model(x).argmax(1) == y).float().mean().item()
         with batch_statistics_mode(model):  # groups of 4: the first 8 samples are scored
             batch = (model(x[:8]).argmax(1) == y[:8]).float().mean().item()
-    result = evaluate(
-        model,
-        _TestSet(x, y),
-        stat_batch_size=4,
-        eval_batch_size=6,
-        dist=Distributed(),
-        device=torch.device("cpu"),
-    )  # batches of 4 (the largest multiple of 4 up to 6): 4, 4 and 2 (left out)
+    # batches of 4 (the largest multiple of 4 up to 6): 4, 4 and 2 (left out)
+    result = _TestSet(x, y).evaluate(model, stat_batch_size=4, eval_batch_size=6)
     assert result == {
         "test_acc_moving": pytest.approx(moving),
         "test_acc_batch": pytest.approx(batch),
@@ -275,8 +281,6 @@ def test_batch_evaluation_scores_whole_groups_only() -> None:
 def test_moving_column_uses_moving_statistics_with_one_sample_groups() -> None:
     """At s = 1 a layer's default eval mode ("auto") takes each sample's own statistics; the
     moving column must still be the moving statistics', and the default stays."""
-    from kalmannorm.lab.train.distributed import Distributed
-    from kalmannorm.lab.train.evaluate import evaluate
 
     torch.manual_seed(0)
     model = kalmannorm.convert_norm(
@@ -293,14 +297,7 @@ def test_moving_column_uses_moving_statistics_with_one_sample_groups() -> None:
         moving = model(x).argmax(1)
         kalmannorm.set_eval_statistics(model, "auto")
     assert not torch.equal(own, moving)
-    result = evaluate(
-        model,
-        _TestSet(x, y),
-        stat_batch_size=1,
-        eval_batch_size=16,
-        dist=Distributed(),
-        device=torch.device("cpu"),
-    )
+    result = _TestSet(x, y).evaluate(model, stat_batch_size=1, eval_batch_size=16)
     assert result == {
         "test_acc_moving": pytest.approx((moving == y).float().mean().item()),
         "test_acc_batch": pytest.approx((own == y).float().mean().item()),
