@@ -106,6 +106,8 @@ CENTRED = [
     Variant("bkn", "bkn-flow-centred", _FLOW, train={"center_weights": True}),
     Variant("bn", "bn-centred", train={"center_weights": True}),
 ]
+#: The two strongest micro-batch norms get the same learning-rate search at s = 2 as the others.
+SEARCHED_CENTRED = [CENTRED[0], MABN]
 #: The authors' code (propagated prior, raw posteriors along the data flow, fixed q = 0.1, guard
 #: 100) and the other registered norms at s = 2 (BRN's and CBN's schedules as fractions of the 600
 #: steps, the rule of the quick check's sweep).
@@ -153,6 +155,10 @@ def residual(root: str | Path = "docs/results/residual/runs") -> Budget:
         ),
         "search-gn": dataclasses.replace(
             grid(RESIDUAL_TRAIN, [GN_GROUPS], [2], baseline=False), search=GN_GROUPS_SEARCH
+        ),
+        # with PreciseBN, as the s = 2 runs of the recipe (whose lr-0.1 runs it reuses)
+        "search-centred": dataclasses.replace(
+            grid(precise, SEARCHED_CENTRED, [2], baseline=False), search=SEARCH
         ),
         # with PreciseBN, as the s = 1 runs of the recipe (whose lr-0.1 runs it reuses)
         "search-s1": dataclasses.replace(
