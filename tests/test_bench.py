@@ -181,6 +181,27 @@ def test_step_counts_match_torchs_op_logger(norm) -> None:
         assert counts["host_syncs_per_step"] == 0  # torch's BatchNorm reads nothing back
 
 
+def test_kernel_calls_see_inside_compiled_small_steps() -> None:
+    from kalmannorm import compile_kalman_steps
+    from kalmannorm.lab.bench_micro import _inductor_kernels_named, kernel_calls, step_counts
+
+    eager = _small_workload("bkn-flow")
+    compiled = _small_workload("bkn-flow")
+    compile_kalman_steps(compiled.model)
+    with _inductor_kernels_named():
+        compiled.step()  # compiles
+    eager_calls, compiled_calls = kernel_calls(eager), kernel_calls(compiled)
+    assert compiled_calls < eager_calls
+    # the dispatch-mode count runs the compiled steps as written: it cannot see the difference
+    assert step_counts(compiled)["aten_calls"] == step_counts(eager)["aten_calls"]
+    # and the same forward, profiled, shows the generated kernels themselves
+    from torch.profiler import profile
+
+    with profile() as trace:
+        compiled.forward_backward()
+    assert any("cpp_fused" in e.name for e in trace.events())
+
+
 def test_step_counts_see_a_host_read() -> None:
     from kalmannorm.lab.bench_micro import step_counts
 
@@ -205,6 +226,8 @@ def test_quick_benchmark_counts_beside_the_times(quick_results: dict) -> None:
         for key in ("aten_calls", "bn_aten_calls", "host_syncs_per_step", "step_aten_calls"):
             assert isinstance(row[key], int) and row[key] >= 0, (key, row)
         assert row["aten_calls"] > 0 and row["step_aten_calls"] > row["aten_calls"]
+        assert 0 < row["kernel_calls"] <= row["aten_calls"]  # the profiler's top-level calls
+        assert row["kernel_calls_ratio"] == row["kernel_calls"] / row["bn_kernel_calls"]
         assert row["aten_calls_ratio"] == row["aten_calls"] / row["bn_aten_calls"]
         assert row["bn_host_syncs_per_step"] == 0
         assert row["host_syncs_per_step"] == sum(row["host_sync_ops"].values())

@@ -15,6 +15,7 @@ This namespace holds what a user constructs and calls; the baselines are in
 import sys as _sys
 
 from kalmannorm.chain import ChainOrderError, link_chain
+from kalmannorm.compiled_step import compile_kalman_steps
 from kalmannorm.convert import (
     available_norms,
     build_norm,
@@ -64,6 +65,7 @@ __all__ = [
     "available_norms",
     "build_norm",
     "center_conv_weights",
+    "compile_kalman_steps",
     "convert_norm",
     "find_chain",
     "fold",

@@ -36,7 +36,10 @@ Kernels (``torch.ops.aten``, schema-stable native functions without a public Pyt
 
 Dispatch (``torch.utils._python_dispatch``): ``TorchDispatchMode``, for counting ATen calls and
 host synchronisations (:mod:`kalmannorm._dispatch_count`, tests and the lab's benchmark only; the
-layers never use it). Present since torch 1.13.
+layers never use it). Present since torch 1.13. :func:`dispatch_mode_active`, from
+``torch._C._len_torch_dispatch_stack()`` (torch >= 2.0): compiled small steps
+(:mod:`kalmannorm.compiled_step`) run as written under such a mode, which compiled code does not
+support. Fallback where it is missing: ``False``.
 
 Not private any more (replaced): CBN's weight gradient of a convolution uses the public
 ``torch.nn.grad.conv{1,2,3}d_weight`` (the same ``convolution_backward`` call, no speed lost).
@@ -132,3 +135,13 @@ __all__ = [
     "is_checkpoint_recomputation",
     "sum_and_dot_rows",
 ]
+
+
+# -- dispatch modes -----------------------------------------------------------------------------
+
+_dispatch_stack_length = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
+def dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` is active (compiled code does not run under one)."""
+    return _dispatch_stack_length is not None and _dispatch_stack_length() > 0

@@ -39,9 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from kalmannorm import _torch_private, dataflow
+from kalmannorm.compiled_step import compiled_call, runs_compiled
 
 if TYPE_CHECKING:
     from kalmannorm.dataflow import Node
+    from kalmannorm.moments import Moments
 
 FLOWS = ("data", "authors", "execution")
 SOURCES = ("batch", "posterior")
@@ -230,8 +232,30 @@ class KalmanChain:
             # a recomputation replays the prediction instead of re-evaluating the program, and
             # must save exactly the tensors the original forward saved.
             with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-                predicted = program.evaluate(ctx, self.names[index])
+                if self.layers[index].compile_step and runs_compiled():
+                    predicted = self._compiled_prediction(index, ctx)
+                else:
+                    predicted = program.evaluate(ctx, self.names[index])
         return None if predicted is None else Posterior(*predicted)
+
+    def _compiled_prediction(self, index: int, ctx: dataflow.Context) -> Moments:
+        """Layer ``index``'s program evaluated by its compiled function (one per layer; its
+        sub-expressions are not shared with other layers' programs, whose compiled code
+        recomputes them). A producer that has not run is reported by the written program."""
+        program, name = self.programs[index], self.names[index]
+        for producer in sorted(program.producers()):
+            ctx.entry(producer, name)  # raises ChainOrderError naming the missing layer
+
+        def build() -> Callable[..., Moments]:
+            def data_flow_prediction(published: list, training: bool) -> Moments:
+                own = dataflow.Context(
+                    published, ctx.names, ctx.raw, ctx.source, training, memo={}
+                )
+                return program.evaluate(own, name)
+
+            return data_flow_prediction
+
+        return compiled_call(self, index, build, ctx.published, ctx.training)
 
     def publish(
         self, index: int, posterior: Posterior, batch_mean: Tensor, batch_var: Tensor

@@ -46,6 +46,9 @@ _CANCELLATION_LIMIT = 1e4
 STAT_DIMS = (1, 3)
 
 Estimate = Callable[..., tuple[Tensor, Tensor]]
+#: ``(batch_mean, batch_var, weight, bias, *small) -> (mean, var, scale, shift)``: the statistics
+#: to normalise with and the (broadcastable) scale and shift y = x * scale + shift they give.
+AffineEstimate = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
 class SampleGroups(NamedTuple):
@@ -237,14 +240,27 @@ def _broadcast_dims(small: Tensor, grouped: Tensor) -> tuple[int, ...]:
     return tuple(d for d in range(4) if small.shape[d] == 1 and grouped.shape[d] != 1)
 
 
+def with_affine(estimate: Estimate, layout: Layout, eps: float) -> AffineEstimate:
+    """An :data:`AffineEstimate` from ``estimate(batch_mean, batch_var, *small) -> (mean, var)``:
+    scale = gamma / sqrt(var + eps), shift = beta - mean * scale in the layout's broadcast."""
+
+    def affine_estimate(batch_mean, batch_var, weight, bias, *small):
+        mean, var = estimate(batch_mean, batch_var, *small)
+        return mean, var, *layout.affine(mean, var, weight, bias, eps)
+
+    return affine_estimate
+
+
 class FusedGroupNorm(torch.autograd.Function):
-    """y, posterior = normalise(x) with statistics from ``estimate(xbar, S, *small)``.
+    """y, posterior = normalise(x) with statistics and affine from ``estimate``.
 
     Arguments of :meth:`apply`: x (N, C, *spatial) contiguous; the :class:`SampleGroups` or
-    :class:`ChannelGroups` layout; eps; the layer's :class:`VarianceGuard` (:func:`variance_guard`);
-    ``estimate(batch_mean, batch_var, *small) -> (mean, var)`` mapping batch statistics to the
-    statistics to normalise with; ``inspect(batch_mean, batch_var)``, called once in the forward
-    (checks, recording); gamma; beta; the small tensors.
+    :class:`ChannelGroups` layout; the layer's :class:`VarianceGuard` (:func:`variance_guard`);
+    ``estimate``, an :data:`AffineEstimate` mapping the batch statistics, gamma, beta and the
+    small tensors to the statistics to normalise with and their scale and shift (a plain
+    estimate of the statistics becomes one through :func:`with_affine`);
+    ``inspect(batch_mean, batch_var)``, called once in the forward (checks, recording); gamma;
+    beta; the small tensors.
     Returns y, the estimate's mean and var and the batch mean and var (all differentiable: the
     layers fed by this one predict their statistics from them).
     """
@@ -254,9 +270,8 @@ class FusedGroupNorm(torch.autograd.Function):
         ctx,
         x: Tensor,
         layout: Layout,
-        eps: float,
         guard: VarianceGuard,
-        estimate: Estimate,
+        estimate: AffineEstimate,
         inspect: Callable[[Tensor, Tensor], None],
         weight: Tensor | None,
         bias: Tensor | None,
@@ -270,8 +285,7 @@ class FusedGroupNorm(torch.autograd.Function):
         with torch.enable_grad(), _no_autocast(x):
             stats = (batch_mean.detach().requires_grad_(), batch_var.detach().requires_grad_())
             leaves = [detached_leaf(t) for t in (weight, bias, *small)]
-            mean, var = estimate(*stats, *leaves[2:])
-            scale, shift = layout.affine(mean, var, leaves[0], leaves[1], eps)
+            mean, var, scale, shift = estimate(*stats, *leaves)
         y = torch.empty_like(x)  # written through a view, returned whole (in-place ops allowed)
         torch.addcmul(shift.detach(), grouped, scale.detach(), out=y.view_as(grouped))
         ctx.layout = layout
@@ -329,7 +343,7 @@ class FusedGroupNorm(torch.autograd.Function):
             grad_x.addcmul_(grad, scale.detach())
         else:
             grad_x = torch.addcmul(grad_x, grad, scale.detach(), out=torch.empty_like(grouped))
-        return (grad_x.view_as(x), None, None, None, None, None, *leaf_grads)
+        return (grad_x.view_as(x), None, None, None, None, *leaf_grads)
 
 
 def detached_leaf(t: Tensor | None) -> Tensor | None:

@@ -15,6 +15,12 @@ chain traced on the input at conversion), measured three ways:
     with a ``TorchDispatchMode`` (:mod:`kalmannorm._dispatch_count`), and that count over
     BatchNorm's. Each is a kernel launch on a GPU, so at micro-batch sizes this ratio, not the
     FLOPs, predicts the step time there. The same on every device.
+``kernel_calls`` and ``kernel_calls_ratio``
+    the same forward + backward counted by ``torch.profiler`` (:func:`kernel_calls`): ATen
+    operations called from Python or from compiled code plus inductor's own kernels, or on a GPU
+    the kernels launched. Unlike the dispatch-mode count it sees inside compiled code, so it is
+    the one count of the ``<norm>+compiled-steps`` rows (the norm with
+    :func:`kalmannorm.compile_kalman_steps`; their ``first_step_s`` includes compiling).
 ``host_syncs_per_step``
     device-to-host reads (``item``/``_local_scalar_dense``, ``equal``, ``nonzero``, a copy to
     the CPU, ...) in one forward + backward + optimizer step: each stalls a GPU's stream.
@@ -50,9 +56,18 @@ from torch import Tensor, nn
 from torch.nn import functional as torch_f
 
 from kalmannorm._dispatch_count import count_dispatch
+from kalmannorm.compiled_step import compile_kalman_steps
 from kalmannorm.convert import convert_norm
 
-__all__ = ["MODELS", "MicroConfig", "Workload", "format_micro_table", "micro_rows", "step_counts"]
+__all__ = [
+    "MODELS",
+    "MicroConfig",
+    "Workload",
+    "format_micro_table",
+    "kernel_calls",
+    "micro_rows",
+    "step_counts",
+]
 
 NUM_CLASSES = 10
 
@@ -113,6 +128,9 @@ class MicroConfig:
     large_batch: int | None = 128
     large_models: tuple[str, ...] = ("resnet50", "mobilenet_v2")
     norms: tuple[str, ...] = ("bkn", "bkn-flow")
+    #: norms of ``norms`` also measured with their small steps compiled in the eager model
+    #: (:func:`kalmannorm.compile_kalman_steps`), as the row ``<norm>+compiled-steps``.
+    compiled_steps: tuple[str, ...] = ("bkn-flow",)
     stat_batch_size: int = 2
     warmup: int = 2
     repeats: int = 5
@@ -137,6 +155,7 @@ QUICK_MICRO = MicroConfig(
     repeats=2,
     iters=1,
     compile_batches=(),
+    compiled_steps=(),
 )
 
 
@@ -184,14 +203,22 @@ class Workload:
         self.optimizer.step()
 
 
+#: The suffix of a norm's row with compiled small steps.
+COMPILED_STEPS = "+compiled-steps"
+
+
 def _build(
     model_name: str, norm: str, x: Tensor, stat_batch_size: int, device: torch.device
 ) -> nn.Module:
-    """The model with BatchNorm ("torch_bn") or converted to ``norm``, same initial weights."""
+    """The model with BatchNorm ("torch_bn") or converted to ``norm``, same initial weights
+    (``<norm>+compiled-steps``: with :func:`kalmannorm.compile_kalman_steps`)."""
     torch.manual_seed(0)
     model = MODELS[model_name][0]().to(device).train()
     if norm != "torch_bn":
-        model = convert_norm(model, norm, stat_batch_size=stat_batch_size, example_input=x)
+        base = norm.removesuffix(COMPILED_STEPS)
+        model = convert_norm(model, base, stat_batch_size=stat_batch_size, example_input=x)
+        if base != norm:
+            compile_kalman_steps(model)
     return model.train()
 
 
@@ -199,6 +226,35 @@ def _workload(model: nn.Module, x: Tensor, y: Tensor, compiled: bool) -> Workloa
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     run = torch.compile(model) if compiled else model
     return Workload(model, optimizer, run, x, y)
+
+
+def kernel_calls(workload: Workload) -> int:
+    """Kernel calls of one forward + backward, counted by ``torch.profiler``: on a GPU the
+    kernels launched; on a CPU the ATen operations called from Python or from compiled code (not
+    the ones they call in turn) plus the kernels inductor generated (named in the trace where
+    ``torch._inductor.config.cpp.enable_kernel_profile`` was on when they were compiled). Unlike
+    :func:`step_counts`' dispatch-mode count, it sees inside compiled code."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as trace:
+        workload.forward_backward()
+    events = trace.events()
+    launched = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    if launched:
+        return len(launched)
+    count = 0
+    for event in events:
+        if "cpp_fused" in event.name:
+            count += 1
+        elif event.name.startswith("aten::"):
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            count += parent is None
+    return count
 
 
 def step_counts(workload: Workload) -> dict:
@@ -265,9 +321,10 @@ def _eager_rows(
 ) -> list[dict]:
     kind = MODELS[model_name][1]
     x, y = _data(kind, batch, size, device)
-    names = ["torch_bn", "bn", *config.norms]
+    names = ["torch_bn", "bn", *_norm_rows(config)]
     workloads: dict[str, Workload] = {}
     errors: dict[str, str] = {}
+    first_step_s: dict[str, float] = {}
     for name in names:
         try:
             built = "torch_bn" if name == "bn" else name
@@ -275,11 +332,20 @@ def _eager_rows(
             if kind == "dense" and not y.numel():
                 y = _dense_labels(model, x)
             workloads[name] = _workload(model, x, y, compiled=False)
-            workloads[name].step()  # momentum buffers exist, any first-call work is done
+            start = time.perf_counter()
+            with _inductor_kernels_named():  # compiled small steps compile here
+                workloads[name].step()  # momentum buffers exist, any first-call work is done
+            first_step_s[name] = time.perf_counter() - start
         except Exception as error:  # a norm that cannot run here is a result
             errors[name] = _short_error(error)
             workloads.pop(name, None)
-    counts = {name: step_counts(w) for name, w in workloads.items()}
+    # a dispatch mode runs compiled steps as written: no dispatch counts for those rows
+    counts = {
+        name: step_counts(w) for name, w in workloads.items() if COMPILED_STEPS not in name
+    }
+    for name, workload in workloads.items():
+        counts.setdefault(name, {})["kernel_calls"] = kernel_calls(workload)
+        counts[name]["first_step_s"] = first_step_s[name]
     repeats, iters = (config.repeats, config.iters)
     if large:
         repeats, iters = (config.large_repeats, config.large_iters)
@@ -335,6 +401,20 @@ def _compiled_rows(
     return rows
 
 
+def _norm_rows(config: MicroConfig) -> list[str]:
+    """The norms of the eager rows: ``norms``, then those of ``compiled_steps`` compiled."""
+    compiled = [n + COMPILED_STEPS for n in config.compiled_steps if n in config.norms]
+    return [*config.norms, *compiled]
+
+
+def _inductor_kernels_named():
+    """Inductor's CPU kernels named in profiler traces while they compile (for
+    :func:`kernel_calls`)."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch({"cpp.enable_kernel_profile": True})
+
+
 def _clear_dynamo_counters() -> None:
     try:
         from torch._dynamo.utils import counters
@@ -367,7 +447,8 @@ def _rows(
     reference = samples.get("torch_bn")
     bn_counts = counts.get("torch_bn", {})
     rows = []
-    for name in [n for n in ("bn", *config.norms) if n in samples or n in errors]:
+    norms = _norm_rows(config) if mode == "eager" else config.norms
+    for name in [n for n in ("bn", *norms) if n in samples or n in errors]:
         row: dict = {
             "model": model_name,
             "image_size": size,
@@ -386,8 +467,15 @@ def _rows(
             ms=statistics.median(times),
             ratio=statistics.median(t / r for t, r in zip(times, reference)),
         )
-        if name in counts and bn_counts:
-            mine = counts[name]
+        mine = counts.get(name, {})
+        if "kernel_calls" in mine and "kernel_calls" in bn_counts:
+            row.update(
+                bn_kernel_calls=bn_counts["kernel_calls"],
+                kernel_calls=mine["kernel_calls"],
+                kernel_calls_ratio=mine["kernel_calls"] / bn_counts["kernel_calls"],
+                first_step_s=mine["first_step_s"],
+            )
+        if "aten_calls" in mine and bn_counts:
             row.update(
                 bn_aten_calls=bn_counts["aten_calls"],
                 aten_calls=mine["aten_calls"],
@@ -480,15 +568,18 @@ def format_micro_table(section: dict) -> str:
         return f"micro-batch rows skipped: {section['skipped']}"
     lines = [
         "| model (px) | batch | mode | norm | BN ms | norm ms | time / BN | ATen calls (BN) "
-        "| calls / BN | host syncs / step (BN) |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+        "| calls / BN | kernel calls (BN) | kernels / BN | host syncs / step (BN) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in section["rows"]:
         head = f"| {r['model']} ({r['image_size']}) | {r['batch']} | {r['mode']} | {r['norm']} |"
         if "error" in r:
-            lines.append(f"{head} - | - | {r['error']} | - | - | - |")
+            lines.append(f"{head} - | - | {r['error']} | - | - | - | - | - |")
             continue
-        calls = ratio = syncs = "-"
+        calls = ratio = syncs = kernels = kernel_ratio = "-"
+        if "kernel_calls" in r:
+            kernels = f"{r['kernel_calls']:,} ({r['bn_kernel_calls']:,})"
+            kernel_ratio = f"{r['kernel_calls_ratio']:.2f}x"
         if "aten_calls" in r:
             calls = f"{r['aten_calls']:,} ({r['bn_aten_calls']:,})"
             ratio = f"{r['aten_calls_ratio']:.2f}x"
@@ -497,7 +588,7 @@ def format_micro_table(section: dict) -> str:
             syncs = f"{r['graph_breaks']} graph breaks"
         lines.append(
             f"{head} {r['bn_ms']:.1f} | {r['ms']:.1f} | {r['ratio']:.2f}x | {calls} | {ratio} "
-            f"| {syncs} |"
+            f"| {kernels} | {kernel_ratio} | {syncs} |"
         )
     s = section["config"]["stat_batch_size"]
     compiled = [r for r in section["rows"] if r.get("compile_s") is not None]
@@ -515,6 +606,12 @@ def format_micro_table(section: dict) -> str:
             if r["norm"] == section["config"]["norms"][0] and r.get("bn_compile_s") is not None
         )
         notes.append(f"compile + warm-up: {times}; BatchNorm {bn_times}")
+    firsts = [r for r in section["rows"] if COMPILED_STEPS in r["norm"] and "first_step_s" in r]
+    if firsts:
+        notes.append(
+            "first step with compiled small steps (compilation): "
+            + ", ".join(f"{r['model']} b{r['batch']} {r['first_step_s']:.0f} s" for r in firsts)
+        )
     notes.append(f"section {section['total_s']:.0f} s")
     return "\n".join(lines) + "\n\n" + "; ".join(notes)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -33,6 +34,7 @@ from torch.nn import functional as torch_f
 
 from kalmannorm import functional as F
 from kalmannorm.chain import Posterior, check_recomputation, recomputing
+from kalmannorm.compiled_step import compiled_call, runs_compiled
 from kalmannorm.dataflow import convolved_weight
 from kalmannorm.fused import FusedGroupNorm, Layout, detached_leaf, variance_guard
 
@@ -107,6 +109,8 @@ class KalmanNormBase(nn.Module):
     #: Statistics per channel (BKN), which a data-flow chain can predict; GKN's are per sample
     #: and channel group.
     per_channel_statistics: bool = False
+    #: Run the small step compiled in eager mode (:func:`kalmannorm.compile_kalman_steps`).
+    compile_step: bool = False
 
     def _init_kalman(
         self,
@@ -313,7 +317,28 @@ class KalmanNormBase(nn.Module):
 
         ``batch_second`` is the variance (G, W) or, for ``covariance="full"``, the covariance
         (G, W, W). Without inputs (no upstream) the posterior is the batch statistics (q = 1).
+        With ``compile_step`` (:func:`kalmannorm.compile_kalman_steps`) it runs compiled.
         """
+        if inputs and self.compile_step and runs_compiled():
+            return compiled_call(
+                self, "estimate", self._estimate_function, batch_mean, batch_second, *inputs
+            )
+        return self._estimate(batch_mean, batch_second, *inputs)
+
+    def _estimate_function(self) -> Callable[..., KalmanEstimate]:
+        """:meth:`_estimate` of this layer as a plain function (what :func:`compiled_call`
+        compiles)."""
+        layer = self
+
+        def kalman_estimate(batch_mean: Tensor, batch_second: Tensor, *inputs: Tensor | None):
+            return layer._estimate(batch_mean, batch_second, *inputs)
+
+        return kalman_estimate
+
+    def _estimate(
+        self, batch_mean: Tensor, batch_second: Tensor, *inputs: Tensor | None
+    ) -> KalmanEstimate:
+        """:meth:`estimate` as written."""
         if not inputs:
             return KalmanEstimate(batch_mean, batch_second, torch.ones_like(batch_mean), None, None)
         up_mean, up_var, gain_param, *prior_params = inputs
@@ -373,19 +398,48 @@ class KalmanNormBase(nn.Module):
             seen["batch"] = (batch_mean, batch_var)
 
         def estimate(
-            batch_mean: Tensor, batch_var: Tensor, *small: Tensor
-        ) -> tuple[Tensor, Tensor]:
-            result = self.estimate(batch_mean, batch_var, *small)
+            batch_mean: Tensor, batch_var: Tensor, *leaves: Tensor | None
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            if inputs and self.compile_step and runs_compiled():
+                step = compiled_call(
+                    self, layout, lambda: self._affine_estimate_function(layout), batch_mean,
+                    batch_var, *leaves,
+                )  # fmt: skip
+            else:
+                step = self._affine_estimate(layout, batch_mean, batch_var, *leaves)
+            result, scale, shift = step
             seen.setdefault("estimate", result)
-            return result.mean, result.var
+            return result.mean, result.var, scale, shift
 
         y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
-            x, layout, self.eps, variance_guard(self), estimate, inspect, self.weight, self.bias,
-            *inputs,
-        )  # fmt: skip
+            x, layout, variance_guard(self), estimate, inspect, self.weight, self.bias, *inputs
+        )
         result = seen["estimate"]._replace(mean=mean, var=var)
         self.record(batch_mean, batch_var, result)
         return y, result, batch_var
+
+    def _affine_estimate(
+        self,
+        layout: Layout,
+        batch_mean: Tensor,
+        batch_var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        *inputs: Tensor | None,
+    ) -> tuple[KalmanEstimate, Tensor, Tensor]:
+        """:meth:`_estimate`, then scale = gamma / sqrt(var + eps), shift = beta - mean scale."""
+        result = self._estimate(batch_mean, batch_var, *inputs)
+        return result, *layout.affine(result.mean, result.var, weight, bias, self.eps)
+
+    def _affine_estimate_function(self, layout: Layout) -> Callable:
+        """:meth:`_affine_estimate` of this layer and layout as a plain function (what
+        :func:`compiled_call` compiles)."""
+        layer = self
+
+        def kalman_step(*args: Tensor | None) -> tuple[KalmanEstimate, Tensor, Tensor]:
+            return layer._affine_estimate(layout, *args)
+
+        return kalman_step
 
     def record(self, batch_mean: Tensor, batch_second: Tensor, estimate: KalmanEstimate) -> None:
         """Hand the posterior to the next layer and keep detached diagnostics (neither when

@@ -35,6 +35,7 @@ from kalmannorm.fused import (
     fused_applicable,
     statistics_dtype,
     variance_guard,
+    with_affine,
 )
 from kalmannorm.layers.affine import empty_output
 
@@ -168,9 +169,10 @@ def grouped_batch_norm(
     if fused_applicable(x, (layer.weight, layer.bias)) and all(
         t.dtype in (x.dtype, statistics_dtype(x), torch.bool) for t in small
     ):
+        layout = SampleGroups(groups)
         y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
-            x, SampleGroups(groups), layer.eps, variance_guard(layer), estimate, _no_inspection,
-            layer.weight, layer.bias, *small,
+            x, layout, variance_guard(layer), with_affine(estimate, layout, layer.eps),
+            _no_inspection, layer.weight, layer.bias, *small,
         )  # fmt: skip
         return GroupedNorm(
             y, batch_mean.detach(), batch_var.detach(), mean.detach(), var.detach(), count
