@@ -82,7 +82,6 @@ def safe_relu_moments(mean: Tensor, var: Tensor) -> Moments:
     return Moments(*relu_moments(mean, var))
 
 
-@functools.cache
 def _hermite(nodes: int) -> tuple[Tensor, Tensor]:
     """Probabilists' Gauss-Hermite nodes z_i and weights w_i (sum 1): E f(Z) ~ sum w_i f(z_i).
 
@@ -94,13 +93,18 @@ def _hermite(nodes: int) -> tuple[Tensor, Tensor]:
     return z, vectors[0].square()
 
 
+#: The nodes and weights :func:`gaussian_moments` uses, computed once at import (a compiled
+#: program reads them as constants instead of tracing the eigendecomposition).
+_HERMITE = _hermite(QUADRATURE_NODES)
+
+
 def gaussian_moments(fn: Callable[[Tensor], Tensor], mean: Tensor, var: Tensor) -> Moments:
     """E f(z) and Var f(z) for z ~ N(mean, var), by Gauss-Hermite quadrature.
 
     Exact for polynomials of degree < 2 * QUADRATURE_NODES; used for the smooth activations
     (SiLU, GELU, Hardswish, sigmoid, tanh, ...), whose Gaussian moments have no closed form.
     """
-    z, w = _hermite(QUADRATURE_NODES)
+    z, w = _HERMITE
     z, w = z.to(mean), w.to(mean)
     std = safe_std(mean, var)
     values = fn(mean.unsqueeze(-1) + std.unsqueeze(-1) * z)
