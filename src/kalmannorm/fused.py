@@ -325,20 +325,18 @@ class FusedGroupNorm(torch.autograd.Function):
         found = torch.autograd.grad(
             outputs, wanted, output_grads, allow_unused=True, retain_graph=True
         )
-        batch_mean = layout.broadcast(stats[0].detach())
         direct = (grad_out_batch_mean, grad_out_batch_var)
         grad_batch_mean, grad_batch_var = (
-            layout.broadcast(_zero_if_none(g, s) + _zero_if_none(d, s))
-            for g, d, s in zip(found[:2], direct, stats)
+            _add_grads(g, d, s) for g, d, s in zip(found[:2], direct, stats)
         )
         by_leaf = dict(zip(map(id, wanted[2:]), found[2:]))
         leaf_grads = [None if t is None else by_leaf.get(id(t)) for t in leaves]
 
-        # dL/dx = g * scale + x * (2 dS / m) + (dxbar - 2 dS xbar) / m (half precision: in
-        # float32, rounded once)
-        slope = 2.0 * grad_batch_var / count
-        offset = (grad_batch_mean - 2.0 * grad_batch_var * batch_mean) / count
-        grad_x = torch.addcmul(offset, grouped, slope)
+        # dL/dx = g * scale + x * slope + offset, slope = 2 dS / m, offset = dxbar / m - slope xbar
+        # (on the small tensors, then broadcast; half precision: in float32, rounded once)
+        slope = grad_batch_var * (2.0 / count)
+        offset = torch.addcmul(grad_batch_mean / count, slope, stats[0].detach(), value=-1.0)
+        grad_x = torch.addcmul(layout.broadcast(offset), grouped, layout.broadcast(slope))
         if grad_x.dtype == x.dtype:
             grad_x.addcmul_(grad, scale.detach())
         else:
@@ -353,8 +351,13 @@ def detached_leaf(t: Tensor | None) -> Tensor | None:
     return t.detach().requires_grad_(t.requires_grad)
 
 
-def _zero_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
+def _add_grads(first: Tensor | None, second: Tensor | None, like: Tensor) -> Tensor:
+    """The sum of two gradients of ``like``, either of which may be ``None`` (zero)."""
+    if first is None and second is None:
+        return torch.zeros_like(like)
+    if first is None or second is None:
+        return first if second is None else second
+    return first + second
 
 
 #: Activation dtypes whose statistics accumulate in float32.
