@@ -7,10 +7,11 @@ compiled. Printed per model and batch:
 
 - step time over BatchNorm's (all three models timed in the same rounds, the order rotating; the
   median of the per-round ratios);
-- kernel calls of one forward + backward, counted by ``torch.profiler``: ATen operations called
-  from Python or from compiled code (not the ones they call in turn) plus the kernels inductor
-  generated (``torch._inductor.config.cpp.enable_kernel_profile`` names each in the trace). On a
-  GPU each is a launch. (A ``TorchDispatchMode`` count, ``kalmannorm bench``'s ``aten_calls``,
+- kernel calls of one forward + backward (``kalmannorm.lab.bench_micro.kernel_calls``, counted by
+  ``torch.profiler``): ATen operations called from Python or from compiled code (not the ones
+  they call in turn) plus the kernels inductor generated
+  (``torch._inductor.config.cpp.enable_kernel_profile`` names each in the trace). On a GPU each
+  is a launch. (A ``TorchDispatchMode`` count, ``kalmannorm bench``'s ``aten_calls``,
   cannot see compiled code: compiled code does not run under such a mode.)
 - the first two steps' time (compilation included) of the compiled-steps model.
 
@@ -27,34 +28,17 @@ import time
 
 import torch
 import torch._inductor.config
-from torch.profiler import ProfilerActivity, profile
 
 import kalmannorm
-from kalmannorm.lab.bench_micro import MODELS, _build, _data, _workload, synchronizer, timed_rounds
-
-
-def kernel_calls(workload) -> int:
-    """Top-level ATen calls plus inductor kernels of one forward + backward."""
-    with profile(activities=[ProfilerActivity.CPU, *_device_activity()]) as trace:
-        workload.forward_backward()
-    events = trace.events()
-    device_kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    if device_kernels:  # on a GPU: the launches themselves
-        return len(device_kernels)
-    count = 0
-    for event in events:
-        if "cpp_fused" in event.name:
-            count += 1
-        elif event.name.startswith("aten::"):
-            parent = event.cpu_parent
-            while parent is not None and not parent.name.startswith("aten::"):
-                parent = parent.cpu_parent
-            count += parent is None
-    return count
-
-
-def _device_activity() -> list:
-    return [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+from kalmannorm.lab.bench_micro import (
+    MODELS,
+    _build,
+    _data,
+    _workload,
+    kernel_calls,
+    synchronizer,
+    timed_rounds,
+)
 
 
 def measure(model_name: str, size: int, batch: int, device: torch.device) -> dict:
