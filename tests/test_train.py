@@ -376,3 +376,13 @@ def test_center_weights_centres_every_convolution_of_the_run(tmp_path: Path) -> 
     # the default leaves the model's convolutions alone
     plain = load_run(train(tiny(tmp_path / "plain", norm="mabn"))["config"]["out"]).model
     assert not any(isinstance(m, CenteredConv2d) for m in plain.modules())
+
+
+def test_compile_steps_trains_the_run_of_the_written_steps(tmp_path: Path) -> None:
+    plain = train(tiny(tmp_path / "plain", norm="bkn-flow"))
+    compiled = train(tiny(tmp_path / "compiled", norm="bkn-flow", compile_steps=True))
+    for key in ("test_acc_moving", "test_acc_batch"):
+        assert compiled["final"][key] == pytest.approx(plain["final"][key], abs=1e-9)
+    assert compiled["final"]["train_loss"] == pytest.approx(plain["final"]["train_loss"], rel=1e-4)
+    with pytest.raises(ConfigError, match="compile_steps: .*no Kalman layer"):
+        train(tiny(tmp_path / "bn", norm="none", stat_batch_size=None, compile_steps=True))

@@ -58,6 +58,12 @@ class TrainConfig:
         "MABN's weight centring: every convolution uses its weight minus the mean over its "
         "fan-in (kalmannorm.center_conv_weights, layers='all', as the MABN paper's ResNet)",
     )
+    compile_steps: bool = _option(
+        False,
+        "compile each Kalman layer's small step in the eager model "
+        "(kalmannorm.compile_kalman_steps): the same training within rounding, fewer calls per "
+        "step; compiles on the first step",
+    )
     batch_size: int = _option(128, "gradient batch: samples per optimizer step, all processes")
     stat_batch_size: int | None = _option(
         None, "statistics batch: samples per normalization group (default: the forward batch)"
@@ -114,6 +120,7 @@ RUNTIME_KEYS = frozenset(
         "threads",
         "num_workers",
         "progress",
+        "compile_steps",
     }
 )
 

@@ -122,7 +122,8 @@ def load_run_data(config: TrainConfig):
 
 def build_model_for(config: TrainConfig, data) -> nn.Module:
     """The run's model for ``data`` (classes, channels, image size), converted to its norm,
-    its convolutions' weights centred where the run asks (``center_weights``)."""
+    its convolutions' weights centred where the run asks (``center_weights``), its Kalman layers'
+    small steps compiled where it asks (``compile_steps``)."""
     model = build_run_model(
         config.model,
         data.num_classes,
@@ -138,4 +139,9 @@ def build_model_for(config: TrainConfig, data) -> nn.Module:
             kalmannorm.center_conv_weights(model, layers="all")
         except TypeError as error:  # a convolution of another class than torch's
             raise ConfigError(f"center_weights: {_first_line(error)}") from error
+    if config.compile_steps:
+        try:
+            kalmannorm.compile_kalman_steps(model)
+        except ValueError as error:  # no Kalman layer
+            raise ConfigError(f"compile_steps: {_first_line(error)}") from error
     return model
