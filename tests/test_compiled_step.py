@@ -121,3 +121,25 @@ def test_compiled_steps_under_activation_checkpointing() -> None:
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=name)
     for (name, a), b in zip(plain.named_buffers(), checkpointed.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_a_compiler_failure_is_one_line_naming_the_layer_and_the_fix(monkeypatch) -> None:
+    from kalmannorm import _torch_private, compiled_step
+
+    (failure,) = _torch_private.COMPILER_FAILURES
+
+    def broken_compile(fn, **options):
+        def run(*args):
+            raise failure(None, OSError("no C++ compiler found\nmore detail"), None)
+
+        return run
+
+    monkeypatch.setattr(compiled_step.torch, "compile", broken_compile)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    model = kalmannorm.compile_kalman_steps(_model("bkn-flow", x))
+    with pytest.raises(RuntimeError) as raised:
+        model(x)
+    message = str(raised.value)
+    assert "\n" not in message and "no C++ compiler found" in message
+    assert "data-flow prediction of '1.bn2'" in message  # the first with a prior
+    assert "compile_kalman_steps(model, enabled=False)" in message

@@ -39,7 +39,10 @@ host synchronisations (:mod:`kalmannorm._dispatch_count`, tests and the lab's be
 layers never use it). Present since torch 1.13. :func:`dispatch_mode_active`, from
 ``torch._C._len_torch_dispatch_stack()`` (torch >= 2.0): compiled small steps
 (:mod:`kalmannorm.compiled_step`) run as written under such a mode, which compiled code does not
-support. Fallback where it is missing: ``False``.
+support. Fallback where it is missing: ``False``. ``COMPILER_FAILURES``
+(``torch._dynamo.exc.BackendCompilerFailed``, torch >= 2.0): the compiler failure that
+:func:`kalmannorm.compiled_step.compiled_call` turns into one line naming the fix; missing: none
+is caught.
 
 Not private any more (replaced): CBN's weight gradient of a convolution uses the public
 ``torch.nn.grad.conv{1,2,3}d_weight`` (the same ``convolution_backward`` call, no speed lost).
@@ -140,6 +143,13 @@ __all__ = [
 # -- dispatch modes -----------------------------------------------------------------------------
 
 _dispatch_stack_length = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+try:  # what torch.compile raises where its backend fails (no C++ compiler, no Triton)
+    from torch._dynamo.exc import BackendCompilerFailed as _BackendCompilerFailed
+
+    COMPILER_FAILURES: tuple[type[BaseException], ...] = (_BackendCompilerFailed,)
+except ImportError:  # pragma: no cover - present in every supported torch
+    COMPILER_FAILURES = ()
 
 
 def dispatch_mode_active() -> bool:

@@ -255,7 +255,10 @@ class KalmanChain:
 
             return data_flow_prediction
 
-        return compiled_call(self, index, build, ctx.published, ctx.training)
+        return compiled_call(
+            self, index, build, ctx.published, ctx.training,
+            what=f"the data-flow prediction of '{name}'",
+        )  # fmt: skip
 
     def publish(
         self, index: int, posterior: Posterior, batch_mean: Tensor, batch_var: Tensor

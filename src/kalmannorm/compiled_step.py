@@ -83,9 +83,12 @@ def runs_compiled() -> bool:
     return not torch.compiler.is_compiling() and not _torch_private.dispatch_mode_active()
 
 
-def compiled_call(owner: object, key: object, build: Callable[[], Callable], *args: object):
+def compiled_call(
+    owner: object, key: object, build: Callable[[], Callable], *args: object, what: str
+):
     """``build()(*args)``, compiled: the function ``build`` returns is compiled once per
-    ``(owner, key)`` (with its own code object) and the compiled version called."""
+    ``(owner, key)`` (with its own code object) and the compiled version called. ``what`` names
+    it in the error raised where the compiler fails."""
     cache = owner.__dict__.setdefault(_CACHE, CompiledSteps())
     compiled = cache.get(key)
     if compiled is None:
@@ -93,7 +96,16 @@ def compiled_call(owner: object, key: object, build: Callable[[], Callable], *ar
         compiled = cache[key] = torch.compile(
             own_code(fn, f"{fn.__name__}_{len(cache)}"), dynamic=False, fullgraph=True
         )
-    return compiled(*args)
+    try:
+        return compiled(*args)
+    except _torch_private.COMPILER_FAILURES as error:
+        cause = str(getattr(error, "inner_exception", error)).strip().splitlines() or [""]
+        raise RuntimeError(
+            f"compile_kalman_steps: torch.compile could not compile {what} ({cause[0][:200]}); "
+            f"it needs what torch.compile needs on this device (a C++ compiler on a CPU, Triton "
+            f"on a GPU). Run the written steps instead: "
+            f"kalmannorm.compile_kalman_steps(model, enabled=False)."
+        ) from error
 
 
 def own_code(fn: types.FunctionType, name: str) -> types.FunctionType:

@@ -321,8 +321,9 @@ class KalmanNormBase(nn.Module):
         """
         if inputs and self.compile_step and runs_compiled():
             return compiled_call(
-                self, "estimate", self._estimate_function, batch_mean, batch_second, *inputs
-            )
+                self, "estimate", self._estimate_function, batch_mean, batch_second, *inputs,
+                what=f"the estimate of {self.display_name}",
+            )  # fmt: skip
         return self._estimate(batch_mean, batch_second, *inputs)
 
     def _estimate_function(self) -> Callable[..., KalmanEstimate]:
@@ -403,7 +404,7 @@ class KalmanNormBase(nn.Module):
             if inputs and self.compile_step and runs_compiled():
                 step = compiled_call(
                     self, layout, lambda: self._affine_estimate_function(layout), batch_mean,
-                    batch_var, *leaves,
+                    batch_var, *leaves, what=f"the estimate of {self.display_name}",
                 )  # fmt: skip
             else:
                 step = self._affine_estimate(layout, batch_mean, batch_var, *leaves)
