@@ -131,6 +131,8 @@ class MicroConfig:
     #: norms of ``norms`` also measured with their small steps compiled in the eager model
     #: (:func:`kalmannorm.compile_kalman_steps`), as the row ``<norm>+compiled-steps``.
     compiled_steps: tuple[str, ...] = ("bkn-flow",)
+    #: batch sizes with those rows (each new shape compiles again: minutes from a cold cache).
+    compiled_steps_batches: tuple[int, ...] = (4,)
     stat_batch_size: int = 2
     warmup: int = 2
     repeats: int = 5
@@ -321,7 +323,7 @@ def _eager_rows(
 ) -> list[dict]:
     kind = MODELS[model_name][1]
     x, y = _data(kind, batch, size, device)
-    names = ["torch_bn", "bn", *_norm_rows(config)]
+    names = ["torch_bn", "bn", *_norm_rows(config, batch)]
     workloads: dict[str, Workload] = {}
     errors: dict[str, str] = {}
     first_step_s: dict[str, float] = {}
@@ -401,8 +403,11 @@ def _compiled_rows(
     return rows
 
 
-def _norm_rows(config: MicroConfig) -> list[str]:
-    """The norms of the eager rows: ``norms``, then those of ``compiled_steps`` compiled."""
+def _norm_rows(config: MicroConfig, batch: int) -> list[str]:
+    """The norms of the eager rows at ``batch``: ``norms``, then those of ``compiled_steps``
+    compiled (at ``compiled_steps_batches``)."""
+    if batch not in config.compiled_steps_batches:
+        return list(config.norms)
     compiled = [n + COMPILED_STEPS for n in config.compiled_steps if n in config.norms]
     return [*config.norms, *compiled]
 
@@ -447,7 +452,7 @@ def _rows(
     reference = samples.get("torch_bn")
     bn_counts = counts.get("torch_bn", {})
     rows = []
-    norms = _norm_rows(config) if mode == "eager" else config.norms
+    norms = _norm_rows(config, batch) if mode == "eager" else config.norms
     for name in [n for n in ("bn", *norms) if n in samples or n in errors]:
         row: dict = {
             "model": model_name,
