@@ -322,3 +322,17 @@ def test_residual_report_reads_the_micro_rows(quick_results: dict) -> None:
     flow = [r["ratio"] for r in quick_results["micro"]["rows"] if r["norm"] == "bkn-flow"]
     ratios = residual_step_time(quick_results)
     assert ratios["bn"] == 1.0 and statistics.median(flow) in ratios.values()
+
+
+def test_micro_command_line_chooses_models_batches_and_norms() -> None:
+    import argparse
+
+    from kalmannorm.lab.bench_micro import FULL_MICRO, _chosen_config
+
+    args = argparse.Namespace(models="resnet50:64,mobilenet_v2:32", batches="2,4", norms="bkn")
+    config = _chosen_config(FULL_MICRO, args)
+    assert config.models == (("resnet50", 64), ("mobilenet_v2", 32))
+    assert config.batches == (2, 4) and config.large_batch is None and config.norms == ("bkn",)
+    assert config.compiled_steps == FULL_MICRO.compiled_steps  # the rest as the full run's
+    with pytest.raises(SystemExit, match="MODEL:PIXELS with MODEL one of resnet50"):
+        _chosen_config(FULL_MICRO, argparse.Namespace(models="vgg:64", batches=None, norms=None))

@@ -242,23 +242,20 @@ class KalmanChain:
         """Layer ``index``'s program evaluated by its compiled function (one per layer; its
         sub-expressions are not shared with other layers' programs, whose compiled code
         recomputes them). A producer that has not run is reported by the written program."""
-        program, name = self.programs[index], self.names[index]
-        for producer in sorted(program.producers()):
+        name = self.names[index]
+        for producer in sorted(self.programs[index].producers()):
             ctx.entry(producer, name)  # raises ChainOrderError naming the missing layer
-
-        def build() -> Callable[..., Moments]:
-            def data_flow_prediction(published: list, training: bool) -> Moments:
-                own = dataflow.Context(
-                    published, ctx.names, ctx.raw, ctx.source, training, memo={}
-                )
-                return program.evaluate(own, name)
-
-            return data_flow_prediction
-
         return compiled_call(
-            self, index, build, ctx.published, ctx.training,
+            self, index, self._program_moments, index, ctx.published, ctx.training,
             what=f"the data-flow prediction of '{name}'",
         )  # fmt: skip
+
+    def _program_moments(self, index: int, published: list, training: bool) -> Moments:
+        """Layer ``index``'s program on the statistics ``published`` in this pass."""
+        ctx = dataflow.Context(
+            published, self.names, self.flow == "authors", self.source, training, memo={}
+        )
+        return self.programs[index].evaluate(ctx, self.names[index])
 
     def publish(
         self, index: int, posterior: Posterior, batch_mean: Tensor, batch_var: Tensor

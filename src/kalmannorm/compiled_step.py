@@ -83,18 +83,15 @@ def runs_compiled() -> bool:
     return not torch.compiler.is_compiling() and not _torch_private.dispatch_mode_active()
 
 
-def compiled_call(
-    owner: object, key: object, build: Callable[[], Callable], *args: object, what: str
-):
-    """``build()(*args)``, compiled: the function ``build`` returns is compiled once per
-    ``(owner, key)`` (with its own code object) and the compiled version called. ``what`` names
-    it in the error raised where the compiler fails."""
+def compiled_call(owner: object, key: object, fn: Callable, *args: object, what: str):
+    """``fn(*args)``, compiled: ``fn`` (any callable, e.g. a bound method) is compiled once per
+    ``(owner, key)``, inside a function with its own code object, and the compiled version
+    called. ``what`` names it in the error raised where the compiler fails."""
     cache = owner.__dict__.setdefault(_CACHE, CompiledSteps())
     compiled = cache.get(key)
     if compiled is None:
-        fn = build()
         compiled = cache[key] = torch.compile(
-            own_code(fn, f"{fn.__name__}_{len(cache)}"), dynamic=False, fullgraph=True
+            own_code(_calling(fn), f"compiled_step_{len(cache)}"), dynamic=False, fullgraph=True
         )
     try:
         return compiled(*args)
@@ -106,6 +103,15 @@ def compiled_call(
             f"on a GPU). Run the written steps instead: "
             f"kalmannorm.compile_kalman_steps(model, enabled=False)."
         ) from error
+
+
+def _calling(fn: Callable) -> types.FunctionType:
+    """A plain function that calls ``fn`` (what :func:`own_code` copies)."""
+
+    def compiled_step(*args: object):
+        return fn(*args)
+
+    return compiled_step
 
 
 def own_code(fn: types.FunctionType, name: str) -> types.FunctionType:

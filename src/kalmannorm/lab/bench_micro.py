@@ -39,12 +39,14 @@ Models: torchvision's ResNet-50 and MobileNetV2 (classification, cross-entropy w
 builds it) with a shared 1x1 classification head over every FPN level (cross-entropy per
 position): what a detection user converts.
 
-``python -m kalmannorm.lab.bench_micro [--quick] [--json PATH]``; part of ``kalmannorm bench``.
+``python -m kalmannorm.lab.bench_micro [--quick] [--json PATH] [--models resnet50:64]
+[--batches 4] [--norms bkn-flow]``; part of ``kalmannorm bench``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -625,6 +627,29 @@ def _print_progress(line: str) -> None:
     print(line, flush=True)
 
 
+def _chosen_config(config: MicroConfig, args: argparse.Namespace) -> MicroConfig:
+    """``config`` with the models, batches and norms given on the command line (given batches:
+    no separate large batch)."""
+    changes: dict = {}
+    if args.models:
+        models = []
+        for item in args.models.split(","):
+            name, _, pixels = item.partition(":")
+            if name not in MODELS or not pixels.isdigit():
+                raise SystemExit(
+                    f"--models takes MODEL:PIXELS with MODEL one of {', '.join(MODELS)}, got "
+                    f"{item!r}"
+                )
+            models.append((name, int(pixels)))
+        changes["models"] = tuple(models)
+    if args.batches:
+        changes["batches"] = tuple(int(b) for b in args.batches.split(","))
+        changes["large_batch"] = None
+    if args.norms:
+        changes["norms"] = tuple(args.norms.split(","))
+    return dataclasses.replace(config, **changes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small inputs, batch 4, no compile")
@@ -632,11 +657,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", metavar="PATH", help="also write the section as JSON")
+    parser.add_argument(
+        "--models", help="comma-separated MODEL:PIXELS (default: the full run's), e.g. resnet50:64"
+    )
+    parser.add_argument("--batches", help="comma-separated batch sizes (default: 2,4,8 and 128)")
+    parser.add_argument("--norms", help="comma-separated Kalman norms (default: bkn,bkn-flow)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    config = None
+    if args.models or args.batches or args.norms:
+        config = _chosen_config(QUICK_MICRO if args.quick else FULL_MICRO, args)
     section = micro_rows(
-        args.quick, args.device, compile=not args.no_compile, progress=_print_progress
+        args.quick, args.device, config, compile=not args.no_compile, progress=_print_progress
     )
     print(format_micro_table(section))
     if args.json:

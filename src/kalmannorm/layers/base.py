@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -319,22 +318,16 @@ class KalmanNormBase(nn.Module):
         (G, W, W). Without inputs (no upstream) the posterior is the batch statistics (q = 1).
         With ``compile_step`` (:func:`kalmannorm.compile_kalman_steps`) it runs compiled.
         """
-        if inputs and self.compile_step and runs_compiled():
+        if self._compiles(inputs):
             return compiled_call(
-                self, "estimate", self._estimate_function, batch_mean, batch_second, *inputs,
+                self, "estimate", self._estimate, batch_mean, batch_second, *inputs,
                 what=f"the estimate of {self.display_name}",
             )  # fmt: skip
         return self._estimate(batch_mean, batch_second, *inputs)
 
-    def _estimate_function(self) -> Callable[..., KalmanEstimate]:
-        """:meth:`_estimate` of this layer as a plain function (what :func:`compiled_call`
-        compiles)."""
-        layer = self
-
-        def kalman_estimate(batch_mean: Tensor, batch_second: Tensor, *inputs: Tensor | None):
-            return layer._estimate(batch_mean, batch_second, *inputs)
-
-        return kalman_estimate
+    def _compiles(self, inputs: tuple[Tensor | None, ...]) -> bool:
+        """Whether this step runs compiled: a prior to fuse, ``compile_step`` on, eager code."""
+        return bool(inputs) and self.compile_step and runs_compiled()
 
     def _estimate(
         self, batch_mean: Tensor, batch_second: Tensor, *inputs: Tensor | None
@@ -401,10 +394,10 @@ class KalmanNormBase(nn.Module):
         def estimate(
             batch_mean: Tensor, batch_var: Tensor, *leaves: Tensor | None
         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            if inputs and self.compile_step and runs_compiled():
+            if self._compiles(inputs):
                 step = compiled_call(
-                    self, layout, lambda: self._affine_estimate_function(layout), batch_mean,
-                    batch_var, *leaves, what=f"the estimate of {self.display_name}",
+                    self, layout, self._affine_estimate, layout, batch_mean, batch_var, *leaves,
+                    what=f"the estimate of {self.display_name}",
                 )  # fmt: skip
             else:
                 step = self._affine_estimate(layout, batch_mean, batch_var, *leaves)
@@ -431,16 +424,6 @@ class KalmanNormBase(nn.Module):
         """:meth:`_estimate`, then scale = gamma / sqrt(var + eps), shift = beta - mean scale."""
         result = self._estimate(batch_mean, batch_var, *inputs)
         return result, *layout.affine(result.mean, result.var, weight, bias, self.eps)
-
-    def _affine_estimate_function(self, layout: Layout) -> Callable:
-        """:meth:`_affine_estimate` of this layer and layout as a plain function (what
-        :func:`compiled_call` compiles)."""
-        layer = self
-
-        def kalman_step(*args: Tensor | None) -> tuple[KalmanEstimate, Tensor, Tensor]:
-            return layer._affine_estimate(layout, *args)
-
-        return kalman_step
 
     def record(self, batch_mean: Tensor, batch_second: Tensor, estimate: KalmanEstimate) -> None:
         """Hand the posterior to the next layer and keep detached diagnostics (neither when
