@@ -32,10 +32,11 @@ class _Block(nn.Module):
         return x + self.conv2(torch.relu(self.bn2(branch)))
 
 
-def _model(norm: str, x: torch.Tensor) -> nn.Module:
+def _model(norm: str, x: torch.Tensor, **options: object) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), _Block(6), nn.BatchNorm2d(6))
-    model = kalmannorm.convert_norm(model.double(), norm, **_options(norm), example_input=x)
+    options = {**_options(norm), **options}
+    model = kalmannorm.convert_norm(model.double(), norm, **options, example_input=x)
     randomize_kalman(model)
     return model.train()
 
@@ -58,16 +59,21 @@ def _train(model: nn.Module, x: torch.Tensor, steps: int) -> list[torch.Tensor]:
     return outputs
 
 
-@pytest.mark.parametrize("norm", ["bkn-flow", "bkn", "gkn"])
-def test_compiled_steps_train_as_the_eager_steps(norm: str) -> None:
+@pytest.mark.parametrize(
+    ("norm", "options"),
+    [("bkn-flow", {}), ("bkn-flow", {"calibrate_prior": True}), ("bkn", {}), ("gkn", {})],
+)
+def test_compiled_steps_train_as_the_eager_steps(norm: str, options: dict) -> None:
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
-    eager, compiled = _model(norm, x), _model(norm, x)
+    eager, compiled = _model(norm, x, **options), _model(norm, x, **options)
     kalmannorm.compile_kalman_steps(compiled)
     for got, want in zip(_train(compiled, x, 3), _train(eager, x, 3)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     for (name, got), (_, want) in zip(compiled.state_dict().items(), eager.state_dict().items()):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=name)
-    assert any("_compiled_steps" in m.__dict__ for m in compiled.modules())  # it did compile
+    chains = {m.chain for m in compiled.modules() if getattr(m, "chain", None) is not None}
+    owners = [*compiled.modules(), *chains]
+    assert any("_compiled_steps" in owner.__dict__ for owner in owners)  # it did compile
     compiled.eval()
     eager.eval()
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-9, atol=1e-10)

@@ -7,7 +7,17 @@ import torch
 from conftest import conv_bn_stack, randomize_kalman
 
 import kalmannorm
-from kalmannorm.fused import fast_moments
+from kalmannorm.fused import VarianceGuard, batch_moments, batch_sums
+
+
+def fast_moments(grouped, guard=None):
+    """A forward's statistics as the fused node takes them: the guard's choice of passes, the
+    moments from the sums, the cancellation test sent to the guard."""
+    guard = VarianceGuard() if guard is None else guard
+    count = grouped.shape[1] * grouped.shape[3]
+    mean, var, risky = batch_moments(batch_sums(grouped, guard), count)
+    guard.record(risky)
+    return mean, var
 
 
 def _forward_backward(model, x):
@@ -62,7 +72,6 @@ def test_the_variance_guard_takes_two_passes_a_forward_after_a_large_offset():
     """E[x^2] - xbar^2 is exact enough while mean^2 < 1e4 var; the guard's choice for a forward
     comes from the previous one's statistics (no host sync), except on its first forward."""
     from kalmannorm._dispatch_count import count_dispatch
-    from kalmannorm.fused import VarianceGuard
 
     def exact(x):
         var, mean = torch.var_mean(x.double(), dim=(1, 3), correction=0)
@@ -124,11 +133,15 @@ def test_fused_output_accepts_an_in_place_activation():
         ((3, 2, 4, 1), (1, 3)),
     ],
 )
-def test_sums_of_a_and_of_a_times_b(shape, dims):
-    from kalmannorm.fused import sums
+def test_row_sums_of_a_and_of_a_times_b(shape, dims):
+    from kalmannorm.fused import row_sums
 
     a, b = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
-    sum_a, sum_ab = sums(a, b, dims)
+    rows = row_sums(a, b, dims)
+    assert set(rows.rest) <= set(dims) - {3}
+    rest = rows.rest or None  # Tensor.sum(()) would sum everything
+    sum_a = rows.total.sum(rest, keepdim=True) if rest else rows.total
+    sum_ab = rows.product.sum(rest, keepdim=True) if rest else rows.product
     torch.testing.assert_close(sum_a, a.sum(dims, keepdim=True))
     torch.testing.assert_close(sum_ab, (a * b).sum(dims, keepdim=True))
 

@@ -50,6 +50,8 @@ Not private any more (replaced): CBN's weight gradient of a convolution uses the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -115,15 +117,25 @@ def sum_and_dot_rows(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     if _batch_norm_backward is None:
         a = a.float() if half else a
         return a.sum((0, 2)), (a * b).sum((0, 2))
-    rows, dtype = a.shape[1], torch.float32 if half else a.dtype
-    # A float32 weight with half inputs selects the kernels' mixed-type variant: float32 sums
-    # (CPU and CUDA alike; without it they would be written in half precision).
-    weight = a.new_ones(rows, dtype=torch.float32) if half else None
-    zeros, ones = a.new_zeros(rows, dtype=dtype), a.new_ones(rows, dtype=dtype)
+    dtype = torch.float32 if half else a.dtype
+    # (under a dispatch mode the tensors made may be the mode's own, e.g. fake: never cached)
+    constants = _sum_constants.__wrapped__ if dispatch_mode_active() else _sum_constants
+    zeros, ones, weight = constants(a.shape[1], dtype, a.device)
     _, sum_ab, sum_a = _batch_norm_backward(
-        a, b, weight, None, None, zeros, ones, True, 0.0, [False, True, True]
+        a, b, weight if half else None, None, None, zeros, ones, True, 0.0, [False, True, True]
     )
     return sum_a, sum_ab
+
+
+@functools.lru_cache(maxsize=256)
+def _sum_constants(rows: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """The mean (zeros), invstd (ones) and float32 weight (ones) :func:`sum_and_dot_rows` hands
+    the kernel, made once per shape (the kernel only reads them). A float32 weight with half
+    inputs selects the kernels' mixed-type variant: float32 sums (CPU and CUDA alike; without it
+    they would be written in half precision)."""
+    zeros = torch.zeros(rows, dtype=dtype, device=device)
+    ones = torch.ones(rows, dtype=dtype, device=device)
+    return zeros, ones, torch.ones(rows, dtype=torch.float32, device=device)
 
 
 __all__ = [

@@ -27,6 +27,7 @@ composite path, which the compiler fuses itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -36,6 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kalmannorm import _torch_private
+from kalmannorm.compiled_step import compiled_call
 from kalmannorm.functional import affine_from_statistics
 
 #: Above this mean^2 / var ratio, E[x^2] - xbar^2 loses too many digits: a layer's next forward
@@ -114,24 +116,42 @@ class ChannelGroups(NamedTuple):
 Layout = SampleGroups | ChannelGroups
 
 
-def sums(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """(sum a, sum a * b) over ``dims`` of contiguous (A, B, D, L) tensors, kept as size 1
-    (float32 for float16/bfloat16 tensors).
+class RowSums(NamedTuple):
+    """Sigma a and Sigma a b over some dims of (A, B, D, L) tensors, as one vectorised pass leaves
+    them: summed along every dim but ``rest``, which the small step sums over itself."""
 
-    Along the last dim both come from one vectorised pass
+    total: Tensor
+    product: Tensor
+    rest: tuple[int, ...]
+
+
+def row_sums(a: Tensor, b: Tensor, dims: tuple[int, ...]) -> RowSums:
+    """Sigma a and Sigma a b over ``dims`` of contiguous (A, B, D, L) tensors (float32 for
+    float16/bfloat16 tensors), kept as size 1, except along ``rest``, the dims still to sum.
+
+    Along the last dim both come from one vectorised pass over contiguous rows
     (:func:`kalmannorm._torch_private.sum_and_dot_rows`: ATen's BatchNorm backward used as a sum
-    kernel; a sum and a batched dot product, two passes, cost 2.8x as much on a 2-core x86 CPU).
+    kernel; a sum and a batched dot product, two passes, cost 2.8x as much on a 2-core x86 CPU);
+    a dim before the rows (B of a (G, B, C, L) view) is left in ``rest``.
     """
     if 3 not in dims:
-        if a.dtype in (torch.float16, torch.bfloat16):
+        if a.dtype in HALF_DTYPES:
             a = a.float()
-        return _sum(a, dims), _sum(a * b, dims)
+        return RowSums(_sum(a, dims), _sum(a * b, dims), ())
     # (A, B, 1, L) summed over B and L: each of the A runs of values is one row.
     kept = (a.shape[0], 1, 1, 1) if 1 in dims and a.shape[2] == 1 else (*a.shape[:3], 1)
     rows = math.prod(kept)
     sum_a, sum_ab = _torch_private.sum_and_dot_rows(a.reshape(1, rows, -1), b.reshape(1, rows, -1))
     rest = tuple(d for d in dims if d != 3 and kept[d] != 1)
-    return _sum(sum_a.view(kept), rest), _sum(sum_ab.view(kept), rest)
+    return RowSums(sum_a.view(kept), sum_ab.view(kept), rest)
+
+
+class BatchSums(NamedTuple):
+    """What a reading pass over a batch leaves for its statistics: the row sums of x and x^2
+    (or, for two passes, of d = x - ``offset``), and the offset (``None``: one pass)."""
+
+    sums: RowSums
+    offset: Tensor | None
 
 
 class VarianceGuard:
@@ -155,13 +175,14 @@ class VarianceGuard:
     def __init__(self) -> None:
         self.two_pass: bool | None = None
         self._host: Tensor | None = None
+        self._host_view = None  # the buffer as a NumPy array: read without a dispatcher call
         self._pinned = False
 
     def choose(self) -> bool | None:
         """The choice for this forward: the latest outcome the device has written (``None``
         before the first)."""
-        if self._host is not None:
-            self.two_pass = bool(self._host.tolist())  # host memory: no device read
+        if self._host_view is not None:
+            self.two_pass = bool(self._host_view)  # host memory: no device read
         return self.two_pass
 
     def record(self, risky: Tensor) -> None:
@@ -169,12 +190,13 @@ class VarianceGuard:
         pinned = risky.device.type == "cuda"
         if self._host is None or self._pinned != pinned:
             self._host = torch.ones((), dtype=torch.bool, pin_memory=pinned)
+            self._host_view = self._host.numpy()
             self._pinned = pinned
         self._host.copy_(risky, non_blocking=pinned)
 
     def __getstate__(self) -> dict:
         # a copy (deepcopy, pickle) keeps the choice, not the host buffer
-        return {"two_pass": self.two_pass, "_host": None, "_pinned": False}
+        return {"two_pass": self.two_pass, "_host": None, "_host_view": None, "_pinned": False}
 
 
 def variance_guard(module: object) -> VarianceGuard:
@@ -185,49 +207,41 @@ def variance_guard(module: object) -> VarianceGuard:
     return guard
 
 
-def fast_moments(grouped: Tensor, guard: VarianceGuard | None = None) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance over dims (1, 3) of a contiguous (A, B, D, L) tensor, (A, D).
-
-    One reading pass for Sigma x and Sigma x^2 (var = E[x^2] - xbar^2), or, where ``guard``
-    chose it, two: the mean, then Sigma d and Sigma d^2 of d = x - mean. Without a host sync
-    except on a guard's first forward (:class:`VarianceGuard`; no guard: a fresh one).
-    """
-    guard = VarianceGuard() if guard is None else guard
+def batch_sums(grouped: Tensor, guard: VarianceGuard) -> BatchSums:
+    """The sums a contiguous (A, B, D, L) batch's statistics over dims (1, 3) come from: Sigma x
+    and Sigma x^2 in one reading pass, or, where ``guard`` chose it, two: the mean, then
+    Sigma d and Sigma d^2 of d = x - mean. No host sync except on a guard's first forward
+    (:class:`VarianceGuard`), which tests its own statistics."""
     replay = _torch_private.in_backward()  # a checkpoint recomputation: the same choice again
     two_pass = guard.two_pass if replay else guard.choose()
     if not two_pass:
-        mean, var = _one_pass_moments(grouped)
-        risky = _cancels(mean, var)
+        found = BatchSums(row_sums(grouped, grouped, STAT_DIMS), None)
         if two_pass is None:  # the first forward: decide on this one (one host read, once)
-            two_pass = guard.two_pass = bool(risky)
+            count = grouped.shape[1] * grouped.shape[3]
+            two_pass = guard.two_pass = bool(batch_moments(found, count)[2])
     if two_pass:
-        mean, var = _two_pass_moments(grouped)
-        risky = _cancels(mean, var)
-    if not replay:
-        guard.record(risky)
-    return mean, var.clamp_min(0.0)
+        count = grouped.shape[1] * grouped.shape[3]
+        offset = grouped.sum(STAT_DIMS, keepdim=True, dtype=statistics_dtype(grouped)) / count
+        centred = grouped - offset  # (float32 for half inputs)
+        found = BatchSums(row_sums(centred, centred, STAT_DIMS), offset)
+    return found
+
+
+def batch_moments(found: BatchSums, count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean xbar = offset + Sigma d / m and biased variance S = Sigma d^2 / m - (Sigma d / m)^2
+    (A, D) of ``count`` = m values each (d = x - offset; x without offset), and whether
+    E[d^2] - (E d)^2 lost too many digits somewhere (0-dim bool: :class:`VarianceGuard`)."""
+    sums = found.sums
+    total, total_square = (_sum(t, sums.rest)[:, 0, :, 0] for t in (sums.total, sums.product))
+    centre = total / count
+    var = total_square / count - centre.square()
+    mean = centre if found.offset is None else found.offset[:, 0, :, 0] + centre
+    return mean, var.clamp_min(0.0), _cancels(mean, var)
 
 
 def _cancels(mean: Tensor, var: Tensor) -> Tensor:
     """Whether E[x^2] - xbar^2 loses too many digits in some (A, D) entry (0-dim bool)."""
     return (mean.square() > _CANCELLATION_LIMIT * var).any()
-
-
-def _one_pass_moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
-    count = grouped.shape[1] * grouped.shape[3]
-    total, total_square = (t[:, 0, :, 0] for t in sums(grouped, grouped, STAT_DIMS))
-    mean = total / count
-    return mean, total_square / count - mean.square()
-
-
-def _two_pass_moments(grouped: Tensor) -> tuple[Tensor, Tensor]:
-    """The mean, then the moments of x - mean (its sum corrects the mean's rounding)."""
-    count = grouped.shape[1] * grouped.shape[3]
-    shift = grouped.sum(STAT_DIMS, keepdim=True, dtype=statistics_dtype(grouped)) / count
-    centred = grouped - shift  # (float32 for half inputs)
-    total, total_square = (t[:, 0, :, 0] for t in sums(centred, centred, STAT_DIMS))
-    offset = total / count
-    return shift[:, 0, :, 0] + offset, total_square / count - offset.square()
 
 
 def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -251,16 +265,178 @@ def with_affine(estimate: Estimate, layout: Layout, eps: float) -> AffineEstimat
     return affine_estimate
 
 
+#: ``after(count, outputs, extra)``: what a training forward does with a small step's results
+#: (a layer's moving averages, under ``torch.no_grad``), inside the step (compiled with it).
+AfterStep = Callable[[int, tuple, tuple], None]
+
+
+def small_step(
+    estimate: AffineEstimate,
+    layout: Layout,
+    after: AfterStep | None,
+    count: int,
+    rest: tuple[int, ...],
+    total: Tensor,
+    total_square: Tensor,
+    offset: Tensor | None,
+    *small: Tensor | None,
+) -> tuple[tuple[Tensor, ...], Tensor, tuple]:
+    """Everything of a fused normalisation that is not activation-sized, as one function of the
+    batch's row sums: the batch statistics (:func:`batch_moments`), then ``estimate`` on them and
+    ``small`` (gamma, beta, the estimate's tensors), then ``after`` (``None``: nothing).
+
+    Returns the differentiable (scale, shift, mean, var, batch mean, batch var), the cancellation
+    test and the estimate's extra outputs (diagnostics; not differentiated).
+    """
+    found = BatchSums(RowSums(total, total_square, rest), offset)
+    batch_mean, batch_var, risky = batch_moments(found, count)
+    batch_mean, batch_var = layout.statistics(batch_mean), layout.statistics(batch_var)
+    mean, var, scale, shift, *extra = estimate(batch_mean, batch_var, *small)
+    outputs, extra = (scale, shift, mean, var, batch_mean, batch_var), tuple(extra)
+    if after is not None:
+        after(count, outputs, extra)
+    return outputs, risky, extra
+
+
+def small_step_gradients(
+    step: Callable,
+    constants: tuple,
+    inputs: tuple[Tensor | None, ...],
+    grad_affine: tuple[RowSums, tuple[int, ...], tuple[int, ...]],
+    grad_outputs: tuple[Tensor | None, ...],
+) -> tuple[Tensor | None, ...]:
+    """dL/d ``inputs`` of ``step(*constants, *inputs)``'s differentiable outputs (a vector-Jacobian
+    product, :func:`torch.func.vjp`, recomputing the small step): dL/dscale = Sigma g x and
+    dL/dshift = Sigma g from the row sums ``grad_affine`` (summed over the dims shift and scale
+    still broadcast along), and the gradients of the statistics in ``grad_outputs`` (``None``:
+    zero). Floating-point inputs only; ``None`` for the others."""
+    rows, shift_rest, scale_rest = grad_affine
+    grad_scale, grad_shift = _sum(rows.product, scale_rest), _sum(rows.total, shift_rest)
+    present = [i for i, t in enumerate(inputs) if t is not None and t.is_floating_point()]
+
+    def differentiable(*primals: Tensor) -> tuple[Tensor, ...]:
+        full = list(inputs)
+        for i, primal in zip(present, primals):
+            full[i] = primal
+        return step(*constants, *full)[0]
+
+    outputs, pullback = torch.func.vjp(differentiable, *(inputs[i] for i in present))
+    zero_filled = (
+        torch.zeros_like(out) if grad is None else grad
+        for out, grad in zip(outputs[2:], grad_outputs)
+    )
+    cotangents = (grad_scale, grad_shift, *zero_filled)
+    grads: list[Tensor | None] = [None] * len(inputs)
+    for i, grad in zip(present, pullback(cotangents)):
+        grads[i] = grad
+    return tuple(grads)
+
+
+class TracedStep:
+    """The small step (:func:`small_step`) run as written: its autograd graph, built in the
+    forward on detached leaves and kept, is differentiated in the backward (no recomputation)."""
+
+    def __init__(
+        self, estimate: AffineEstimate, layout: Layout, after: AfterStep | None = None
+    ) -> None:
+        self.estimate, self.layout, self.after = estimate, layout, after
+        self.extra: tuple = ()
+
+    def forward(
+        self, constants: tuple, inputs: tuple[Tensor | None, ...]
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """The differentiable outputs (detached) and the cancellation test; keeps the graph."""
+        with torch.enable_grad(), _no_autocast(inputs[0]):
+            sums = tuple(t.detach().requires_grad_() for t in inputs[:2])
+            leaves = (*sums, *(detached_leaf(t) for t in inputs[2:]))
+            outputs, risky, self.extra = small_step(
+                self.estimate, self.layout, self.after, *constants, *leaves
+            )
+        self._graph = (leaves, outputs)
+        return tuple(out.detach() for out in outputs), risky
+
+    def backward(
+        self,
+        grad_affine: tuple[RowSums, tuple[int, ...], tuple[int, ...]],
+        grad_outputs: tuple[Tensor | None, ...],
+    ) -> tuple[Tensor | None, ...]:
+        """dL/d inputs (``None`` for those that take none), as :func:`small_step_gradients`."""
+        leaves, outputs = self._graph
+        rows, shift_rest, scale_rest = grad_affine
+        differentiated = [outputs[0], outputs[1]]
+        grads = [_sum(rows.product, scale_rest), _sum(rows.total, shift_rest)]
+        for out, grad in zip(outputs[2:], grad_outputs):
+            if grad is not None:
+                differentiated.append(out)
+                grads.append(grad)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        # retain_graph: a backward may run more than once on the same graph (gradcheck)
+        found = torch.autograd.grad(
+            differentiated, wanted, grads, allow_unused=True, retain_graph=True
+        )
+        by_leaf = dict(zip(map(id, wanted), found))
+        return tuple(None if t is None else by_leaf.get(id(t)) for t in leaves)
+
+
+class CompiledStep:
+    """The small step compiled (:func:`kalmannorm.compile_kalman_steps`): a compiled forward
+    without graph (``after`` included) and a compiled backward that recomputes the step without
+    ``after`` inside its vector-Jacobian product (:func:`small_step_gradients`), both cached on
+    ``owner`` per layout. ``estimate`` and ``after`` must compute from their arguments alone
+    (and ``estimate`` read no state ``after`` changes): the backward recomputes."""
+
+    def __init__(
+        self,
+        owner: object,
+        estimate: AffineEstimate,
+        layout: Layout,
+        what: str,
+        after: AfterStep | None = None,
+    ) -> None:
+        self.owner, self.layout, self.what = owner, layout, what
+        self.forward_step = functools.partial(small_step, estimate, layout, after)
+        self.step = functools.partial(small_step, estimate, layout, None)
+        self.forward_key = ("forward", layout, after is not None)
+        self.extra: tuple = ()
+
+    def forward(
+        self, constants: tuple, inputs: tuple[Tensor | None, ...]
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        with _no_autocast(inputs[0]):
+            outputs, risky, self.extra = compiled_call(
+                self.owner, self.forward_key, self.forward_step, *constants, *inputs,
+                what=self.what,
+            )  # fmt: skip
+        self._saved = (constants, inputs)
+        return outputs, risky
+
+    def backward(
+        self,
+        grad_affine: tuple[RowSums, tuple[int, ...], tuple[int, ...]],
+        grad_outputs: tuple[Tensor | None, ...],
+    ) -> tuple[Tensor | None, ...]:
+        constants, inputs = self._saved
+        gradients = functools.partial(small_step_gradients, self.step)
+        return compiled_call(
+            self.owner, ("backward", self.layout), gradients, constants, inputs, grad_affine,
+            grad_outputs, what=self.what,
+        )  # fmt: skip
+
+
+SmallStep = TracedStep | CompiledStep
+
+
 class FusedGroupNorm(torch.autograd.Function):
-    """y, posterior = normalise(x) with statistics and affine from ``estimate``.
+    """y, posterior = normalise(x) with statistics and affine from a :data:`SmallStep`.
 
     Arguments of :meth:`apply`: x (N, C, *spatial) contiguous; the :class:`SampleGroups` or
     :class:`ChannelGroups` layout; the layer's :class:`VarianceGuard` (:func:`variance_guard`);
-    ``estimate``, an :data:`AffineEstimate` mapping the batch statistics, gamma, beta and the
-    small tensors to the statistics to normalise with and their scale and shift (a plain
-    estimate of the statistics becomes one through :func:`with_affine`);
-    ``inspect(batch_mean, batch_var)``, called once in the forward (checks, recording); gamma;
-    beta; the small tensors.
+    the small step (:class:`TracedStep` or :class:`CompiledStep` of an :data:`AffineEstimate`,
+    which maps the batch statistics, gamma, beta and the small tensors to the statistics to
+    normalise with and their scale and shift; a plain estimate of the statistics becomes one
+    through :func:`with_affine`); ``inspect(sum_x, sum_x2)``, called once in the forward on the
+    batch's row sums before the small step (checks); gamma; beta; the small tensors. The estimate's extra outputs are left on the step
+    (``step.extra``).
     Returns y, the estimate's mean and var and the batch mean and var (all differentiable: the
     layers fed by this one predict their statistics from them).
     """
@@ -271,27 +447,27 @@ class FusedGroupNorm(torch.autograd.Function):
         x: Tensor,
         layout: Layout,
         guard: VarianceGuard,
-        estimate: AffineEstimate,
+        step: SmallStep,
         inspect: Callable[[Tensor, Tensor], None],
-        weight: Tensor | None,
-        bias: Tensor | None,
         *small: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         grouped = layout.view(x)
-        batch_mean, batch_var = (layout.statistics(t) for t in fast_moments(grouped, guard))
-        inspect(batch_mean, batch_var)
-        # The small estimate is built with autograd here and kept on ctx: the backward
-        # differentiates this graph instead of recomputing it. In float32 under autocast too.
-        with torch.enable_grad(), _no_autocast(x):
-            stats = (batch_mean.detach().requires_grad_(), batch_var.detach().requires_grad_())
-            leaves = [detached_leaf(t) for t in (weight, bias, *small)]
-            mean, var, scale, shift = estimate(*stats, *leaves)
+        found = batch_sums(grouped, guard)
+        count = grouped.shape[1] * grouped.shape[3]
+        constants = (count, found.sums.rest)
+        inspect(found.sums.total, found.sums.product)  # before the step moves any average
+        inputs = (found.sums.total, found.sums.product, found.offset, *small)
+        (scale, shift, mean, var, batch_mean, batch_var), risky = step.forward(constants, inputs)
+        if not _torch_private.in_backward():
+            guard.record(risky)
         y = torch.empty_like(x)  # written through a view, returned whole (in-place ops allowed)
-        torch.addcmul(shift.detach(), grouped, scale.detach(), out=y.view_as(grouped))
-        ctx.layout = layout
-        ctx.graph = (stats, leaves, mean, var, scale, shift)
+        torch.addcmul(shift, grouped, scale, out=y.view_as(grouped))
+        shift_dims, scale_dims = _broadcast_dims(shift, grouped), _broadcast_dims(scale, grouped)
+        ctx.layout, ctx.step, ctx.offset, ctx.scale = layout, step, found.offset, scale
+        ctx.dims = (shift_dims, scale_dims)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
         ctx.save_for_backward(x)
-        return y, mean.detach(), var.detach(), batch_mean, batch_var
+        return y, mean, var, batch_mean, batch_var
 
     @staticmethod
     @once_differentiable
@@ -304,44 +480,32 @@ class FusedGroupNorm(torch.autograd.Function):
         grad_out_batch_var: Tensor | None,
     ):
         (x,) = ctx.saved_tensors
-        stats, leaves, mean, var, scale, shift = ctx.graph
-        layout: Layout = ctx.layout
-        grouped = layout.view(x)
+        grouped = ctx.layout.view(x)
+        if grad_y is None:  # (only the statistics were used)
+            grad_y = torch.zeros_like(x)
         grad = grad_y.contiguous().view_as(grouped)
-        count = grouped.shape[1] * grouped.shape[3]
-        shift_dims, scale_dims = _broadcast_dims(shift, grouped), _broadcast_dims(scale, grouped)
+        shift_dims, scale_dims = ctx.dims
         both = tuple(d for d in shift_dims if d in scale_dims)
-        sum_grad, sum_grad_x = sums(grad, grouped, both)
-        grad_shift = _sum(sum_grad, tuple(d for d in shift_dims if d not in both))
-        grad_scale = _sum(sum_grad_x, tuple(d for d in scale_dims if d not in both))
-
-        outputs, output_grads = [scale, shift], [grad_scale, grad_shift]
-        for out, out_grad in ((mean, grad_mean), (var, grad_var)):
-            if out_grad is not None:
-                outputs.append(out)
-                output_grads.append(out_grad)
-        wanted = [*stats, *(t for t in leaves if t is not None and t.requires_grad)]
-        # retain_graph: a backward may run more than once on the same graph (gradcheck)
-        found = torch.autograd.grad(
-            outputs, wanted, output_grads, allow_unused=True, retain_graph=True
+        rows = row_sums(grad, grouped, both)  # Sigma g, Sigma g x in one reading pass
+        shift_rest = rows.rest + tuple(d for d in shift_dims if d not in both)
+        scale_rest = rows.rest + tuple(d for d in scale_dims if d not in both)
+        grads = ctx.step.backward(
+            (rows, shift_rest, scale_rest),
+            (grad_mean, grad_var, grad_out_batch_mean, grad_out_batch_var),
         )
-        direct = (grad_out_batch_mean, grad_out_batch_var)
-        grad_batch_mean, grad_batch_var = (
-            _add_grads(g, d, s) for g, d, s in zip(found[:2], direct, stats)
-        )
-        by_leaf = dict(zip(map(id, wanted[2:]), found[2:]))
-        leaf_grads = [None if t is None else by_leaf.get(id(t)) for t in leaves]
-
-        # dL/dx = g * scale + x * slope + offset, slope = 2 dS / m, offset = dxbar / m - slope xbar
-        # (on the small tensors, then broadcast; half precision: in float32, rounded once)
-        slope = grad_batch_var * (2.0 / count)
-        offset = torch.addcmul(grad_batch_mean / count, slope, stats[0].detach(), value=-1.0)
-        grad_x = torch.addcmul(layout.broadcast(offset), grouped, layout.broadcast(slope))
+        grad_total, grad_total_square, _, *small_grads = grads
+        if grad_total is None:  # (nothing depended on the batch statistics)
+            grad_total = torch.zeros((), dtype=ctx.scale.dtype, device=x.device)
+            grad_total_square = grad_total
+        # dL/dx = dL/dSigma d + 2 d dL/dSigma d^2 with d = x - offset, then + g * scale
+        if ctx.offset is not None:
+            grad_total = torch.addcmul(grad_total, ctx.offset, grad_total_square, value=-2.0)
+        grad_x = torch.addcmul(grad_total, grouped, grad_total_square, value=2.0)
         if grad_x.dtype == x.dtype:
-            grad_x.addcmul_(grad, scale.detach())
-        else:
-            grad_x = torch.addcmul(grad_x, grad, scale.detach(), out=torch.empty_like(grouped))
-        return (grad_x.view_as(x), None, None, None, None, *leaf_grads)
+            grad_x.addcmul_(grad, ctx.scale)
+        else:  # half precision: in float32, rounded once
+            grad_x = torch.addcmul(grad_x, grad, ctx.scale, out=torch.empty_like(grouped))
+        return (grad_x.view_as(x), None, None, None, None, *small_grads)
 
 
 def detached_leaf(t: Tensor | None) -> Tensor | None:
@@ -349,15 +513,6 @@ def detached_leaf(t: Tensor | None) -> Tensor | None:
     if t is None:
         return None
     return t.detach().requires_grad_(t.requires_grad)
-
-
-def _add_grads(first: Tensor | None, second: Tensor | None, like: Tensor) -> Tensor:
-    """The sum of two gradients of ``like``, either of which may be ``None`` (zero)."""
-    if first is None and second is None:
-        return torch.zeros_like(like)
-    if first is None or second is None:
-        return first if second is None else second
-    return first + second
 
 
 #: Activation dtypes whose statistics accumulate in float32.

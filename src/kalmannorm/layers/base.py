@@ -23,6 +23,7 @@ its posterior on. Two ways to predict the prior:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import TYPE_CHECKING, NamedTuple
@@ -35,7 +36,16 @@ from kalmannorm import functional as F
 from kalmannorm.chain import Posterior, check_recomputation, recomputing
 from kalmannorm.compiled_step import compiled_call, runs_compiled
 from kalmannorm.dataflow import convolved_weight
-from kalmannorm.fused import FusedGroupNorm, Layout, detached_leaf, variance_guard
+from kalmannorm.fused import (
+    AfterStep,
+    CompiledStep,
+    FusedGroupNorm,
+    Layout,
+    SmallStep,
+    TracedStep,
+    detached_leaf,
+    variance_guard,
+)
 
 if TYPE_CHECKING:
     from kalmannorm.chain import KalmanChain
@@ -62,13 +72,16 @@ KALMAN_STATE_VERSION = 10
 
 
 class KalmanEstimate(NamedTuple):
-    """Result of one Kalman step, with graph: posterior mean/var (or cov), applied gain, prior."""
+    """Result of one Kalman step, with graph: posterior mean/var (or cov), applied gain, prior
+    (its variance as the update used it) and the predicted prior variance before any
+    calibration (``calibrate_prior``)."""
 
     mean: Tensor
     var: Tensor
     gain: Tensor
     prior_mean: Tensor | None
     prior_var: Tensor | None
+    predicted_var: Tensor | None = None
 
 
 class KalmanStatistics(NamedTuple):
@@ -325,6 +338,12 @@ class KalmanNormBase(nn.Module):
             )  # fmt: skip
         return self._estimate(batch_mean, batch_second, *inputs)
 
+    @property
+    def estimate_reads_updated_state(self) -> bool:
+        """Whether :meth:`_estimate` reads state the forward updates before the backward (a
+        calibration's averages): the fused node then differentiates the graph it kept."""
+        return False
+
     def _compiles(self, inputs: tuple[Tensor | None, ...]) -> bool:
         """Whether this step runs compiled: a prior to fuse, ``compile_step`` on, eager code."""
         return bool(inputs) and self.compile_step and runs_compiled()
@@ -363,8 +382,9 @@ class KalmanNormBase(nn.Module):
             prior_mean, prior_var = F.predict_prior(
                 up_mean, up_var, first, torch_f.softplus(second)
             )
+        predicted_var = prior_var
         if self.covariance == "diag":
-            prior_var = self.calibrated_prior_var(prior_var, batch_second)
+            prior_var = self.calibrated_prior_var(prior_var)
         gain = torch.sigmoid(gain_param) if self.gain_logit is not None else gain_param
         gain = gain.to(batch_mean.dtype).expand_as(batch_mean)
         if self.guard is not None:
@@ -373,42 +393,40 @@ class KalmanNormBase(nn.Module):
             gain = torch.where(ratio < self.guard, gain, torch.ones_like(gain))
         update = F.kalman_update_full if self.covariance == "full" else F.kalman_update
         mean, var = update(batch_mean, batch_second, prior_mean, prior_var, gain)
-        return KalmanEstimate(mean, var, gain, prior_mean.expand_as(batch_mean), prior_var)
+        prior_mean = prior_mean.expand_as(batch_mean)
+        return KalmanEstimate(mean, var, gain, prior_mean, prior_var, predicted_var)
 
-    def calibrated_prior_var(self, prior_var: Tensor, batch_var: Tensor) -> Tensor:
+    def calibrated_prior_var(self, prior_var: Tensor) -> Tensor:
         """The prior variance the update uses; a layer with a calibration overrides this."""
         return prior_var
 
     def fused_step(
-        self, x: Tensor, layout: Layout, count: int, inputs: tuple[Tensor | None, ...]
+        self,
+        x: Tensor,
+        layout: Layout,
+        count: int,
+        inputs: tuple[Tensor | None, ...],
+        after: AfterStep | None = None,
     ) -> tuple[Tensor, KalmanEstimate, Tensor]:
         """One Kalman step through :class:`kalmannorm.fused.FusedGroupNorm` (one autograd node):
-        check, estimate, normalise and :meth:`record`. Returns y, the estimate whose posterior is
-        the node's differentiable output, and the batch variance (detached)."""
-        seen: dict[str, object] = {}
+        check, estimate, normalise, ``after`` (inside the small step: the moving averages) and
+        :meth:`record`. Returns y, the estimate whose posterior is the node's differentiable
+        output, and the batch variance (detached)."""
 
-        def inspect(batch_mean: Tensor, batch_var: Tensor) -> None:
-            self.check_statistics(batch_mean, batch_var, count)
-            seen["batch"] = (batch_mean, batch_var)
+        def inspect(total: Tensor, total_square: Tensor) -> None:
+            self.check_statistics(total, total_square, count)  # finite sums: finite statistics
 
-        def estimate(
-            batch_mean: Tensor, batch_var: Tensor, *leaves: Tensor | None
-        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            if self._compiles(inputs):
-                step = compiled_call(
-                    self, layout, self._affine_estimate, layout, batch_mean, batch_var, *leaves,
-                    what=f"the estimate of {self.display_name}",
-                )  # fmt: skip
-            else:
-                step = self._affine_estimate(layout, batch_mean, batch_var, *leaves)
-            result, scale, shift = step
-            seen.setdefault("estimate", result)
-            return result.mean, result.var, scale, shift
-
+        estimate = functools.partial(self._affine_estimate, layout)
+        # the compiled backward recomputes the estimate: only from its inputs alone
+        if self._compiles(inputs) and not self.estimate_reads_updated_state:
+            what = f"the estimate of {self.display_name}"
+            step: SmallStep = CompiledStep(self, estimate, layout, what, after)
+        else:
+            step = TracedStep(estimate, layout, after)
         y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
-            x, layout, variance_guard(self), estimate, inspect, self.weight, self.bias, *inputs
+            x, layout, variance_guard(self), step, inspect, self.weight, self.bias, *inputs
         )
-        result = seen["estimate"]._replace(mean=mean, var=var)
+        result = KalmanEstimate(mean, var, *step.extra)
         self.record(batch_mean, batch_var, result)
         return y, result, batch_var
 
@@ -420,10 +438,12 @@ class KalmanNormBase(nn.Module):
         weight: Tensor | None,
         bias: Tensor | None,
         *inputs: Tensor | None,
-    ) -> tuple[KalmanEstimate, Tensor, Tensor]:
-        """:meth:`_estimate`, then scale = gamma / sqrt(var + eps), shift = beta - mean scale."""
+    ) -> tuple[Tensor | None, ...]:
+        """:meth:`_estimate`, then scale = gamma / sqrt(var + eps), shift = beta - mean scale:
+        (mean, var, scale, shift, and the rest of the :class:`KalmanEstimate`)."""
         result = self._estimate(batch_mean, batch_var, *inputs)
-        return result, *layout.affine(result.mean, result.var, weight, bias, self.eps)
+        scale, shift = layout.affine(result.mean, result.var, weight, bias, self.eps)
+        return result.mean, result.var, scale, shift, *result[2:]
 
     def record(self, batch_mean: Tensor, batch_second: Tensor, estimate: KalmanEstimate) -> None:
         """Hand the posterior to the next layer and keep detached diagnostics (neither when
@@ -440,13 +460,13 @@ class KalmanNormBase(nn.Module):
             )
         prior_var = estimate.prior_var
         self.last_statistics = KalmanStatistics(
-            batch_mean=batch_mean.detach(),
-            batch_var=_diagonal(batch_second, batch_mean).detach(),
-            prior_mean=None if estimate.prior_mean is None else estimate.prior_mean.detach(),
-            prior_var=None if prior_var is None else _diagonal(prior_var, batch_mean).detach(),
-            posterior_mean=estimate.mean.detach(),
-            posterior_var=_diagonal(estimate.var, batch_mean).detach(),
-            gain=estimate.gain.detach(),
+            batch_mean=_detached(batch_mean),
+            batch_var=_detached(_diagonal(batch_second, batch_mean)),
+            prior_mean=_detached(estimate.prior_mean),
+            prior_var=None if prior_var is None else _detached(_diagonal(prior_var, batch_mean)),
+            posterior_mean=_detached(estimate.mean),
+            posterior_var=_detached(_diagonal(estimate.var, batch_mean)),
+            gain=_detached(estimate.gain),
         )
 
     def _check_replay(self, batch_mean: Tensor) -> None:
@@ -566,6 +586,11 @@ class KalmanNormBase(nn.Module):
             if isinstance(value, Tensor):
                 return value
         return torch.empty(0, **{k: v for k, v in self._factory_kwargs.items() if v is not None})
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    """``t`` without its graph (itself where it has none: a compiled step's diagnostics)."""
+    return t.detach() if t is not None and t.requires_grad else t
 
 
 def _diagonal(var: Tensor, like: Tensor) -> Tensor:

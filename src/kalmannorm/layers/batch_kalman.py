@@ -34,6 +34,7 @@ from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.base import (
     DEFAULT_NOISE,
     KALMAN_STATE_VERSION,
+    KalmanEstimate,
     KalmanNormBase,
 )
 from kalmannorm.layers.ghost_batch import (
@@ -106,7 +107,6 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
         if calibrate_prior and covariance == "full":
             raise ValueError("calibrate_prior scales variances only: use covariance='diag'")
         self.calibrate_prior = calibrate_prior
-        self._calibration_seen: tuple[Tensor, Tensor] | None = None
         if calibrate_prior:
             for name in ("batch_var", "prior_var"):
                 self.register_buffer(
@@ -176,56 +176,67 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
         estimate = self.estimate(batch_mean, batch_second, *inputs)
         self.record(batch_mean, batch_second, estimate)
         var = F.diagonal(estimate.var) if self.covariance == "full" else estimate.var
-        self._update_running_stats(estimate.mean, var, estimate.gain, batch_var, count)
+        self._update_running_stats(estimate, var, batch_var, count)
         return F.normalize(x, estimate.mean, var, self.weight, self.bias, self.eps)
 
     def _forward_fused(self, x: Tensor, inputs: tuple[Tensor | None, ...]) -> Tensor:
         """The same computation through :class:`kalmannorm.fused.FusedGroupNorm`."""
         groups = F.num_stat_groups(x.shape[0], self.stat_batch_size)
         count = (x.shape[0] // groups) * x[0, 0].numel()
-        y, estimate, batch_var = self.fused_step(x, SampleGroups(groups), count, inputs)
-        self._update_running_stats(estimate.mean, estimate.var, estimate.gain, batch_var, count)
+        after = self._after_step if self._updates_running_stats() else None
+        y, _, _ = self.fused_step(x, SampleGroups(groups), count, inputs, after)
         return y
 
-    def calibrated_prior_var(self, prior_var: Tensor, batch_var: Tensor) -> Tensor:
-        """kappa o sigma^2_{k|k-1} with ``calibrate_prior`` (kappa from past steps; this step's
-        averages over groups are kept for the update after the step)."""
+    def _after_step(self, count: int, outputs: tuple, extra: tuple) -> None:
+        """The moving averages from the fused node's small step (``outputs``: scale, shift,
+        posterior mean and var, batch mean and var; ``extra``: the rest of the estimate)."""
+        _, _, mean, var, _, batch_var = outputs
+        self._update_running_stats(KalmanEstimate(mean, var, *extra), var, batch_var, count)
+
+    def _updates_running_stats(self) -> bool:
+        """Whether this forward moves the averages (training, not a checkpoint's recomputation)."""
+        return self.training and self.track_running_stats and not recomputing()
+
+    @property
+    def estimate_reads_updated_state(self) -> bool:
+        return self.calibrate_prior
+
+    def calibrated_prior_var(self, prior_var: Tensor) -> Tensor:
+        """kappa o sigma^2_{k|k-1} with ``calibrate_prior`` (kappa from past steps)."""
         if not self.calibrate_prior:
             return prior_var
-        if self.training and not recomputing():
-            self._calibration_seen = (batch_var.detach().mean(0), prior_var.detach().mean(0))
         return F.calibrate_prior_variance(
             prior_var, self.calibration_batch_var, self.calibration_prior_var
         )
 
-    def _update_calibration(self, factor: float) -> None:
-        """EMA of mean_g S_g and of mean_g sigma^2_{k|k-1,g}; the first step sets them."""
-        if self._calibration_seen is None:
-            return
+    def _update_calibration(self, batch_var: Tensor, predicted_var: Tensor, factor: float) -> None:
+        """EMA of mean_g S_g and of mean_g sigma^2_{k|k-1,g} (before calibration); the first
+        step sets them."""
         buffers = (self.calibration_batch_var, self.calibration_prior_var)
         started = self.calibration_prior_var > 0  # before either buffer changes (no host sync)
-        for buffer, value in zip(buffers, self._calibration_seen):
+        for buffer, value in zip(buffers, (batch_var.mean(0), predicted_var.mean(0))):
             value = value.to(buffer.dtype)
             buffer.copy_(torch.where(started, torch.lerp(buffer, value, factor), value))
-        self._calibration_seen = None
 
     def _update_running_stats(
-        self, mean: Tensor, var: Tensor, gain: Tensor, batch_var: Tensor, count: int
+        self, estimate: KalmanEstimate, var: Tensor, batch_var: Tensor, count: int
     ) -> None:
-        """EMA of the posterior mean and of the posterior variance with S unbiased (m/(m-1) S)."""
-        if not (self.training and self.track_running_stats) or recomputing():
+        """EMA of the posterior mean and of the posterior variance ``var`` with S unbiased
+        (m/(m-1) S); with ``calibrate_prior``, of the calibration's averages."""
+        if not self._updates_running_stats():
             return
         with torch.no_grad():
-            unbiased_var = torch.addcmul(var, gain, batch_var, value=1.0 / (count - 1))
+            unbiased_var = torch.addcmul(var, estimate.gain, batch_var, value=1.0 / (count - 1))
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
             else:
                 factor = self.momentum
-            F.exponential_average(self.running_mean, mean.mean(0), factor)
+            F.exponential_average(self.running_mean, estimate.mean.mean(0), factor)
             F.exponential_average(self.running_var, unbiased_var.mean(0), factor)
-            if self.calibrate_prior:
-                self._update_calibration(self.momentum if self.momentum is not None else 0.1)
+            if self.calibrate_prior and estimate.predicted_var is not None:
+                momentum = self.momentum if self.momentum is not None else 0.1
+                self._update_calibration(batch_var, estimate.predicted_var, momentum)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -32,6 +32,7 @@ from kalmannorm.chain import recomputing
 from kalmannorm.fused import (
     FusedGroupNorm,
     SampleGroups,
+    TracedStep,
     fused_applicable,
     statistics_dtype,
     variance_guard,
@@ -145,7 +146,7 @@ class GroupedNorm(NamedTuple):
     count: int
 
 
-def _no_inspection(batch_mean: Tensor, batch_var: Tensor) -> None:
+def _no_inspection(total: Tensor, total_square: Tensor) -> None:
     """The fused node's inspection hook, unused by the batch-statistics baselines."""
 
 
@@ -171,8 +172,9 @@ def grouped_batch_norm(
     ):
         layout = SampleGroups(groups)
         y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
-            x, layout, variance_guard(layer), with_affine(estimate, layout, layer.eps),
-            _no_inspection, layer.weight, layer.bias, *small,
+            x, layout, variance_guard(layer),
+            TracedStep(with_affine(estimate, layout, layer.eps), layout), _no_inspection,
+            layer.weight, layer.bias, *small,
         )  # fmt: skip
         return GroupedNorm(
             y, batch_mean.detach(), batch_var.detach(), mean.detach(), var.detach(), count
