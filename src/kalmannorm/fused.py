@@ -8,18 +8,22 @@ backward, like native BatchNorm. A :class:`SampleGroups` or
 reduce over B and L (m = B * L values each):
 
 forward
-    Sigma x and Sigma x^2 per (A, D) in one reading pass (:func:`sums`), the small Kalman
-    estimate (any function of the batch statistics), then y = x * scale + shift with
-    scale = gamma / sqrt(var + eps), shift = beta - mu * scale.
+    Sigma x and Sigma x^2 in one reading pass (:func:`row_sums`), then the *small step*
+    (:func:`small_step`: everything not activation-sized, as one function of those sums): the
+    batch statistics xbar = Sigma x / m, S = Sigma x^2 / m - xbar^2, the estimate (any function of
+    them, e.g. Eq. 5), scale = gamma / sqrt(var + eps), shift = beta - mu * scale and, in
+    training, the moving averages; then y = x * scale + shift, written once.
 backward
-    dL/dscale = Sigma g x and dL/dshift = Sigma g over the dims scale and shift broadcast along,
-    in one reading pass;
-    the small estimate's autograd graph, built in the forward on detached leaves and kept on the
-    context, carries them (and the gradients of the posterior handed to the next layer) back to
-    the batch statistics xbar, S and to every small input (A, R, q, upstream statistics, gamma,
-    beta); finally dL/dx = g * scale + (dL/dxbar + 2 dL/dS (x - xbar)) / m, written once.
+    dL/dscale = Sigma g x and dL/dshift = Sigma g in one reading pass; the small step's
+    vector-Jacobian product carries them (and the gradients of the statistics handed to the
+    layers fed by this one) back to Sigma x, Sigma x^2 and every small input (A, R, q, upstream
+    statistics, gamma, beta); then dL/dx = g * scale + dL/dSigma x + 2 x dL/dSigma x^2, written
+    once.
 
-Nothing activation-sized is saved beyond the input; nothing is recomputed.
+The small step runs as written (:class:`TracedStep`: its autograd graph, kept from the forward)
+or compiled (:class:`CompiledStep`, :func:`kalmannorm.compile_kalman_steps`: one compiled call
+forward, one backward that recomputes the small step inside its vector-Jacobian product).
+Nothing activation-sized is saved beyond the input, and nothing activation-sized is recomputed.
 Used for contiguous CPU/GPU tensors in eager mode; under ``torch.compile`` the layers use the
 composite path, which the compiler fuses itself.
 """
