@@ -78,6 +78,54 @@ def test_padded_convolution_moments_equal_the_exact_expectation(size):
     assert not torch.allclose(full.mean[0], exact_mean, rtol=0.01)
 
 
+def _composite_convolution_moments(mean, var, weight, geometry):
+    """The convolution's moments written with plain autograd operations (an independent
+    reference for the hand-written backward)."""
+    taps = weight.reshape(*weight.shape[:2], -1)
+    valid = geometry.valid.to(mean)
+    out_mean = mean @ (taps @ valid).T
+    out_var = var @ (taps.square() @ valid).T
+    tap_means = torch.einsum("gi,oik->gok", mean, taps)
+    out_var = out_var + ((tap_means @ geometry.spread.to(mean)) * tap_means).sum(-1)
+    return out_mean, out_var.clamp_min(0.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "geometry"),
+    [
+        ((5, 3, 3, 3), mo.tap_geometry((4, 4), (3, 3), (1, 1), (1, 1), (1, 1))),
+        ((5, 3, 3, 3), mo.tap_geometry((5, 5), (3, 3), (2, 2), (1, 1), (1, 1))),
+        ((5, 3, 3, 3), mo.full_geometry(9)),
+        ((5, 3, 1, 1), mo.full_geometry(1)),
+    ],
+    ids=["padded", "strided-padded", "no-border", "1x1"],
+)
+def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry):
+    """The hand-written backward of a dense convolution's moments gives autograd's gradients
+    of the composite formula, and a double backward works (gradgradcheck)."""
+    torch.manual_seed(3)
+    weight = torch.randn(*shape, dtype=DOUBLE, requires_grad=True)
+    mean = torch.randn(4, 3, dtype=DOUBLE, requires_grad=True)
+    var = torch.rand(4, 3, dtype=DOUBLE, requires_grad=True)
+    grads = torch.randn(4, 5, dtype=DOUBLE), torch.randn(4, 5, dtype=DOUBLE)
+    got = mo.convolution(mo.Moments(mean, var), weight, None, 1, geometry)
+    expected = _composite_convolution_moments(mean, var, weight, geometry)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+    def pulled(outputs):
+        loss = sum((o * g).sum() for o, g in zip(outputs, grads, strict=True))
+        return torch.autograd.grad(loss, (mean, var, weight))
+
+    for g, e in zip(pulled(got), pulled(expected), strict=True):
+        torch.testing.assert_close(g, e)
+
+    def moments(m, v, w):
+        return tuple(mo.convolution(mo.Moments(m, v), w, None, 1, geometry))
+
+    assert torch.autograd.gradgradcheck(moments, (mean, var, weight))
+
+
 @pytest.mark.parametrize(
     "conv",
     [

@@ -52,9 +52,11 @@ def test_checkpoint_recomputation_is_recognised_and_the_reentrant_one_is_not() -
     assert seen == [(False, False), (True, False)]
 
 
+@pytest.mark.parametrize("length", [300, 4], ids=["kernel", "short-rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_the_sum_kernel_equals_its_public_fallback(dtype, monkeypatch) -> None:
-    a, b = torch.randn(1, 5, 300).to(dtype), torch.randn(1, 5, 300).to(dtype)
+def test_the_sum_kernel_equals_its_public_fallback(dtype, length, monkeypatch) -> None:
+    """Both the kernel (long rows) and the matrix-vector products (short rows, on a CPU)."""
+    a, b = torch.randn(1, 5, length).to(dtype), torch.randn(1, 5, length).to(dtype)
     fast = _torch_private.sum_and_dot_rows(a, b)
     monkeypatch.setattr(_torch_private, "_batch_norm_backward", None)
     public = _torch_private.sum_and_dot_rows(a, b)

@@ -15,6 +15,7 @@ full covariances ``(G, C, C)``. Gains are per channel, shape ``(C,)``, or per gr
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -382,3 +383,11 @@ def exponential_average(running: Tensor, value: Tensor, momentum: float | Tensor
     if isinstance(momentum, Tensor):
         momentum = momentum.to(running.dtype)
     running.lerp_(value.to(running.dtype), momentum)
+
+
+def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``x``'s device (small statistics keep float32), or nothing when it is off
+    already."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -30,7 +30,6 @@ composite path, which the compiler fuses itself.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -42,7 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from kalmannorm import _torch_private
 from kalmannorm.compiled_step import compiled_call
-from kalmannorm.functional import affine_from_statistics
+from kalmannorm.functional import affine_from_statistics, autocast_off
 
 #: Above this mean^2 / var ratio, E[x^2] - xbar^2 loses too many digits: a layer's next forward
 #: takes the two-pass variance (:class:`VarianceGuard`).
@@ -350,7 +349,7 @@ class TracedStep:
         self, constants: tuple, inputs: tuple[Tensor | None, ...]
     ) -> tuple[tuple[Tensor, ...], Tensor]:
         """The differentiable outputs (detached) and the cancellation test; keeps the graph."""
-        with torch.enable_grad(), _no_autocast(inputs[0]):
+        with torch.enable_grad(), autocast_off(inputs[0]):
             sums = tuple(t.detach().requires_grad_() for t in inputs[:2])
             leaves = (*sums, *(detached_leaf(t) for t in inputs[2:]))
             outputs, risky, self.extra = small_step(
@@ -406,7 +405,7 @@ class CompiledStep:
     def forward(
         self, constants: tuple, inputs: tuple[Tensor | None, ...]
     ) -> tuple[tuple[Tensor, ...], Tensor]:
-        with _no_autocast(inputs[0]):
+        with autocast_off(inputs[0]):
             outputs, risky, self.extra = compiled_call(
                 self.owner, self.forward_key, self.forward_step, *constants, *inputs,
                 what=self.what,
@@ -439,8 +438,8 @@ class FusedGroupNorm(torch.autograd.Function):
     which maps the batch statistics, gamma, beta and the small tensors to the statistics to
     normalise with and their scale and shift; a plain estimate of the statistics becomes one
     through :func:`with_affine`); ``inspect(sum_x, sum_x2)``, called once in the forward on the
-    batch's row sums before the small step (checks); gamma; beta; the small tensors. The estimate's extra outputs are left on the step
-    (``step.extra``).
+    batch's row sums before the small step (checks); gamma; beta; the small tensors. The
+    estimate's extra outputs are left on the step (``step.extra``).
     Returns y, the estimate's mean and var and the batch mean and var (all differentiable: the
     layers fed by this one predict their statistics from them).
     """
@@ -541,8 +540,3 @@ def fused_applicable(x: Tensor, tensors: Sequence[Tensor | None]) -> bool:
     )
 
 
-def _no_autocast(x: Tensor):
-    """Autocast off (the small estimate keeps float32), or nothing when it is off already."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
