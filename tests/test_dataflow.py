@@ -43,7 +43,7 @@ def test_activation_moments_match_monte_carlo(kind):
     mean = torch.tensor([-1.5, 0.0, 0.7, 3.0], dtype=DOUBLE)
     var = torch.tensor([0.3, 1.0, 2.0, 4.0], dtype=DOUBLE)
     x = _sample(mean, var, (400_000, 4))
-    fn = {"relu": torch.relu, **mo.ACTIVATIONS}[kind]
+    fn = {"relu": torch.relu, "relu6": torch_f.relu6, **mo.ACTIVATIONS}[kind]
     m, v = mo.activation(kind, mo.Moments(mean.unsqueeze(0), var.unsqueeze(0)))
     em, ev = _channel_moments(fn(x))
     torch.testing.assert_close(m[0], em, atol=0.01, rtol=0.01)
@@ -196,7 +196,7 @@ def test_max_pool_after_a_monotone_activation_pools_the_pre_activation(kind):
     ResNet's stem), and more accurate than the maximum's approximation applied to f(z)."""
     mean = torch.tensor([-0.5, 0.0, 1.0], dtype=DOUBLE)
     var = torch.tensor([1.0, 2.0, 0.5], dtype=DOUBLE)
-    fn = {"relu": torch.relu, **mo.ACTIVATIONS}[kind]
+    fn = {"relu": torch.relu, "relu6": torch_f.relu6, **mo.ACTIVATIONS}[kind]
     z = _sample(mean, var, (4000, 3, 9, 9))
     em, ev = _channel_moments(torch_f.max_pool2d(fn(z), 3, 2))
     act = dataflow.Operation("activation", [_Given(mo.Moments(mean[None], var[None]))],

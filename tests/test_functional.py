@@ -142,6 +142,61 @@ def test_relu_moments_backward_is_autograds_of_the_closed_form():
     assert torch.autograd.gradgradcheck(F.relu_moments, point)
 
 
+def _composite_clipped_moments(mean, var, low, high):
+    """E clamp(z, low, high) and its variance written uncentred (E f^2 - (E f)^2 over the three
+    pieces below, inside and above the interval), for autograd to differentiate."""
+    u = var.clamp_min(0.0) + 1e-6 * mean.square() + torch.finfo(var.dtype).eps ** 2
+    std = u.sqrt()
+    a, b = (low - mean) / std, (high - mean) / std
+    cdf_a, cdf_b = (0.5 * (1.0 + torch.erf(t / 2**0.5)) for t in (a, b))
+    pdf_a, pdf_b = (torch.exp(-0.5 * t.square()) / (2 * torch.pi) ** 0.5 for t in (a, b))
+    inside = cdf_b - cdf_a
+    first = low * cdf_a + high * (1 - cdf_b) + mean * inside + std * (pdf_a - pdf_b)
+    second = (
+        low**2 * cdf_a + high**2 * (1 - cdf_b) + (mean.square() + u) * inside
+        + 2 * mean * std * (pdf_a - pdf_b) + u * (a * pdf_a - b * pdf_b)
+    )  # fmt: skip
+    return first, (second - first.square()).clamp_min(0.0)
+
+
+def test_clipped_moments_equal_the_integral_over_the_density():
+    """ReLU6 moments against the expectation integrated numerically over the normal density."""
+    mean = torch.tensor([-2.0, 0.0, 0.5, 3.0, 5.5, 9.0], dtype=torch.float64)
+    var = torch.tensor([0.5, 1.0, 4.0, 0.01, 2.0, 1.0], dtype=torch.float64)
+    z = torch.linspace(-12, 12, 400_001, dtype=torch.float64)
+    density = torch.exp(-0.5 * z.square()) / (2 * torch.pi) ** 0.5
+    std = (var + 1e-6 * mean.square()).sqrt()  # the library's floor on the variance
+    values = (mean[:, None] + std[:, None] * z).clamp(0.0, 6.0)
+    first = torch.trapezoid(values * density, z)
+    second = torch.trapezoid(values.square() * density, z)
+    m, v = F.clipped_moments(mean, var, 0.0, 6.0)
+    torch.testing.assert_close(m, first, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(v, second - first.square(), rtol=1e-5, atol=1e-8)
+
+
+def test_clipped_moments_backward_is_autograds_of_the_closed_form():
+    torch.manual_seed(0)
+    mean = (4 * torch.randn(64, dtype=torch.float64) + 3).requires_grad_()
+    var = (torch.rand(64, dtype=torch.float64) * 4).requires_grad_()
+    grads = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    outputs = F.clipped_moments(mean, var, 0.0, 6.0)
+    for got, want in zip(outputs, _composite_clipped_moments(mean, var, 0.0, 6.0)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    analytic = torch.autograd.grad(outputs, (mean, var), grads)
+    reference = torch.autograd.grad(
+        _composite_clipped_moments(mean, var, 0.0, 6.0), (mean, var), grads
+    )
+    for got, want in zip(analytic, reference):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    point = (mean[:6].detach().requires_grad_(), var[:6].detach().requires_grad_())
+
+    def relu6_moments(m, v):
+        return F.clipped_moments(m, v, 0.0, 6.0)
+
+    assert torch.autograd.gradcheck(relu6_moments, point)
+    assert torch.autograd.gradgradcheck(relu6_moments, point)
+
+
 def test_linear_moments_match_sampled_convolution():
     """The analytic moments equal what the authors' Gaussian-sample-through-conv estimates."""
     torch.manual_seed(0)

@@ -296,6 +296,94 @@ class _ReluMoments(torch.autograd.Function):
         return grad_mean, grad_u * (var >= 0)
 
 
+def clipped_moments(mean: Tensor, var: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
+    """Mean and variance of clamp(z, low, high) for z ~ N(mean, u), elementwise, in closed form
+    (ReLU6: low 0, high 6).
+
+    With u = :func:`safe_std` ``(mean, var)^2``, s = sqrt(u), a = (low - mean) / s,
+    b = (high - mean) / s and c = clamp(Z, a, b) for a standard normal Z, so that
+    clamp(z, low, high) = mean + s c:
+
+        E c = a Phi(a) + b Phi(-b) + phi(a) - phi(b),
+        E c^2 = a^2 Phi(a) + b^2 Phi(-b) + Phi(b) - Phi(a) + a phi(a) - b phi(b),
+
+    mean_out = mean + s E c and var_out = u (E c^2 - (E c)^2): centred on the mean, so that a
+    value well inside the interval keeps its small variance without cancellation. Exact, where
+    Gauss-Hermite quadrature (:func:`kalmannorm.moments.gaussian_moments`) converges slowly on
+    the kinks; in eager mode its backward is analytic (:class:`_ClippedMoments`).
+    """
+    if torch.compiler.is_compiling():  # as relu_moments: the compiler differentiates the terms
+        return _clipped_moment_terms(mean, var, low, high)[-2:]
+    return _ClippedMoments.apply(mean, var, low, high)
+
+
+def _normal_cdf(x: Tensor) -> Tensor:
+    """Phi(x) = erfc(-x / sqrt 2) / 2 (accurate in the lower tail)."""
+    return 0.5 * torch.erfc(-x / math.sqrt(2.0))
+
+
+def _normal_pdf(x: Tensor) -> Tensor:
+    return torch.exp(-0.5 * x.square()) / math.sqrt(2.0 * math.pi)
+
+
+def _clipped_moment_terms(
+    mean: Tensor, var: Tensor, low: float, high: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(s, P(low < z < high), phi(a), phi(b), mean_out, var_out) of :func:`clipped_moments`."""
+    std = safe_std(mean, var)
+    a, b = (low - mean) / std, (high - mean) / std
+    below, above = _normal_cdf(a), _normal_cdf(-b)
+    inside = _normal_cdf(b) - below
+    pdf_a, pdf_b = _normal_pdf(a), _normal_pdf(b)
+    first = a * below + b * above + pdf_a - pdf_b
+    second = a.square() * below + b.square() * above + inside + a * pdf_a - b * pdf_b
+    out_var = (std.square() * (second - first.square())).clamp_min(0.0)
+    return std, inside, pdf_a, pdf_b, mean + std * first, out_var
+
+
+class _ClippedMoments(torch.autograd.Function):
+    """:func:`clipped_moments` with its derivatives in closed form. For f = clamp(., low, high)
+    and z ~ N(m, u), Stein's lemma (d/dm E g = E g', d/du E g = E g'' / 2) gives, with
+    P = P(low < z < high) and the density p(low) = phi(a) / s, p(high) = phi(b) / s:
+
+        d E f / dm = P,                      d E f / du = (phi(a) - phi(b)) / (2 s),
+        d E f^2 / dm = 2 (m P + s (phi(a) - phi(b))),
+        d E f^2 / du = P + (low phi(a) - high phi(b)) / s,
+
+    then var_out = E f^2 - (E f)^2 and u = max(var, 0) + 1e-6 m^2 + eps^2, as for ReLU
+    (:class:`_ReluMoments`). Under ``create_graph`` the terms are recomputed from the inputs, so
+    that the backward has a backward too.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, mean: Tensor, var: Tensor, low: float, high: float
+    ) -> tuple[Tensor, Tensor]:
+        terms = _clipped_moment_terms(mean, var, low, high)
+        ctx.save_for_backward(mean, var, *terms)
+        ctx.bounds = (low, high)
+        return terms[-2], terms[-1]
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_first: Tensor, grad_var: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        mean, var, *terms = ctx.saved_tensors
+        low, high = ctx.bounds
+        if torch.is_grad_enabled():  # create_graph: the terms as functions of the inputs
+            terms = _clipped_moment_terms(mean, var, low, high)
+        std, inside, pdf_a, pdf_b, first, out_var = terms
+        grad_second = grad_var * (out_var > 0)  # clamp_min's mask; var_out = E f^2 - (E f)^2
+        grad_first = grad_first - 2.0 * first * grad_second
+        density_step = pdf_a - pdf_b
+        grad_u = grad_first * density_step / (2.0 * std) + grad_second * (
+            inside + (low * pdf_a - high * pdf_b) / std
+        )
+        grad_mean = grad_first * inside + grad_second * 2.0 * (mean * inside + std * density_step)
+        grad_mean = grad_mean + grad_u * (2.0 * STD_FLOOR_SCALE * mean)
+        return grad_mean, grad_u * (var >= 0), None, None
+
+
 def channel_weights(weight: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
     """Collapse a conv/linear weight (C_out, C_in/groups, *kernel) to channel-to-channel maps.
 

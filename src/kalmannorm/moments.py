@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as torch_f
 
-from kalmannorm.functional import autocast_off, relu_moments, safe_std
+from kalmannorm.functional import autocast_off, clipped_moments, relu_moments, safe_std
 
 #: Gauss-Hermite nodes for the expectation of a smooth activation of a Gaussian.
 QUADRATURE_NODES = 24
@@ -113,9 +113,8 @@ def gaussian_moments(fn: Callable[[Tensor], Tensor], mean: Tensor, var: Tensor) 
     return Moments(first, (second - first.square()).clamp_min(0.0))
 
 
-#: Activations by name: closed form for ReLU, quadrature for the others.
+#: Activations by name, by quadrature (ReLU and ReLU6 have closed forms: :func:`activation`).
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu6": lambda t: t.clamp(0.0, 6.0),
     "silu": torch_f.silu,
     "gelu": torch_f.gelu,
     "gelu_tanh": functools.partial(torch_f.gelu, approximate="tanh"),
@@ -132,6 +131,8 @@ def activation(kind: str, moments: Moments, negative_slope: float = 0.0) -> Mome
     """Moments of an elementwise activation ``kind`` of Gaussian inputs with ``moments``."""
     if kind == "relu":
         return safe_relu_moments(*moments)
+    if kind == "relu6":
+        return Moments(*clipped_moments(*moments, 0.0, 6.0))
     if kind == "leaky_relu":
         return gaussian_moments(lambda t: torch_f.leaky_relu(t, negative_slope), *moments)
     return gaussian_moments(ACTIVATIONS[kind], *moments)
@@ -218,9 +219,9 @@ def convolution(
         mean = sum_t f_t a_t + b,   var = sum_t f_t c_t + a^T D a.
 
     The sums over taps are taken on the weight first (sum_t f_t W_t, sum_t f_t W_t o W_t), so
-    only the border term a^T D a, where some tap reads padding, needs the per-tap a_t. Dense
-    convolutions (``groups`` = 1) go through :class:`_DenseConvolutionMoments`, whose backward
-    forms the weight's gradient in two weight-sized passes.
+    only the border term a^T D a, where some tap reads padding, needs the per-tap a_t. In eager
+    mode dense convolutions (``groups`` = 1) go through :class:`_DenseConvolutionMoments`, whose
+    backward forms the weight's gradient in two weight-sized passes.
     """
     mean, var = moments
     taps = weight.reshape(*weight.shape[:2], -1)  # (C_out, C_in / groups, K); K = 1: linear
@@ -228,7 +229,11 @@ def convolution(
         valid = spread = None  # every tap reads a real input: f = 1, D = 0
         if geometry.bordered:
             valid, spread = geometry.valid.to(mean), geometry.spread.to(mean)
-        out_mean, out_var = _DenseConvolutionMoments.apply(mean, var, taps, valid, spread)
+        if torch.compiler.is_compiling():  # the compiler fuses autograd's backward itself (and
+            # a custom Function inside a compiled checkpoint breaks dynamo)
+            out_mean, out_var = _dense_moments(mean, var, taps, valid, spread)[:2]
+        else:
+            out_mean, out_var = _DenseConvolutionMoments.apply(mean, var, taps, valid, spread)
     else:
         valid = geometry.valid.to(mean)
         out_mean = _channel_map(mean, taps @ valid, groups)
