@@ -331,10 +331,11 @@ def _clipped_moment_terms(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(s, P(low < z < high), phi(a), phi(b), mean_out, var_out) of :func:`clipped_moments`."""
     std = safe_std(mean, var)
-    a, b = (low - mean) / std, (high - mean) / std
-    below, above = _normal_cdf(a), _normal_cdf(-b)
-    inside = _normal_cdf(b) - below
-    pdf_a, pdf_b = _normal_pdf(a), _normal_pdf(b)
+    # both bounds in one tensor: each of Phi and phi is one chain of operations for the two
+    bounds = torch.stack((low - mean, mean - high)) / std  # (a, -b)
+    (below, above), (pdf_a, pdf_b) = _normal_cdf(bounds), _normal_pdf(bounds)
+    a, b = bounds[0], -bounds[1]
+    inside = 1.0 - below - above
     first = a * below + b * above + pdf_a - pdf_b
     second = a.square() * below + b.square() * above + inside + a * pdf_a - b * pdf_b
     out_var = (std.square() * (second - first.square())).clamp_min(0.0)
