@@ -232,6 +232,16 @@ def safe_std(mean: Tensor, var: Tensor) -> Tensor:
     return (var.clamp_min(0.0) + floor).sqrt()
 
 
+def normal_cdf(x: Tensor) -> Tensor:
+    """Phi(x) = erfc(-x / sqrt 2) / 2, the standard normal cdf (accurate in the lower tail)."""
+    return 0.5 * torch.erfc(-x / math.sqrt(2.0))
+
+
+def normal_pdf(x: Tensor) -> Tensor:
+    """phi(x) = exp(-x^2 / 2) / sqrt(2 pi), the standard normal density."""
+    return torch.exp(-0.5 * x.square()) / math.sqrt(2.0 * math.pi)
+
+
 def relu_moments(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and variance of ReLU(z) for z ~ N(mean, u), elementwise, in closed form.
 
@@ -256,8 +266,7 @@ def _relu_moment_terms(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tenso
     """(std, Phi(a), phi(a), E[relu z], E[(relu z)^2]) of :func:`relu_moments`."""
     std = safe_std(mean, var)
     ratio = mean / std
-    cdf = 0.5 * (1.0 + torch.erf(ratio / math.sqrt(2.0)))
-    pdf = torch.exp(-0.5 * ratio.square()) / math.sqrt(2.0 * math.pi)
+    cdf, pdf = normal_cdf(ratio), normal_pdf(ratio)
     first = mean * cdf + std * pdf
     second = (mean.square() + std.square()) * cdf + mean * std * pdf
     return std, cdf, pdf, first, second
@@ -317,15 +326,6 @@ def clipped_moments(mean: Tensor, var: Tensor, low: float, high: float) -> tuple
     return _ClippedMoments.apply(mean, var, low, high)
 
 
-def _normal_cdf(x: Tensor) -> Tensor:
-    """Phi(x) = erfc(-x / sqrt 2) / 2 (accurate in the lower tail)."""
-    return 0.5 * torch.erfc(-x / math.sqrt(2.0))
-
-
-def _normal_pdf(x: Tensor) -> Tensor:
-    return torch.exp(-0.5 * x.square()) / math.sqrt(2.0 * math.pi)
-
-
 def _clipped_moment_terms(
     mean: Tensor, var: Tensor, low: float, high: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -333,7 +333,7 @@ def _clipped_moment_terms(
     std = safe_std(mean, var)
     # both bounds in one tensor: each of Phi and phi is one chain of operations for the two
     bounds = torch.stack((low - mean, mean - high)) / std  # (a, -b)
-    (below, above), (pdf_a, pdf_b) = _normal_cdf(bounds), _normal_pdf(bounds)
+    (below, above), (pdf_a, pdf_b) = normal_cdf(bounds), normal_pdf(bounds)
     a, b = bounds[0], -bounds[1]
     inside = 1.0 - below - above
     first = a * below + b * above + pdf_a - pdf_b

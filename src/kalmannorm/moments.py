@@ -15,7 +15,6 @@ a Kalman layer's input statistics from the layers that produce it. The assumptio
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -23,7 +22,14 @@ import torch
 from torch import Tensor
 from torch.nn import functional as torch_f
 
-from kalmannorm.functional import autocast_off, clipped_moments, relu_moments, safe_std
+from kalmannorm.functional import (
+    autocast_off,
+    clipped_moments,
+    normal_cdf,
+    normal_pdf,
+    relu_moments,
+    safe_std,
+)
 
 #: Gauss-Hermite nodes for the expectation of a smooth activation of a Gaussian.
 QUADRATURE_NODES = 24
@@ -381,9 +387,7 @@ def average_pool(moments: Moments, geometry: TapGeometry, include_padding: bool)
 def max_constants(taps: int) -> tuple[float, float]:
     """Mean and variance of the maximum of ``taps`` independent standard normals."""
     z = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
-    pdf = torch.exp(-0.5 * z.square()) / math.sqrt(2.0 * math.pi)
-    cdf = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
-    density = taps * pdf * cdf.pow(taps - 1)
+    density = taps * normal_pdf(z) * normal_cdf(z).pow(taps - 1)
     step = float(z[1] - z[0])
     first = float((z * density).sum() * step)
     second = float((z.square() * density).sum() * step)
