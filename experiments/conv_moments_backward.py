@@ -1,17 +1,19 @@
 """The data-flow prior's cost per convolution: the moment rule with its hand-written backward
-(``kalmannorm.moments.convolution``) against the same formula through plain autograd.
+(``kalmannorm.moments.convolution``) against the same formula through plain autograd, and, under
+``torch.compile``, the formula the rule takes there against the eager rule's own formula.
 
 One forward + backward of a dense convolution's output moments from (G, C_in) input moments, as
 the data-flow prior runs it once per Kalman layer and training step; weight-sized work, so the
 same at any activation size. Shapes: ResNet-50's last-stage 3x3 (a 2x2 map at 64 px) and 1x1
 convolutions and a third-stage 3x3, at statistics groups G = 2 (batch 4, s = 2) and G = 64
-(batch 128). Rounds alternate the two; each prints the median over rounds.
+(batch 128). Rounds alternate the rules; each prints the median over rounds.
 
     python experiments/conv_moments_backward.py
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -46,9 +48,26 @@ def library(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, geometr
     return tuple(mo.convolution(mo.Moments(mean, var), weight, None, 1, geometry))
 
 
+def eager_formula(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, geometry):
+    """The eager rule's forward formula (W copied into a (C_out K, C_in) matrix), for the
+    compiler to differentiate: what compiled code ran before it had a formula of its own."""
+    taps = weight.reshape(*weight.shape[:2], -1)
+    border = (geometry.valid.to(mean), geometry.spread.to(mean)) if geometry.bordered else ()
+    out_mean, out_var = mo._dense_moments(mean, var, taps, *(border or (None, None)))[:2]
+    return out_mean, out_var.clamp_min(0.0)
+
+
+def _compiled(rule, geometry):
+    def bound(mean, var, weight):
+        return rule(mean, var, weight, geometry)
+
+    return torch.compile(bound, dynamic=False, fullgraph=True)
+
+
 def main() -> None:
     torch.set_num_threads(1)
     for groups, shape, size in CASES:
+        torch.compiler.reset()  # each case compiles its own functions (no recompile limit)
         kernel = shape[-1]
         weight = torch.randn(*shape, requires_grad=True)
         mean = torch.randn(groups, shape[1], requires_grad=True)
@@ -56,18 +75,31 @@ def main() -> None:
         geometry = mo.tap_geometry(
             (size, size), (kernel, kernel), (1, 1), (kernel // 2, kernel // 2), (1, 1)
         )
-        times: dict[str, list[float]] = {"composite": [], "library": []}
+        rules = {
+            "autograd": functools.partial(composite, geometry=geometry),
+            "hand-written": functools.partial(library, geometry=geometry),
+            "compiled, eager formula": _compiled(eager_formula, geometry),
+            "compiled, its own formula": _compiled(library, geometry),
+        }
+        times: dict[str, list[float]] = {name: [] for name in rules}
+        for rule in rules.values():  # compile, warm up
+            out_mean, out_var = rule(mean, var, weight)
+            (out_mean.sum() + out_var.sum()).backward()
         for _ in range(ROUNDS):
-            for name, rule in (("composite", composite), ("library", library)):
+            for name, rule in rules.items():
                 start = time.perf_counter()
                 for _ in range(STEPS):
-                    out_mean, out_var = rule(mean, var, weight, geometry)
+                    out_mean, out_var = rule(mean, var, weight)
                     (out_mean.sum() + out_var.sum()).backward()
                 times[name].append((time.perf_counter() - start) / STEPS * 1e3)
-        old, new = (statistics.median(times[name]) for name in ("composite", "library"))
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        eager = medians["hand-written"] / medians["autograd"]
+        compiled = medians["compiled, its own formula"] / medians["compiled, eager formula"]
         print(
-            f"G {groups:3d} weight {shape} on {size}x{size}: autograd {old:6.2f} ms, "
-            f"hand-written backward {new:6.2f} ms ({new / old:.2f}x)"
+            f"G {groups:3d} weight {shape} on {size}x{size}: "
+            + ", ".join(f"{name} {ms:6.2f} ms" for name, ms in medians.items())
+            + f" (hand-written / autograd {eager:.2f}x, compiled own / eager formula "
+            f"{compiled:.2f}x)"
         )
 
 

@@ -102,7 +102,8 @@ def _composite_convolution_moments(mean, var, weight, geometry):
 )
 def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry):
     """The hand-written backward of a dense convolution's moments gives autograd's gradients
-    of the composite formula, and a double backward works (gradgradcheck)."""
+    of the composite formula, and a double backward works (gradgradcheck); the formula written
+    for torch.compile gives the same values and gradients."""
     torch.manual_seed(3)
     weight = torch.randn(*shape, dtype=DOUBLE, requires_grad=True)
     mean = torch.randn(4, 3, dtype=DOUBLE, requires_grad=True)
@@ -117,7 +118,16 @@ def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry):
         loss = sum((o * g).sum() for o, g in zip(outputs, grads, strict=True))
         return torch.autograd.grad(loss, (mean, var, weight))
 
-    for g, e in zip(pulled(got), pulled(expected), strict=True):
+    expected_grads = pulled(expected)
+    for g, e in zip(pulled(got), expected_grads, strict=True):
+        torch.testing.assert_close(g, e)
+    # the formula torch.compile runs instead, called as written
+    border = (geometry.valid.to(mean), geometry.spread.to(mean)) if geometry.bordered else ()
+    taps = weight.reshape(*shape[:2], -1)
+    written = mo._compiled_dense_moments(mean, var, taps, *(border or (None, None)))
+    torch.testing.assert_close(written[0], expected[0])
+    torch.testing.assert_close(written[1].clamp_min(0.0), expected[1])  # (clamped by the caller)
+    for g, e in zip(pulled(written), expected_grads, strict=True):
         torch.testing.assert_close(g, e)
 
     def moments(m, v, w):

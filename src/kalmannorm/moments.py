@@ -237,7 +237,7 @@ def convolution(
             valid, spread = geometry.valid.to(mean), geometry.spread.to(mean)
         if torch.compiler.is_compiling():  # the compiler fuses autograd's backward itself (and
             # a custom Function inside a compiled checkpoint breaks dynamo)
-            out_mean, out_var = _dense_moments(mean, var, taps, valid, spread)[:2]
+            out_mean, out_var = _compiled_dense_moments(mean, var, taps, valid, spread)
         else:
             out_mean, out_var = _DenseConvolutionMoments.apply(mean, var, weight, valid, spread)
     else:
@@ -354,6 +354,28 @@ def _dense_moments(
         spread_means = tap_means @ spread  # D a (D symmetric)
         out_var = out_var + (spread_means * tap_means).sum(-1)  # + a^T D a
     return out_mean, out_var, m1, m2, by_tap, spread_means
+
+
+def _compiled_dense_moments(
+    mean: Tensor, var: Tensor, taps: Tensor, valid: Tensor | None, spread: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`_dense_moments`' mean and variance as written for ``torch.compile``: the per-tap
+    means a_t = W_t m by one einsum over W as it lies, where the eager rule copies W into a
+    (C_out K, C_in) matrix for its backward. Compiled, with the backward the compiler derives,
+    this takes one forward + backward of a 512x512x3x3 rule (2x2 map, G = 2) from 34.1 to 20.0
+    ms on one CPU core (``python experiments/conv_moments_backward.py``)."""
+    squares = taps.square()
+    if valid is None:
+        single = taps.shape[-1] == 1
+        m1 = taps[..., 0] if single else taps.sum(-1)
+        m2 = squares[..., 0] if single else squares.sum(-1)
+    else:
+        m1, m2 = taps @ valid, squares @ valid
+    out_mean, out_var = mean @ m1.T, var @ m2.T
+    if spread is not None:
+        tap_means = torch.einsum("gi,oik->gok", mean, taps)  # a_t = W_t m (G, C_out, K)
+        out_var = out_var + ((tap_means @ spread) * tap_means).sum(-1)  # + a^T D a
+    return out_mean, out_var
 
 
 def _channel_map(x: Tensor, weight: Tensor, groups: int) -> Tensor:
