@@ -336,13 +336,7 @@ def _dense_moments(
     their backward reuses: M1 = sum_t f_t W_t, M2 = sum_t f_t W_t o W_t (C_out, C_in), W by
     tap as a (C_out K, C_in) matrix and D a (G, C_out, K) (both ``None`` without border term).
     ``valid`` and ``spread`` ``None``: every tap reads a real input (f = 1, D = 0)."""
-    squares = taps.square()
-    if valid is None:
-        single = taps.shape[-1] == 1  # a linear layer or 1x1 convolution: nothing to sum
-        m1 = taps[..., 0] if single else taps.sum(-1)
-        m2 = squares[..., 0] if single else squares.sum(-1)
-    else:
-        m1, m2 = taps @ valid, squares @ valid
+    m1, m2 = _tap_sums(taps, valid)
     out_mean = mean @ m1.T
     out_var = var @ m2.T
     by_tap = spread_means = None
@@ -356,6 +350,15 @@ def _dense_moments(
     return out_mean, out_var, m1, m2, by_tap, spread_means
 
 
+def _tap_sums(taps: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """M1 = sum_t f_t W_t and M2 = sum_t f_t W_t o W_t (C_out, C_in); ``valid`` ``None``: f = 1."""
+    squares = taps.square()
+    if valid is None:
+        single = taps.shape[-1] == 1  # a linear layer or 1x1 convolution: nothing to sum
+        return (taps[..., 0], squares[..., 0]) if single else (taps.sum(-1), squares.sum(-1))
+    return taps @ valid, squares @ valid
+
+
 def _compiled_dense_moments(
     mean: Tensor, var: Tensor, taps: Tensor, valid: Tensor | None, spread: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -366,13 +369,7 @@ def _compiled_dense_moments(
     term's weight gradient m^T (D a) in W's own layout, batched the same way. On one CPU core
     this takes one forward + backward of a 512x512x3x3 rule (2x2 map, G = 2) from 33.4 to 17.3
     ms (``python experiments/conv_moments_backward.py``)."""
-    squares = taps.square()
-    if valid is None:
-        single = taps.shape[-1] == 1
-        m1 = taps[..., 0] if single else taps.sum(-1)
-        m2 = squares[..., 0] if single else squares.sum(-1)
-    else:
-        m1, m2 = taps @ valid, squares @ valid
+    m1, m2 = _tap_sums(taps, valid)
     out_mean, out_var = mean @ m1.T, var @ m2.T
     if spread is not None:
         tap_means = torch.matmul(mean, taps).transpose(0, 1)  # a_t = W_t m (G, C_out, K)
