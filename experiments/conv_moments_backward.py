@@ -52,8 +52,9 @@ def eager_formula(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, g
     """The eager rule's forward formula (W copied into a (C_out K, C_in) matrix), for the
     compiler to differentiate: what compiled code ran before it had a formula of its own."""
     taps = weight.reshape(*weight.shape[:2], -1)
-    border = (geometry.valid.to(mean), geometry.spread.to(mean)) if geometry.bordered else ()
-    out_mean, out_var = mo._dense_moments(mean, var, taps, *(border or (None, None)))[:2]
+    bordered = geometry.bordered
+    valid, spread = (geometry.valid.to(mean), geometry.spread.to(mean)) if bordered else (None,) * 2
+    out_mean, out_var = mo._dense_moments(mean, var, taps, valid, spread)[:2]
     return out_mean, out_var.clamp_min(0.0)
 
 

@@ -122,9 +122,9 @@ def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry):
     for g, e in zip(pulled(got), expected_grads, strict=True):
         torch.testing.assert_close(g, e)
     # the formula torch.compile runs instead, called as written
-    border = (geometry.valid.to(mean), geometry.spread.to(mean)) if geometry.bordered else ()
-    taps = weight.reshape(*shape[:2], -1)
-    written = mo._compiled_dense_moments(mean, var, taps, *(border or (None, None)))
+    bordered = geometry.bordered
+    valid, spread = (geometry.valid.to(mean), geometry.spread.to(mean)) if bordered else (None,) * 2
+    written = mo._compiled_dense_moments(mean, var, weight.reshape(*shape[:2], -1), valid, spread)
     torch.testing.assert_close(written[0], expected[0])
     torch.testing.assert_close(written[1].clamp_min(0.0), expected[1])  # (clamped by the caller)
     for g, e in zip(pulled(written), expected_grads, strict=True):
