@@ -219,7 +219,7 @@ def test_quick_benchmark_counts_beside_the_times(quick_results: dict) -> None:
     rows = micro["rows"]
     expected = {(m, b) for m, _ in config["models"] for b in config["batches"]}
     assert {(r["model"], r["batch"]) for r in rows} == expected
-    assert {r["norm"] for r in rows} == {"bn", "bkn", "bkn-flow"}
+    assert {r["norm"] for r in rows} == {"second-bn", "bkn", "bkn-flow"}
     assert all(r["mode"] == "eager" for r in rows)  # quick never compiles
     for row in rows:
         assert "error" not in row, row
@@ -232,7 +232,7 @@ def test_quick_benchmark_counts_beside_the_times(quick_results: dict) -> None:
         assert row["bn_host_syncs_per_step"] == 0
         assert row["host_syncs_per_step"] == sum(row["host_sync_ops"].values())
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0 and row["bn_ms"] > 0
-        if row["norm"] == "bn":  # a second BatchNorm model: the same operations
+        if row["norm"] == "second-bn":  # a second BatchNorm model: the same operations
             assert row["aten_calls_ratio"] == 1.0 and row["host_syncs_per_step"] == 0
         else:
             assert row["aten_calls_ratio"] > 1.0
@@ -241,7 +241,8 @@ def test_quick_benchmark_counts_beside_the_times(quick_results: dict) -> None:
     assert micro["headline"]["model"] == head["model"]
     assert quick_results["aten_calls_ratio"] == head["aten_calls_ratio"]
     assert quick_results["host_syncs_per_step"] == head["host_syncs_per_step"]
-    kalman = [r for r in rows if r["norm"] != "bn"] + [quick_results["step_eager_resnet20"]]
+    kalman = [r for r in rows if r["norm"] != "second-bn"]
+    kalman.append(quick_results["step_eager_resnet20"])
     assert quick_results["aten_calls_ratio_max"] == max(r["aten_calls_ratio"] for r in kalman)
     assert quick_results["host_syncs_per_step_max"] == max(
         r["host_syncs_per_step"] for r in kalman
@@ -297,9 +298,30 @@ def test_micro_rows_report_a_failing_norm(monkeypatch) -> None:
     section = bench_micro.micro_rows(config=config)
     rows = {r["norm"]: r for r in section["rows"]}
     assert rows["bkn"]["error"] == "RuntimeError: no such luck"
-    assert rows["bn"]["aten_calls_ratio"] == 1.0
+    assert rows["second-bn"]["aten_calls_ratio"] == 1.0
     assert "RuntimeError: no such luck" in bench_micro.format_micro_table(section)
 
+
+
+def test_micro_rows_measure_baselines_beside_the_kalman_norms() -> None:
+    pytest.importorskip("torchvision")  # the micro rows build torchvision models
+    from kalmannorm.lab import bench_micro
+    from kalmannorm.layers.ghost_batch import GhostBatchNorm
+
+    config = bench_micro.MicroConfig(
+        models=(("mobilenet_v2", 16),), batches=(4,), large_batch=None, norms=("bn", "gn"),
+        warmup=0, repeats=1, iters=1, compile_batches=(),
+    )  # fmt: skip
+    rows = {r["norm"]: r for r in bench_micro.micro_rows(config=config)["rows"]}
+    assert set(rows) == {"second-bn", "bn", "gn"}
+    assert all("error" not in r for r in rows.values()), rows
+    # ghost BN in groups of 2 (its own layers, more calls than torch's one kernel per layer);
+    # GroupNorm, whose statistics are per sample, built without a statistics batch
+    x = torch.randn(4, 3, 16, 16)
+    ghost = bench_micro._build("mobilenet_v2", "bn", x, 2, torch.device("cpu"))
+    layers = [m for m in ghost.modules() if isinstance(m, GhostBatchNorm)]
+    assert layers and all(m.stat_batch_size == 2 for m in layers)
+    assert rows["bn"]["aten_calls_ratio"] > 1.0 and rows["gn"]["aten_calls"] > 0
 
 
 def test_micro_rows_skip_without_torchvision(monkeypatch) -> None:
@@ -336,3 +358,5 @@ def test_micro_command_line_chooses_models_batches_and_norms() -> None:
     assert config.compiled_steps == FULL_MICRO.compiled_steps  # the rest as the full run's
     with pytest.raises(SystemExit, match="MODEL:PIXELS with MODEL one of resnet50"):
         _chosen_config(FULL_MICRO, argparse.Namespace(models="vgg:64", batches=None, norms=None))
+    with pytest.raises(SystemExit, match=r"--norms takes registered norms \(bkn, .*got 'bkm'"):
+        _chosen_config(FULL_MICRO, argparse.Namespace(models=None, batches=None, norms="bn,bkm"))

@@ -59,6 +59,7 @@ from torch.nn import functional as torch_f
 from kalmannorm.convert import convert_norm
 from kalmannorm.fold import fold
 from kalmannorm.lab.bench_micro import (
+    SECOND_BN,
     MicroConfig,
     Workload,
     format_micro_table,
@@ -524,7 +525,7 @@ def _summary_keys(results: dict) -> dict:
     counted = [results[k] for k in ("step_eager_resnet20", "step_eager_resnet50") if k in results]
     micro = results.get("micro", {})
     counted += [
-        r for r in micro.get("rows", []) if "aten_calls_ratio" in r and r["norm"] != "bn"
+        r for r in micro.get("rows", []) if "aten_calls_ratio" in r and r["norm"] != SECOND_BN
     ]
     head = micro.get("headline", {}).get("bkn") or eager20
     keys.update(

@@ -2,14 +2,15 @@
 
 For each model of :data:`MODELS` and each batch size, one training step (forward, loss,
 backward, SGD step) of the model with torch's BatchNorm over the whole batch against the same
-model converted to each Kalman norm of ``norms`` (statistics groups of ``stat_batch_size``,
+model converted to each norm of ``norms`` (a registered name, Kalman or baseline; statistics
+groups of ``stat_batch_size`` for norms with batch statistics, ``bn`` among them as ghost BN;
 chain traced on the input at conversion), measured three ways:
 
 ``ratio``
     step time / BatchNorm's step time: all models of one (model, batch) timed in the same rounds,
     the order rotating between rounds; the median over rounds of the per-round ratio (> 1:
-    slower). The ``bn`` row is a second, identical BatchNorm model: its ratio is this machine's
-    noise floor.
+    slower). The ``second-bn`` row is a second, identical BatchNorm model: its ratio is this
+    machine's noise floor.
 ``aten_calls`` and ``aten_calls_ratio``
     ATen operations dispatched in one forward + backward (loss included), counted below autograd
     with a ``TorchDispatchMode`` (:mod:`kalmannorm._dispatch_count`), and that count over
@@ -59,7 +60,7 @@ from torch.nn import functional as torch_f
 
 from kalmannorm._dispatch_count import count_dispatch
 from kalmannorm.compiled_step import compile_kalman_steps
-from kalmannorm.convert import convert_norm
+from kalmannorm.convert import available_norms, convert_norm, norm_spec
 
 __all__ = [
     "MODELS",
@@ -209,6 +210,8 @@ class Workload:
 
 #: The suffix of a norm's row with compiled small steps.
 COMPILED_STEPS = "+compiled-steps"
+#: The row of a second torch BatchNorm model, timed beside the first: the noise floor.
+SECOND_BN = "second-bn"
 
 
 def _build(
@@ -220,7 +223,9 @@ def _build(
     model = MODELS[model_name][0]().to(device).train()
     if norm != "torch_bn":
         base = norm.removesuffix(COMPILED_STEPS)
-        model = convert_norm(model, base, stat_batch_size=stat_batch_size, example_input=x)
+        grouped = norm_spec(base).batch_statistics
+        options = {"stat_batch_size": stat_batch_size} if grouped else {}
+        model = convert_norm(model, base, example_input=x, **options)
         if base != norm:
             compile_kalman_steps(model)
     return model.train()
@@ -325,13 +330,13 @@ def _eager_rows(
 ) -> list[dict]:
     kind = MODELS[model_name][1]
     x, y = _data(kind, batch, size, device)
-    names = ["torch_bn", "bn", *_norm_rows(config, batch)]
+    names = ["torch_bn", SECOND_BN, *_norm_rows(config, batch)]
     workloads: dict[str, Workload] = {}
     errors: dict[str, str] = {}
     first_step_s: dict[str, float] = {}
     for name in names:
         try:
-            built = "torch_bn" if name == "bn" else name
+            built = "torch_bn" if name == SECOND_BN else name
             model = _build(model_name, built, x, config.stat_batch_size, device)
             if kind == "dense" and not y.numel():
                 y = _dense_labels(model, x)
@@ -455,7 +460,7 @@ def _rows(
     bn_counts = counts.get("torch_bn", {})
     rows = []
     norms = _norm_rows(config, batch) if mode == "eager" else config.norms
-    for name in [n for n in ("bn", *norms) if n in samples or n in errors]:
+    for name in [n for n in (SECOND_BN, *norms) if n in samples or n in errors]:
         row: dict = {
             "model": model_name,
             "image_size": size,
@@ -509,9 +514,9 @@ def micro_rows(
     """The micro-batch section: ``{"config", "rows", "headline", "total_s"}``.
 
     ``rows``: one dict per (model, batch, mode, norm) as in the module docstring (an ``error``
-    instead of the measurements where a model or norm failed). ``headline``: the ``bkn`` and
-    ``bkn-flow`` eager rows of the first model at batch 4 (else its first batch) with the largest
-    calls ratio and sync count over all eager Kalman rows.
+    instead of the measurements where a model or norm failed). ``headline``: the eager rows of
+    ``norms`` (``bkn`` and ``bkn-flow`` by default) of the first model at batch 4 (else its first
+    batch) with the largest calls ratio and sync count over all their eager rows.
     """
     device = torch.device(device)
     config = config or (QUICK_MICRO if quick else FULL_MICRO)
@@ -551,7 +556,7 @@ def micro_rows(
 def headline(rows: list[dict]) -> dict:
     """The summary figures of the micro rows (see :func:`micro_rows`)."""
     eager = [r for r in rows if r["mode"] == "eager" and "aten_calls_ratio" in r]
-    kalman = [r for r in eager if r["norm"] != "bn"]
+    kalman = [r for r in eager if r["norm"] != SECOND_BN]
     if not kalman:
         return {}
     first = kalman[0]["model"]
@@ -600,8 +605,8 @@ def format_micro_table(section: dict) -> str:
     s = section["config"]["stat_batch_size"]
     compiled = [r for r in section["rows"] if r.get("compile_s") is not None]
     notes = [
-        f"Kalman norms with statistics groups of {s}, BatchNorm over the whole batch; "
-        "bn: a second torch BatchNorm model (the noise floor)"
+        f"norms with batch statistics in groups of {s}, BatchNorm over the whole batch; "
+        f"{SECOND_BN}: a second torch BatchNorm model (the noise floor)"
     ]
     if compiled:
         times = ", ".join(
@@ -646,7 +651,14 @@ def _chosen_config(config: MicroConfig, args: argparse.Namespace) -> MicroConfig
         changes["batches"] = tuple(int(b) for b in args.batches.split(","))
         changes["large_batch"] = None
     if args.norms:
-        changes["norms"] = tuple(args.norms.split(","))
+        norms = tuple(args.norms.split(","))
+        unknown = [n for n in norms if n not in available_norms()]
+        if unknown:
+            raise SystemExit(
+                f"--norms takes registered norms ({', '.join(available_norms())}), got "
+                f"{', '.join(map(repr, unknown))}"
+            )
+        changes["norms"] = norms
     return dataclasses.replace(config, **changes)
 
 
@@ -661,7 +673,10 @@ def main(argv: list[str] | None = None) -> int:
         "--models", help="comma-separated MODEL:PIXELS (default: the full run's), e.g. resnet50:64"
     )
     parser.add_argument("--batches", help="comma-separated batch sizes (default: 2,4,8 and 128)")
-    parser.add_argument("--norms", help="comma-separated Kalman norms (default: bkn,bkn-flow)")
+    parser.add_argument(
+        "--norms",
+        help="comma-separated registered norms (default: bkn,bkn-flow); bn: ghost BN in groups",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
