@@ -72,8 +72,9 @@ class SampleGroups(NamedTuple):
         return moment
 
     def broadcast(self, stat: Tensor) -> Tensor:
-        """A (G, C) tensor as (G, 1, C, 1), broadcasting along the view."""
-        return stat.unsqueeze(-1).unsqueeze(1)
+        """A (G, C) tensor as (G, 1, C, 1), broadcasting along the view (one view, one call
+        forward and backward)."""
+        return stat.view(stat.shape[0], 1, stat.shape[1], 1)
 
     def affine(
         self, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
@@ -235,11 +236,17 @@ def batch_moments(found: BatchSums, count: int) -> tuple[Tensor, Tensor, Tensor]
     (A, D) of ``count`` = m values each (d = x - offset; x without offset), and whether
     E[d^2] - (E d)^2 lost too many digits somewhere (0-dim bool: :class:`VarianceGuard`)."""
     sums = found.sums
-    total, total_square = (_sum(t, sums.rest)[:, 0, :, 0] for t in (sums.total, sums.product))
+    total, total_square = (_rows(_sum(t, sums.rest)) for t in (sums.total, sums.product))
     centre = total / count
     var = total_square / count - centre.square()
-    mean = centre if found.offset is None else found.offset[:, 0, :, 0] + centre
+    mean = centre if found.offset is None else _rows(found.offset) + centre
     return mean, var.clamp_min(0.0), _cancels(mean, var)
+
+
+def _rows(stat: Tensor) -> Tensor:
+    """An (A, 1, D, 1) statistic as (A, D): a view (its backward one view too, where indexing
+    ``[:, 0, :, 0]`` takes two selects and two zero-filled ``select_backward``)."""
+    return stat.view(stat.shape[0], stat.shape[2])
 
 
 def _cancels(mean: Tensor, var: Tensor) -> Tensor:
