@@ -501,3 +501,11 @@ def test_posterior_output_is_normalized_output_of_the_posterior(affine):
         torch.testing.assert_close(
             torch.zeros_like(b) if a is None else a, b, rtol=1e-12, atol=1e-14
         )
+    # the hand-written backward, once and twice differentiated (create_graph: the formula's)
+    inputs = (var, weight) if affine else (var,)
+
+    def variance(var, weight=None):
+        return mo._PosteriorOutputVariance.apply(var, weight, 1e-5)
+
+    assert torch.autograd.gradcheck(variance, inputs)
+    assert torch.autograd.gradgradcheck(variance, inputs)
