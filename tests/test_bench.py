@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from kalmannorm._torch_private import OBSERVING_MODE
 from kalmannorm.lab.bench import _saved_bytes, format_table, run_benchmark
 
 
@@ -121,8 +122,11 @@ def _logged_ops(fn) -> list[str]:
     logging_tensor = pytest.importorskip("torch.testing._internal.logging_tensor")
     logger = logging.getLogger("LoggingTensor")
     propagate, logger.propagate = logger.propagate, False  # pytest's handler would print
+    mode = logging_tensor.LoggingTensorMode()
+    # it runs each operation as called, as the counter does: both see the step's own calls
+    setattr(mode, OBSERVING_MODE, True)
     try:  # the logged tensors inside the mode, dispatching more operations
-        with logging_tensor.capture_logs(is_mode=True) as logs, logging_tensor.LoggingTensorMode():
+        with logging_tensor.capture_logs(is_mode=True) as logs, mode:
             fn()
     finally:
         logger.propagate = propagate

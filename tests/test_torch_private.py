@@ -70,3 +70,22 @@ def test_the_version_gate_reads_the_running_torch() -> None:
     major, minor = _torch_private.TORCH_VERSION
     assert torch.__version__.startswith(f"{major}.{minor}")
     assert _torch_private.TORCH_VERSION >= (2, 13)  # the declared floor (pyproject.toml)
+
+
+def test_the_sum_kernels_constants_are_cached_under_an_observing_mode_only() -> None:
+    """Counted, a step makes the calls an uncounted one makes (the constants come from the
+    cache); under a mode that may make tensors of its own (here a fake-tensor mode) they are made
+    anew and not cached."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kalmannorm._dispatch_count import count_dispatch
+
+    a, b = torch.randn(1, 7, 300), torch.randn(1, 7, 300)
+    _torch_private.sum_and_dot_rows(a, b)  # the constants for 7 rows are in the cache
+    with count_dispatch() as counts:
+        _torch_private.sum_and_dot_rows(a, b)
+    assert counts.calls == {"native_batch_norm_backward": 1}
+    cached = _torch_private._sum_constants.cache_info().currsize
+    with FakeTensorMode() as fake:
+        sums = _torch_private.sum_and_dot_rows(fake.from_tensor(a), fake.from_tensor(b))
+    assert sums[0].shape == (7,) and _torch_private._sum_constants.cache_info().currsize == cached

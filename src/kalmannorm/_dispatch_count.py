@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kalmannorm._torch_private import TorchDispatchMode
+from kalmannorm._torch_private import OBSERVING_MODE, TorchDispatchMode
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -107,6 +107,9 @@ class _CountingMode(TorchDispatchMode):
     def __init__(self, counts: DispatchCounts) -> None:
         super().__init__()
         self.counts = counts
+        # it runs every operation as called: the library may use its cached constant tensors
+        # under it, as in an uncounted step (the count is the step's own)
+        setattr(self, OBSERVING_MODE, True)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

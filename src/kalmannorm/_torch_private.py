@@ -40,7 +40,11 @@ host synchronisations (:mod:`kalmannorm._dispatch_count`, tests and the lab's be
 layers never use it). Present since torch 1.13. :func:`dispatch_mode_active`, from
 ``torch._C._len_torch_dispatch_stack()`` (torch >= 2.0): compiled small steps
 (:mod:`kalmannorm.compiled_step`) run as written under such a mode, which compiled code does not
-support. Fallback where it is missing: ``False``. ``COMPILER_FAILURES``
+support. Fallback where it is missing: ``False``. :func:`observing_modes_only`, from
+``_get_current_dispatch_mode_stack()`` of the same module (torch >= 2.0): whether every active
+mode only observes (declares :data:`OBSERVING_MODE`, as the call counter does), so that
+:func:`sum_and_dot_rows` may use its cached constants under it and a counted step makes the
+calls an uncounted one makes. ``COMPILER_FAILURES``
 (``torch._dynamo.exc.BackendCompilerFailed``, torch >= 2.0): the compiler failure that
 :func:`kalmannorm.compiled_step.compiled_call` turns into one line naming the fix; missing: none
 is caught.
@@ -55,7 +59,7 @@ import functools
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
 #: (major, minor) of the running torch, for the version gates below.
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
@@ -129,8 +133,10 @@ def sum_and_dot_rows(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         a = a.float() if half else a
         return a.sum((0, 2)), (a * b).sum((0, 2))
     dtype = torch.float32 if half else a.dtype
-    # (under a dispatch mode the tensors made may be the mode's own, e.g. fake: never cached)
-    constants = _sum_constants.__wrapped__ if dispatch_mode_active() else _sum_constants
+    # (under a dispatch mode the tensors made may be the mode's own, e.g. fake: not cached,
+    # unless every active mode only observes and makes ordinary tensors)
+    own_tensors = dispatch_mode_active() and not observing_modes_only()
+    constants = _sum_constants.__wrapped__ if own_tensors else _sum_constants
     length = a.shape[2]
     if length < _SHORT_ROWS and a.device.type == "cpu":
         a, b = (a.float(), b.float()) if half else (a, b)
@@ -183,3 +189,14 @@ except ImportError:  # pragma: no cover - present in every supported torch
 def dispatch_mode_active() -> bool:
     """Whether a ``TorchDispatchMode`` is active (compiled code does not run under one)."""
     return _dispatch_stack_length is not None and _dispatch_stack_length() > 0
+
+
+#: The attribute by which a ``TorchDispatchMode`` declares that it only observes the operations
+#: (runs each as called, on ordinary tensors), as the library's call counter does.
+OBSERVING_MODE = "kalmannorm_observes_only"
+
+def observing_modes_only() -> bool:
+    """Whether every active ``TorchDispatchMode`` declares :data:`OBSERVING_MODE` (so that the
+    tensors made under them are ordinary tensors, which may be cached)."""
+    modes = _get_current_dispatch_mode_stack()
+    return all(getattr(mode, OBSERVING_MODE, False) for mode in modes)
