@@ -67,6 +67,29 @@ def test_compare_runs_the_grid_writes_the_table_and_skips_finished_runs(tmp_path
     assert "4 runs: 4 already finished, 0 to run" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("best", "where"),
+    [
+        (0.8357, "level with"),
+        (0.835704, "level with"),  # a difference the table's rounding does not show
+        (0.83, "0.57 points below"),
+        (0.84, "0.43 points above"),
+    ],
+)
+def test_the_sentence_places_the_best_norm_against_the_baseline(best, where) -> None:
+    from kalmannorm.lab.train.compare import Row, conclusion
+
+    def row(label: str, final: float) -> Row:
+        return Row(label, "bn", "2", 1, [final], [final], [final], [final], [None], [1.0], [])
+
+    rows = [row("bn-plain (baseline)", 0.8357), row("bkn", best), row("gn", 0.7981)]
+    sentence = conclusion(rows)
+    assert f"bkn trains best ({100 * best:.2f} % with moving statistics, 1 seed), {where} " in (
+        sentence
+    )
+    assert sentence.endswith("bn-plain with the whole batch (83.57 %); then gn 79.81 %.")
+
+
 def test_grid_variants_and_bad_norms(tmp_path: Path) -> None:
     cfg = compare_config_from_dict(
         {

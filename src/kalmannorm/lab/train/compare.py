@@ -608,10 +608,12 @@ def conclusion(rows: list[Row]) -> str:
     ranked = sorted(others, key=lambda r: statistics.fmean(r.final_moving), reverse=True)
     best, rest = ranked[0], ranked[1:]
     top = statistics.fmean(baseline.final_moving)
-    gap = 100 * (top - statistics.fmean(best.final_moving))
+    gap = round(100 * (top - statistics.fmean(best.final_moving)), 2)  # as the table rounds
     seeds = f"{best.seeds} seed{'s' if best.seeds > 1 else ''}"
     behind = ", ".join(f"{r.label} {_percent(r.final_moving)} %" for r in rest)
-    where = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above"
+    where = "level with"
+    if gap:
+        where = f"{abs(gap):.2f} points {'below' if gap > 0 else 'above'}"
     held_out = (
         " (accuracy on a held-out part of the training set: validation numbers, not test ones)"
         if _held_out(rows)
