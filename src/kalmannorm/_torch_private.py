@@ -195,6 +195,7 @@ def dispatch_mode_active() -> bool:
 #: (runs each as called, on ordinary tensors), as the library's call counter does.
 OBSERVING_MODE = "kalmannorm_observes_only"
 
+
 def observing_modes_only() -> bool:
     """Whether every active ``TorchDispatchMode`` declares :data:`OBSERVING_MODE` (so that the
     tensors made under them are ordinary tensors, which may be cached)."""
