@@ -167,6 +167,7 @@ _NORM_CASES = [
     ("bkn", {"stat_batch_size": 1}),  # one sample per group: (N, C) inputs are refused
     ("bkn", {"stat_batch_size": None, "prior": "propagate", "guard": 1e9}),
     ("gkn", {"num_groups": 2}),
+    ("bn", {"stat_batch_size": 2}),  # ghost BN: the batch-statistics step, written out
 ]
 
 
@@ -184,8 +185,9 @@ def test_fused_and_composite_paths_agree_for_every_input_rank(monkeypatch, dims,
     x = torch.randn(6, 3, *(3,) * dims, dtype=torch.float64)
     fused = _forward_backward(model, x)
     assert "FusedGroupNorm" in fused[3]
-    posterior = model[4].last_statistics.posterior_var
-    for module in ("batch_kalman", "group_kalman"):
+    statistics = getattr(model[4], "last_statistics", None)
+    posterior = None if statistics is None else statistics.posterior_var
+    for module in ("batch_kalman", "group_kalman", "ghost_batch"):
         monkeypatch.setattr(f"kalmannorm.layers.{module}.fused_applicable", lambda *a: False)
     composite = _forward_backward(model, x)
     assert "FusedGroupNorm" not in composite[3]
@@ -194,7 +196,49 @@ def test_fused_and_composite_paths_agree_for_every_input_rank(monkeypatch, dims,
     assert fused[2].keys() == composite[2].keys()
     for name in fused[2]:
         torch.testing.assert_close(fused[2][name], composite[2][name], msg=name)
-    torch.testing.assert_close(posterior, model[4].last_statistics.posterior_var)
+    if posterior is not None:
+        torch.testing.assert_close(posterior, model[4].last_statistics.posterior_var)
+
+
+def _step_outputs_and_gradients(step, x, weight, bias):
+    """The fused node's five outputs and the gradients of x, gamma, beta under fixed weights."""
+    from kalmannorm.fused import FusedGroupNorm, SampleGroups, VarianceGuard
+
+    x = x.clone().requires_grad_()
+    outputs = FusedGroupNorm.apply(
+        x, SampleGroups(4), VarianceGuard(), step, lambda *sums: None, weight, bias
+    )
+    generator = torch.Generator().manual_seed(1)
+    weights = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outputs]
+    loss = sum((o * w).sum() for o, w in zip(outputs, weights))
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    return [o.detach() for o in outputs], torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("case", ["plain", "constant channel", "large offset", "no affine"])
+def test_the_written_batch_statistics_step_equals_the_traced_one(case):
+    """Ghost BN's written-out backward against autograd through the small step's formula, on the
+    statistics handed on too: a channel constant within a group (S = 0: clamp_min's gradient
+    passes), a large offset (the two-pass sums) and no gamma, beta."""
+    from kalmannorm.fused import BatchStatisticsStep, SampleGroups, TracedStep, with_affine
+    from kalmannorm.layers.ghost_batch import batch_statistics
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 3, 3, dtype=torch.float64)
+    if case == "constant channel":
+        x[:2, 2] = 1.5
+    if case == "large offset":
+        x = x * 0.01 + 100.0
+    affine = case != "no affine"
+    weight = torch.randn(5, dtype=torch.float64, requires_grad=True) if affine else None
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True) if affine else None
+    layout = SampleGroups(4)
+    traced = TracedStep(with_affine(batch_statistics, layout, 1e-5), layout)
+    written = BatchStatisticsStep(layout, 1e-5)
+    want = _step_outputs_and_gradients(traced, x, weight, bias)
+    got = _step_outputs_and_gradients(written, x, weight, bias)
+    for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 _HALF_NORMS = [

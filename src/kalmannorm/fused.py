@@ -235,12 +235,18 @@ def batch_moments(found: BatchSums, count: int) -> tuple[Tensor, Tensor, Tensor]
     """Mean xbar = offset + Sigma d / m and biased variance S = Sigma d^2 / m - (Sigma d / m)^2
     (A, D) of ``count`` = m values each (d = x - offset; x without offset), and whether
     E[d^2] - (E d)^2 lost too many digits somewhere (0-dim bool: :class:`VarianceGuard`)."""
+    _, spread, mean = _centred_moments(found, count)
+    return mean, spread.clamp_min(0.0), _cancels(mean, spread)
+
+
+def _centred_moments(found: BatchSums, count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """c = Sigma d / m, S = Sigma d^2 / m - c^2 (not clamped) and the mean offset + c (A, D)."""
     sums = found.sums
     total, total_square = (_rows(_sum(t, sums.rest)) for t in (sums.total, sums.product))
     centre = total / count
-    var = total_square / count - centre.square()
+    spread = total_square / count - centre.square()
     mean = centre if found.offset is None else _rows(found.offset) + centre
-    return mean, var.clamp_min(0.0), _cancels(mean, var)
+    return centre, spread, mean
 
 
 def _rows(stat: Tensor) -> Tensor:
@@ -388,6 +394,74 @@ class TracedStep:
         return tuple(None if t is None else by_leaf.get(id(t)) for t in leaves)
 
 
+class BatchStatisticsStep:
+    """The small step of a norm that normalises with its batch statistics (ghost BN), with its
+    backward written out instead of differentiated through a kept graph (:class:`TracedStep`).
+    With c = Sigma d / m, S = Sigma d^2 / m - c^2, var = max(S, 0), r = 1 / sqrt(var + eps),
+    scale = gamma r and shift = beta - mean scale (:func:`small_step`, the identity estimate):
+
+        dmean = g_mean - g_shift scale,  dscale = g_scale - g_shift mean,
+        dvar = g_var - dscale gamma r^3 / 2 (0 where S < 0),
+        dSigma d^2 = dvar / m,  dSigma d = (dmean - 2 c dvar) / m,
+        dgamma = sum_G dscale r,  dbeta = sum_G g_shift,
+
+    g_mean and g_var summing the gradients of the statistics handed on (the estimate's and the
+    batch's, the same tensors here). Inputs: the row sums, the offset, gamma and beta."""
+
+    def __init__(self, layout: SampleGroups, eps: float) -> None:
+        self.layout, self.eps = layout, eps
+        self.extra: tuple = ()
+
+    def forward(
+        self, constants: tuple, inputs: tuple[Tensor | None, ...]
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        count, rest = constants
+        total, total_square, offset, weight, bias = inputs
+        with autocast_off(total):
+            centre, spread, mean = _centred_moments(
+                BatchSums(RowSums(total, total_square, rest), offset), count
+            )
+            var = spread.clamp_min(0.0)
+            rstd = torch.rsqrt(var + self.eps)
+            scale = rstd if weight is None else rstd * weight
+            shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
+        self._saved = (count, total.shape, centre, mean, rstd, scale, weight, bias, spread < 0)
+        layout = self.layout
+        outputs = (layout.broadcast(scale), layout.broadcast(shift), mean, var, mean, var)
+        return outputs, _cancels(mean, spread)
+
+    def backward(
+        self,
+        grad_affine: tuple[RowSums, tuple[int, ...], tuple[int, ...]],
+        grad_outputs: tuple[Tensor | None, ...],
+    ) -> tuple[Tensor | None, ...]:
+        count, shape, centre, mean, rstd, scale, weight, bias, negative = self._saved
+        rows, shift_rest, scale_rest = grad_affine
+        grad_scale = _rows(_sum(rows.product, scale_rest))
+        grad_shift = _rows(_sum(rows.total, shift_rest))
+        grad_mean = torch.addcmul(_summed(grad_outputs[0::2], mean), grad_shift, scale, value=-1)
+        grad_scale = torch.addcmul(grad_scale, grad_shift, mean, value=-1)
+        grad_rstd = grad_scale if weight is None else grad_scale * weight
+        grad_var = _summed(grad_outputs[1::2], mean)
+        grad_var = torch.addcmul(grad_var, grad_rstd, rstd.pow(3), value=-0.5)
+        grad_var = grad_var.masked_fill_(negative, 0.0)  # clamp_min passes none where S < 0
+        grad_total = torch.addcmul(grad_mean, centre, grad_var, value=-2.0).div_(count)
+        grad_square = grad_var.div_(count)
+        grad_weight = None if weight is None else (grad_scale * rstd).sum(0)
+        grad_bias = None if bias is None else grad_shift.sum(0)
+        full = (shape[0], 1, shape[2], 1)
+        grad_total, grad_square = (g.view(full).expand(shape) for g in (grad_total, grad_square))
+        return grad_total, grad_square, None, grad_weight, grad_bias
+
+
+def _summed(grads: Sequence[Tensor | None], like: Tensor) -> Tensor:
+    """The sum of the gradients that are not ``None`` (zeros like ``like`` without any)."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return torch.zeros_like(like)
+    return present[0] if len(present) == 1 else present[0] + present[1]
+
+
 class CompiledStep:
     """The small step compiled (:func:`kalmannorm.compile_kalman_steps`): a compiled forward
     without graph (``after`` included) and a compiled backward that recomputes the step without
@@ -433,7 +507,7 @@ class CompiledStep:
         )  # fmt: skip
 
 
-SmallStep = TracedStep | CompiledStep
+SmallStep = TracedStep | CompiledStep | BatchStatisticsStep
 
 
 class FusedGroupNorm(torch.autograd.Function):

@@ -30,8 +30,10 @@ from kalmannorm import functional as F
 from kalmannorm._torch_private import NormBase
 from kalmannorm.chain import recomputing
 from kalmannorm.fused import (
+    BatchStatisticsStep,
     FusedGroupNorm,
     SampleGroups,
+    SmallStep,
     TracedStep,
     fused_applicable,
     statistics_dtype,
@@ -171,10 +173,12 @@ def grouped_batch_norm(
         t.dtype in (x.dtype, statistics_dtype(x), torch.bool) for t in small
     ):
         layout = SampleGroups(groups)
+        step: SmallStep = TracedStep(with_affine(estimate, layout, layer.eps), layout)
+        if estimate is batch_statistics and not small:  # its backward written out
+            step = BatchStatisticsStep(layout, layer.eps)
         y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
-            x, layout, variance_guard(layer),
-            TracedStep(with_affine(estimate, layout, layer.eps), layout), _no_inspection,
-            layer.weight, layer.bias, *small,
+            x, layout, variance_guard(layer), step, _no_inspection, layer.weight, layer.bias,
+            *small,
         )  # fmt: skip
         return GroupedNorm(
             y, batch_mean.detach(), batch_var.detach(), mean.detach(), var.detach(), count
