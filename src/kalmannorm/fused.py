@@ -20,9 +20,10 @@ backward
     statistics, gamma, beta); then dL/dx = g * scale + dL/dSigma x + 2 x dL/dSigma x^2, written
     once.
 
-The small step runs as written (:class:`TracedStep`: its autograd graph, kept from the forward)
-or compiled (:class:`CompiledStep`, :func:`kalmannorm.compile_kalman_steps`: one compiled call
-forward, one backward that recomputes the small step inside its vector-Jacobian product).
+The small step runs as written (:class:`TracedStep`: its autograd graph, kept from the forward),
+compiled (:class:`CompiledStep`, :func:`kalmannorm.compile_kalman_steps`: one compiled call
+forward, one backward that recomputes the small step inside its vector-Jacobian product), or, for
+plain batch statistics (ghost BN), with its backward written out (:class:`BatchStatisticsStep`).
 Nothing activation-sized is saved beyond the input, and nothing activation-sized is recomputed.
 Used for contiguous CPU/GPU tensors in eager mode; under ``torch.compile`` the layers use the
 composite path, which the compiler fuses itself.
