@@ -426,7 +426,8 @@ class BatchStatisticsStep:
             rstd = torch.rsqrt(var + self.eps)
             scale = rstd if weight is None else rstd * weight
             shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
-        self._saved = (count, total.shape, centre, mean, rstd, scale, weight, bias, spread < 0)
+        affine = (weight, bias is not None)
+        self._saved = (count, total.shape, centre, mean, rstd, scale, *affine, spread < 0)
         layout = self.layout
         outputs = (layout.broadcast(scale), layout.broadcast(shift), mean, var, mean, var)
         return outputs, _cancels(mean, spread)
@@ -436,7 +437,7 @@ class BatchStatisticsStep:
         grad_affine: tuple[RowSums, tuple[int, ...], tuple[int, ...]],
         grad_outputs: tuple[Tensor | None, ...],
     ) -> tuple[Tensor | None, ...]:
-        count, shape, centre, mean, rstd, scale, weight, bias, negative = self._saved
+        count, shape, centre, mean, rstd, scale, weight, has_bias, negative = self._saved
         rows, shift_rest, scale_rest = grad_affine
         grad_scale = _rows(_sum(rows.product, scale_rest))
         grad_shift = _rows(_sum(rows.total, shift_rest))
@@ -449,7 +450,7 @@ class BatchStatisticsStep:
         grad_total = torch.addcmul(grad_mean, centre, grad_var, value=-2.0).div_(count)
         grad_square = grad_var.div_(count)
         grad_weight = None if weight is None else (grad_scale * rstd).sum(0)
-        grad_bias = None if bias is None else grad_shift.sum(0)
+        grad_bias = grad_shift.sum(0) if has_bias else None
         full = (shape[0], 1, shape[2], 1)
         grad_total, grad_square = (g.view(full).expand(shape) for g in (grad_total, grad_square))
         return grad_total, grad_square, None, grad_weight, grad_bias
