@@ -21,7 +21,7 @@ import torchvision
 
 import kalmannorm
 from kalmannorm import dataflow
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 from kalmannorm import moments as mo
 from kalmannorm.chain import is_chain_member
 from kalmannorm.diagnostics import layer_category
@@ -60,7 +60,7 @@ def main() -> None:
         conv, geometry = program.info["module"], program.info["geometry"]
 
         def hook(module, inputs, name=name, geometry=geometry):
-            mean, var, _ = F.group_moments(inputs[0].detach().double(), args.stat_batch)
+            mean, var, _ = kf.group_moments(inputs[0].detach().double(), args.stat_batch)
             reference.setdefault(name, []).append(
                 dataflow._conv_moments(module, geometry, mo.Moments(mean, var))
             )

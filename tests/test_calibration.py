@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import kalmannorm
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 
 DOUBLE = torch.float64
 
@@ -62,7 +62,7 @@ def test_calibration_buffers_follow_the_moving_average_of_batch_and_prior_varian
             if batch_avg is None:
                 expected_prior = raw.prior_var
             else:
-                kappa = (batch_avg / prior_avg).clamp(*F.CALIBRATION_RANGE)
+                kappa = (batch_avg / prior_avg).clamp(*kf.CALIBRATION_RANGE)
                 expected_prior = raw.prior_var * kappa
             torch.testing.assert_close(seen.prior_var, expected_prior)
             batch, prior = raw.batch_var.mean(0), raw.prior_var.mean(0)
@@ -101,7 +101,7 @@ def test_calibration_is_not_updated_in_eval_and_the_kappa_is_clamped():
         calibrated(_smooth_images(8, 0))
     assert torch.count_nonzero(layer.calibration_prior_var) == 0
     prior = torch.ones(2, 3, dtype=DOUBLE)
-    scaled = F.calibrate_prior_variance(
+    scaled = kf.calibrate_prior_variance(
         prior, torch.tensor([1e6, 1e-6, 2.0]), torch.tensor([1.0, 1.0, 0.0])
     )
     expected = torch.tensor([10.0, 0.1, 1.0], dtype=DOUBLE).expand(2, 3)

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 
 
 def test_group_moments_match_per_group_formula():
     x = torch.randn(6, 3, 4, 5, dtype=torch.float64)
-    mean, var, count = F.group_moments(x, stat_batch_size=2)
+    mean, var, count = kf.group_moments(x, stat_batch_size=2)
     assert mean.shape == (3, 3) and count == 2 * 4 * 5
     for g in range(3):
         chunk = x[2 * g : 2 * g + 2]
@@ -20,18 +20,18 @@ def test_group_moments_match_per_group_formula():
 
 def test_group_moments_channels_last_and_half_accumulate_in_float32():
     x = torch.randn(4, 8, 6, 6).to(memory_format=torch.channels_last)
-    mean, var, _ = F.group_moments(x, 2)
-    ref_mean, ref_var, _ = F.group_moments(x.contiguous(), 2)
+    mean, var, _ = kf.group_moments(x, 2)
+    ref_mean, ref_var, _ = kf.group_moments(x.contiguous(), 2)
     torch.testing.assert_close(mean, ref_mean)
     torch.testing.assert_close(var, ref_var)
-    half_mean, half_var, _ = F.group_moments(x.to(torch.bfloat16), 2)
+    half_mean, half_var, _ = kf.group_moments(x.to(torch.bfloat16), 2)
     assert half_mean.dtype == torch.float32 and half_var.dtype == torch.float32
 
 
 def test_group_covariance_diagonal_is_group_variance():
     x = torch.randn(4, 5, 3, 3, dtype=torch.float64)
-    mean, cov, count = F.group_covariance(x, 2)
-    _, var, _ = F.group_moments(x, 2)
+    mean, cov, count = kf.group_covariance(x, 2)
+    _, var, _ = kf.group_moments(x, 2)
     assert cov.shape == (2, 5, 5) and count == 18
     torch.testing.assert_close(cov.diagonal(dim1=-2, dim2=-1), var)
     rows = x[:2].transpose(0, 1).reshape(5, -1)
@@ -42,7 +42,7 @@ def test_group_covariance_diagonal_is_group_variance():
 @pytest.mark.parametrize("batch, size", [(5, 2), (4, 3)])
 def test_indivisible_batch_is_a_value_error(batch, size):
     with pytest.raises(ValueError, match="not divisible by stat_batch_size"):
-        F.num_stat_groups(batch, size)
+        kf.num_stat_groups(batch, size)
 
 
 def test_kalman_update_is_mixture_moments():
@@ -50,7 +50,7 @@ def test_kalman_update_is_mixture_moments():
     prior_mean, prior_var = torch.tensor([0.3]), torch.tensor([2.0])
     batch_mean, batch_var = torch.tensor([-1.0]), torch.tensor([0.5])
     q = torch.tensor([0.25])
-    mean, var = F.kalman_update(batch_mean, batch_var, prior_mean, prior_var, q)
+    mean, var = kf.kalman_update(batch_mean, batch_var, prior_mean, prior_var, q)
     p = 1 - q
     second = p * (prior_var + prior_mean**2) + q * (batch_var + batch_mean**2)
     torch.testing.assert_close(mean, p * prior_mean + q * batch_mean)
@@ -67,8 +67,8 @@ def test_full_update_diagonal_equals_diag_update_and_stays_psd():
         torch.randn(2, c, dtype=torch.float64),
     )
     q = torch.rand(c, dtype=torch.float64)
-    mean, cov = F.kalman_update_full(batch_mean, batch_cov, prior_mean, prior_cov, q)
-    diag_mean, diag_var = F.kalman_update(
+    mean, cov = kf.kalman_update_full(batch_mean, batch_cov, prior_mean, prior_cov, q)
+    diag_mean, diag_var = kf.kalman_update(
         batch_mean,
         batch_cov.diagonal(dim1=-2, dim2=-1),
         prior_mean,
@@ -80,7 +80,7 @@ def test_full_update_diagonal_equals_diag_update_and_stays_psd():
     assert torch.linalg.eigvalsh(cov).min() > -1e-10
     # A scalar gain reproduces the printed matrix equation exactly.
     qs = torch.full((c,), 0.3, dtype=torch.float64)
-    _, cov_s = F.kalman_update_full(batch_mean, batch_cov, prior_mean, prior_cov, qs)
+    _, cov_s = kf.kalman_update_full(batch_mean, batch_cov, prior_mean, prior_cov, qs)
     d = (batch_mean - prior_mean).unsqueeze(-1)
     printed = 0.7 * prior_cov + 0.3 * batch_cov + 0.21 * d @ d.mT
     torch.testing.assert_close(cov_s, printed)
@@ -91,15 +91,15 @@ def test_predict_prior_diag_equals_diag_of_full():
     transition = torch.randn(3, 5, dtype=torch.float64)
     up_mean, up_var = torch.randn(2, 5, dtype=torch.float64), torch.rand(2, 5, dtype=torch.float64)
     noise = torch.rand(3, dtype=torch.float64)
-    mean, var = F.predict_prior(up_mean, up_var, transition, noise)
-    full_mean, full_cov = F.predict_prior_full(up_mean, up_var, transition, noise)
+    mean, var = kf.predict_prior(up_mean, up_var, transition, noise)
+    full_mean, full_cov = kf.predict_prior_full(up_mean, up_var, transition, noise)
     torch.testing.assert_close(mean, full_mean)
     torch.testing.assert_close(var, full_cov.diagonal(dim1=-2, dim2=-1))
     # An upstream full covariance through the diagonal predictor.
     b = torch.randn(2, 5, 5, dtype=torch.float64)
     up_cov = b @ b.mT
-    _, var_from_full = F.predict_prior(up_mean, up_cov, transition, noise)
-    _, cov_from_full = F.predict_prior_full(up_mean, up_cov, transition, noise)
+    _, var_from_full = kf.predict_prior(up_mean, up_cov, transition, noise)
+    _, cov_from_full = kf.predict_prior_full(up_mean, up_cov, transition, noise)
     torch.testing.assert_close(var_from_full, cov_from_full.diagonal(dim1=-2, dim2=-1))
 
 
@@ -108,7 +108,7 @@ def test_relu_moments_match_monte_carlo():
     mean = torch.tensor([-1.0, 0.0, 0.7, 3.0], dtype=torch.float64)
     var = torch.tensor([0.5, 1.0, 2.0, 0.1], dtype=torch.float64)
     samples = torch.relu(mean + var.sqrt() * torch.randn(400_000, 4, dtype=torch.float64))
-    m, v = F.relu_moments(mean, var)
+    m, v = kf.relu_moments(mean, var)
     torch.testing.assert_close(m, samples.mean(0), atol=6e-3, rtol=0)
     torch.testing.assert_close(v, samples.var(0), atol=1e-2, rtol=0)
 
@@ -129,17 +129,17 @@ def test_relu_moments_backward_is_autograds_of_the_closed_form():
     mean = (3 * torch.randn(64, dtype=torch.float64)).requires_grad_()
     var = (torch.rand(64, dtype=torch.float64) * 4).requires_grad_()
     grads = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
-    for fn in (F.relu_moments, _composite_relu_moments):
+    for fn in (kf.relu_moments, _composite_relu_moments):
         outputs = fn(mean, var)
         for got, want in zip(outputs, _composite_relu_moments(mean, var)):
             torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
-    analytic = torch.autograd.grad(F.relu_moments(mean, var), (mean, var), grads)
+    analytic = torch.autograd.grad(kf.relu_moments(mean, var), (mean, var), grads)
     reference = torch.autograd.grad(_composite_relu_moments(mean, var), (mean, var), grads)
     for got, want in zip(analytic, reference):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     point = (mean[:6].detach().requires_grad_(), var[:6].detach().requires_grad_())
-    assert torch.autograd.gradcheck(F.relu_moments, point)
-    assert torch.autograd.gradgradcheck(F.relu_moments, point)
+    assert torch.autograd.gradcheck(kf.relu_moments, point)
+    assert torch.autograd.gradgradcheck(kf.relu_moments, point)
 
 
 def _composite_clipped_moments(mean, var, low, high):
@@ -169,7 +169,7 @@ def test_clipped_moments_equal_the_integral_over_the_density():
     values = (mean[:, None] + std[:, None] * z).clamp(0.0, 6.0)
     first = torch.trapezoid(values * density, z)
     second = torch.trapezoid(values.square() * density, z)
-    m, v = F.clipped_moments(mean, var, 0.0, 6.0)
+    m, v = kf.clipped_moments(mean, var, 0.0, 6.0)
     torch.testing.assert_close(m, first, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(v, second - first.square(), rtol=1e-5, atol=1e-8)
 
@@ -179,7 +179,7 @@ def test_clipped_moments_backward_is_autograds_of_the_closed_form():
     mean = (4 * torch.randn(64, dtype=torch.float64) + 3).requires_grad_()
     var = (torch.rand(64, dtype=torch.float64) * 4).requires_grad_()
     grads = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
-    outputs = F.clipped_moments(mean, var, 0.0, 6.0)
+    outputs = kf.clipped_moments(mean, var, 0.0, 6.0)
     for got, want in zip(outputs, _composite_clipped_moments(mean, var, 0.0, 6.0)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
     analytic = torch.autograd.grad(outputs, (mean, var), grads)
@@ -191,7 +191,7 @@ def test_clipped_moments_backward_is_autograds_of_the_closed_form():
     point = (mean[:6].detach().requires_grad_(), var[:6].detach().requires_grad_())
 
     def relu6_moments(m, v):
-        return F.clipped_moments(m, v, 0.0, 6.0)
+        return kf.clipped_moments(m, v, 0.0, 6.0)
 
     assert torch.autograd.gradcheck(relu6_moments, point)
     assert torch.autograd.gradgradcheck(relu6_moments, point)
@@ -208,28 +208,28 @@ def test_linear_moments_match_sampled_convolution():
     )
     with torch.no_grad():
         out = conv(samples)
-    m, v = F.linear_moments(mean, var, conv.weight, conv.bias, groups=2)
+    m, v = kf.linear_moments(mean, var, conv.weight, conv.bias, groups=2)
     torch.testing.assert_close(m, out.mean(dim=(0, 2, 3)), atol=5e-3, rtol=0)
     torch.testing.assert_close(v, out.var(dim=(0, 2, 3)), rtol=2e-2, atol=0)
 
 
 def test_normalize_groups_and_eval_forms():
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
-    mean, var, _ = F.group_moments(x, 2)
+    mean, var, _ = kf.group_moments(x, 2)
     w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    y = F.normalize(x, mean, var, w, b, 1e-5)
+    y = kf.normalize(x, mean, var, w, b, 1e-5)
     for g in range(2):
         ref = torch.nn.functional.batch_norm(
             x[2 * g : 2 * g + 2], None, None, w, b, True, 0.0, 1e-5
         )
         torch.testing.assert_close(y[2 * g : 2 * g + 2], ref)
-    y_eval = F.normalize(x, mean[0], var[0], w, b, 1e-5)
+    y_eval = kf.normalize(x, mean[0], var[0], w, b, 1e-5)
     ref = torch.nn.functional.batch_norm(x, mean[0], var[0], w, b, False, 0.0, 1e-5)
     torch.testing.assert_close(y_eval, ref)
 
 
 def test_exponential_average_is_convex_combination():
     running = torch.tensor([1.0, 2.0])
-    F.exponential_average(running, torch.tensor([3.0, 0.0]), 0.25)
+    kf.exponential_average(running, torch.tensor([3.0, 0.0]), 0.25)
     torch.testing.assert_close(running, torch.tensor([1.5, 1.5]))
     assert math.isclose(float(running.sum()), 3.0)

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import Tensor, nn
 
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 from kalmannorm._torch_private import BatchNormBase, NormBase
 from kalmannorm.layers.batch_kalman import BatchKalmanNorm
 from kalmannorm.layers.batch_renorm import BatchRenorm
@@ -100,7 +100,7 @@ def _batch_hook(sums: _Sums, tracing: Callable[[], bool]):
         if tracing():
             return
         x = args[0]
-        mean, var, count = F.group_moments(x.detach(), getattr(module, "stat_batch_size", None))
+        mean, var, count = kf.group_moments(x.detach(), getattr(module, "stat_batch_size", None))
         sums.add(mean, _unbiased(var, count))
 
     return hook

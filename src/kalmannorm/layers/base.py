@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as torch_f
 
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 from kalmannorm.chain import Posterior, check_recomputation, recomputing
 from kalmannorm.compiled_step import compiled_call, runs_compiled
 from kalmannorm.dataflow import convolved_weight
@@ -362,24 +362,24 @@ class KalmanNormBase(nn.Module):
                 f"same batch split into the same statistics groups."
             )
         if self.chain.flow != "execution":
-            prior_mean, prior_var = F.predict_data_flow_prior(up_mean, up_var, *prior_params)
+            prior_mean, prior_var = kf.predict_data_flow_prior(up_mean, up_var, *prior_params)
             if self.covariance == "full":
                 prior_var = torch.diag_embed(prior_var)
         elif self.prior == "propagate":
             first, second = prior_params
             if up_var.dim() == up_mean.dim() + 1:
                 up_var = up_var.diagonal(dim1=-2, dim2=-1)
-            relu_mean, relu_var = F.relu_moments(up_mean, up_var)
+            relu_mean, relu_var = kf.relu_moments(up_mean, up_var)
             groups = getattr(self._propagation_source(), "groups", 1)
-            prior_mean, prior_var = F.linear_moments(relu_mean, relu_var, first, second, groups)
+            prior_mean, prior_var = kf.linear_moments(relu_mean, relu_var, first, second, groups)
         elif self.covariance == "full":
             first, second = prior_params
-            prior_mean, prior_var = F.predict_prior_full(
+            prior_mean, prior_var = kf.predict_prior_full(
                 up_mean, up_var, first, torch_f.softplus(second)
             )
         else:
             first, second = prior_params
-            prior_mean, prior_var = F.predict_prior(
+            prior_mean, prior_var = kf.predict_prior(
                 up_mean, up_var, first, torch_f.softplus(second)
             )
         predicted_var = prior_var
@@ -391,7 +391,7 @@ class KalmanNormBase(nn.Module):
             prior_diag = _diagonal(prior_var, batch_mean)
             ratio = (prior_diag / _diagonal(batch_second, batch_mean)).mean(-1, keepdim=True)
             gain = torch.where(ratio < self.guard, gain, torch.ones_like(gain))
-        update = F.kalman_update_full if self.covariance == "full" else F.kalman_update
+        update = kf.kalman_update_full if self.covariance == "full" else kf.kalman_update
         mean, var = update(batch_mean, batch_second, prior_mean, prior_var, gain)
         prior_mean = prior_mean.expand_as(batch_mean)
         return KalmanEstimate(mean, var, gain, prior_mean, prior_var, predicted_var)

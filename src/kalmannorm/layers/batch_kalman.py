@@ -25,7 +25,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 from kalmannorm._torch_private import NormBase
 from kalmannorm.autolink import await_link
 from kalmannorm.chain import recomputing
@@ -158,7 +158,7 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
             return empty_output(x, self.weight, self.bias)
         if not self.uses_batch_statistics():
             self.publish_fixed(self.running_mean, self.running_var)
-            return F.normalize(
+            return kf.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         upstream = self.upstream_posterior()
@@ -167,21 +167,21 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
             return self._forward_fused(x, inputs)
 
         if self.covariance == "full":
-            batch_mean, batch_second, count = F.group_covariance(x, self.stat_batch_size)
+            batch_mean, batch_second, count = kf.group_covariance(x, self.stat_batch_size)
             batch_var = batch_second.diagonal(dim1=-2, dim2=-1)
         else:
-            batch_mean, batch_second, count = F.group_moments(x, self.stat_batch_size)
+            batch_mean, batch_second, count = kf.group_moments(x, self.stat_batch_size)
             batch_var = batch_second
         self.check_statistics(batch_mean, batch_var, count)
         estimate = self.estimate(batch_mean, batch_second, *inputs)
         self.record(batch_mean, batch_second, estimate)
-        var = F.diagonal(estimate.var) if self.covariance == "full" else estimate.var
+        var = kf.diagonal(estimate.var) if self.covariance == "full" else estimate.var
         self._update_running_stats(estimate, var, batch_var, count)
-        return F.normalize(x, estimate.mean, var, self.weight, self.bias, self.eps)
+        return kf.normalize(x, estimate.mean, var, self.weight, self.bias, self.eps)
 
     def _forward_fused(self, x: Tensor, inputs: tuple[Tensor | None, ...]) -> Tensor:
         """The same computation through :class:`kalmannorm.fused.FusedGroupNorm`."""
-        groups = F.num_stat_groups(x.shape[0], self.stat_batch_size)
+        groups = kf.num_stat_groups(x.shape[0], self.stat_batch_size)
         count = (x.shape[0] // groups) * x[0, 0].numel()
         after = self._after_step if self._updates_running_stats() else None
         y, _, _ = self.fused_step(x, SampleGroups(groups), count, inputs, after)
@@ -205,7 +205,7 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
         """kappa o sigma^2_{k|k-1} with ``calibrate_prior`` (kappa from past steps)."""
         if not self.calibrate_prior:
             return prior_var
-        return F.calibrate_prior_variance(
+        return kf.calibrate_prior_variance(
             prior_var, self.calibration_batch_var, self.calibration_prior_var
         )
 
@@ -232,8 +232,8 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
                 factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
             else:
                 factor = self.momentum
-            F.exponential_average(self.running_mean, estimate.mean.mean(0), factor)
-            F.exponential_average(self.running_var, unbiased_var.mean(0), factor)
+            kf.exponential_average(self.running_mean, estimate.mean.mean(0), factor)
+            kf.exponential_average(self.running_var, unbiased_var.mean(0), factor)
             if self.calibrate_prior and estimate.predicted_var is not None:
                 momentum = self.momentum if self.momentum is not None else 0.1
                 self._update_calibration(batch_var, estimate.predicted_var, momentum)

@@ -45,7 +45,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 from kalmannorm._torch_private import NormBase
 from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
@@ -215,7 +215,7 @@ class BatchRenorm(NormBase):
         if x.shape[0] == 0:  # as torch's BatchNorm: an empty batch in, an empty batch out
             return empty_output(x, self.weight, self.bias)
         if not (self.training or not self.track_running_stats or evaluates_with_batch(self)):
-            return F.normalize(
+            return kf.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         if not (self.training and self.track_running_stats):

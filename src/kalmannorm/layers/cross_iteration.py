@@ -79,7 +79,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as torch_f
 
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 from kalmannorm._torch_private import ConvNd, NormBase
 from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
@@ -435,14 +435,14 @@ class CrossIterationBatchNorm(NormBase):
         if x.shape[0] == 0:  # as torch's BatchNorm: an empty batch in, an empty batch out
             return empty_output(x, self.weight, self.bias)
         if not (self.training or not self.track_running_stats or evaluates_with_batch(self)):
-            return F.normalize(
+            return kf.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         if not self.training:
             return grouped_batch_norm(self, x).output
 
         refuse_recomputation(self)
-        groups = F.num_stat_groups(x.shape[0], self.stat_batch_size)
+        groups = kf.num_stat_groups(x.shape[0], self.stat_batch_size)
         if self.window_size > 1:
             self._check_feeding(x, captured, produced)
         if getattr(self, "_host_step", None) is None:

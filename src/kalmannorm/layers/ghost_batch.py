@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 from kalmannorm._torch_private import NormBase
 from kalmannorm.chain import recomputing
 from kalmannorm.fused import (
@@ -127,8 +127,8 @@ def moving_average_factor(layer: NormBase) -> float | Tensor:
 def update_running_stats(layer: NormBase, mean: Tensor, var: Tensor, count: int) -> None:
     """running <- (1 - a) running + a mean over groups; ``var`` is biased and made unbiased."""
     factor = moving_average_factor(layer)
-    F.exponential_average(layer.running_mean, mean.detach().mean(0), factor)
-    F.exponential_average(layer.running_var, var.detach().mean(0) * (count / (count - 1)), factor)
+    kf.exponential_average(layer.running_mean, mean.detach().mean(0), factor)
+    kf.exponential_average(layer.running_var, var.detach().mean(0) * (count / (count - 1)), factor)
 
 
 def batch_statistics(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,7 +166,7 @@ def grouped_batch_norm(
     BatchNorm's number of passes; float32 statistics for half precision); others the composite
     path, with the same result.
     """
-    groups = F.num_stat_groups(x.shape[0], layer.stat_batch_size)
+    groups = kf.num_stat_groups(x.shape[0], layer.stat_batch_size)
     count = (x.shape[0] // groups) * math.prod(x.shape[2:])
     check_group_size(layer, count)
     if fused_applicable(x, (layer.weight, layer.bias)) and all(
@@ -183,9 +183,9 @@ def grouped_batch_norm(
         return GroupedNorm(
             y, batch_mean.detach(), batch_var.detach(), mean.detach(), var.detach(), count
         )
-    batch_mean, batch_var, _ = F.group_moments(x, layer.stat_batch_size)
+    batch_mean, batch_var, _ = kf.group_moments(x, layer.stat_batch_size)
     mean, var = estimate(batch_mean, batch_var, *small)
-    y = F.normalize(x, mean, var, layer.weight, layer.bias, layer.eps)
+    y = kf.normalize(x, mean, var, layer.weight, layer.bias, layer.eps)
     return GroupedNorm(
         y, batch_mean.detach(), batch_var.detach(), mean.detach(), var.detach(), count
     )
@@ -238,7 +238,7 @@ class GhostBatchNorm(NormBase):
         if x.shape[0] == 0:  # as torch's BatchNorm: an empty batch in, an empty batch out
             return empty_output(x, self.weight, self.bias)
         if not (self.training or not self.track_running_stats or evaluates_with_batch(self)):
-            return F.normalize(
+            return kf.normalize(
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
             )
         result = grouped_batch_norm(self, x)

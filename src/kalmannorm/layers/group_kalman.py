@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 from kalmannorm.autolink import await_link
 from kalmannorm.fused import ChannelGroups, fused_applicable
 from kalmannorm.layers.affine import empty_output, init_affine
@@ -121,7 +121,7 @@ class GroupKalmanNorm(KalmanNormBase):
         self.record(batch_mean, batch_var, estimate)
         mean, var = estimate.mean, estimate.var
         per_channel = self.num_channels // self.num_groups
-        return F.normalize(
+        return kf.normalize(
             x,
             mean.repeat_interleave(per_channel, dim=1),
             var.repeat_interleave(per_channel, dim=1),

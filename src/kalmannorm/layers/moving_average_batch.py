@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as torch_f
 
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 from kalmannorm._torch_private import NormBase
 from kalmannorm.layers.affine import empty_output
 from kalmannorm.layers.ghost_batch import (
@@ -127,7 +127,7 @@ def group_second_moments(x: Tensor, stat_batch_size: int | None) -> tuple[Tensor
     come from per-sample sums over positions (sum x and ||x||^2, contiguous reductions) added up
     over each group's samples: the second moment is a sum of squares, with no cancellation.
     """
-    groups = F.num_stat_groups(x.shape[0], stat_batch_size)
+    groups = kf.num_stat_groups(x.shape[0], stat_batch_size)
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     spatial = _spatial_dims(work)
     count = _values_per_group(x, groups)
@@ -260,7 +260,7 @@ def second_moment_norm(
     x: Tensor, second: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
     """y = gamma x / sqrt(chi2 + eps) + beta, chi2 (G, C) per group or (C,); plain autograd."""
-    return F.normalize(x, torch.zeros_like(second), second, weight, bias, eps)
+    return kf.normalize(x, torch.zeros_like(second), second, weight, bias, eps)
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ class MovingAverageBatchNorm(NormBase):
             _, second, _ = group_second_moments(x, self.stat_batch_size)
             return second_moment_norm(x, second, self.weight, self.bias, self.eps)
         refuse_recomputation(self)
-        groups = F.num_stat_groups(x.shape[0], self.stat_batch_size)
+        groups = kf.num_stat_groups(x.shape[0], self.stat_batch_size)
         dtype = _stat_dtype(x)
         with torch.no_grad():
             batch_mean, batch_second, _ = group_second_moments(x.detach(), self.stat_batch_size)
@@ -414,7 +414,7 @@ class MovingAverageBatchNorm(NormBase):
             factor = factor.to(second.dtype)
         moving_second = self.moving_second_moment().to(second.dtype)
         moving_second = moving_second.lerp(second.mean(0), factor)
-        F.exponential_average(self.running_mean, batch_mean.mean(0), factor)
+        kf.exponential_average(self.running_mean, batch_mean.mean(0), factor)
         self.running_var.copy_(moving_second - self.running_mean.to(second.dtype).square())
 
     # -- the windows --------------------------------------------------------------------------

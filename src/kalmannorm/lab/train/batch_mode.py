@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from kalmannorm import functional as F
+from kalmannorm import functional as kf
 from kalmannorm._torch_private import BatchNormBase, InstanceNormBase
 from kalmannorm.layers.base import KalmanNormBase
 from kalmannorm.layers.batch_kalman import BatchKalmanNorm
@@ -132,12 +132,12 @@ def _batchnorm_hooks(layer: NormLayer, observe: Observer | None) -> list:
 
     def forward_hook(mod: nn.Module, args: tuple, output: Tensor) -> Tensor:
         x = args[0]
-        mean, var, count = F.group_moments(x, size)
+        mean, var, count = kf.group_moments(x, size)
         _check_count(layer, count)
         used_mean, used_var = mean, var
         if isinstance(mod, MovingAverageBatchNorm):  # the second moment, no centring
             used_mean, used_var = torch.zeros_like(mean), var + mean.square()
-        y = F.normalize(
+        y = kf.normalize(
             x,
             used_mean,
             used_var,
