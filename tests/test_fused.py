@@ -200,18 +200,19 @@ def test_fused_and_composite_paths_agree_for_every_input_rank(monkeypatch, dims,
         torch.testing.assert_close(posterior, model[4].last_statistics.posterior_var)
 
 
-def _step_outputs_and_gradients(step, x, weight, bias):
-    """The fused node's five outputs and the gradients of x, gamma, beta under fixed weights."""
+def _step_outputs_and_gradients(step, x, weight, bias, *small):
+    """The fused node's five outputs and the gradients of x, gamma, beta and the ``small``
+    tensors that require them, under fixed weights."""
     from kalmannorm.fused import FusedGroupNorm, SampleGroups, VarianceGuard
 
     x = x.clone().requires_grad_()
     outputs = FusedGroupNorm.apply(
-        x, SampleGroups(4), VarianceGuard(), step, lambda *sums: None, weight, bias
+        x, SampleGroups(4), VarianceGuard(), step, lambda *sums: None, weight, bias, *small
     )
     generator = torch.Generator().manual_seed(1)
     weights = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outputs]
     loss = sum((o * w).sum() for o, w in zip(outputs, weights))
-    leaves = [t for t in (x, weight, bias) if t is not None]
+    leaves = [t for t in (x, weight, bias, *small) if t is not None and t.requires_grad]
     return [o.detach() for o in outputs], torch.autograd.grad(loss, leaves)
 
 
@@ -239,6 +240,65 @@ def test_the_written_batch_statistics_step_equals_the_traced_one(case):
     got = _step_outputs_and_gradients(written, x, weight, bias)
     for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _paper_kalman_estimate(guard):
+    """Eq. (5) as the paper writes it, with the authors' guard: an estimate for TracedStep."""
+
+    def estimate(batch_mean, batch_var, prior_mean, prior_var, gain):
+        gain = gain.expand_as(batch_mean)
+        if guard is not None:
+            ratio = (prior_var / batch_var).mean(-1, keepdim=True)
+            gain = torch.where(ratio < guard, gain, torch.ones_like(gain))
+        keep = 1 - gain
+        mean = keep * prior_mean + gain * batch_mean
+        var = keep * prior_var + gain * batch_var + keep * gain * (batch_mean - prior_mean) ** 2
+        return mean, var
+
+    return estimate
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["plain", "prior shared by the groups", "guard rejects a group", "constant channel",
+     "no affine", "fixed gain", "large offset"],
+)  # fmt: skip
+def test_the_written_kalman_step_equals_the_traced_one(case):
+    """BKN's written-out small step (Eq. 5, guard, affine) against autograd through the paper's
+    formula: outputs and the gradients of x, gamma, beta, the prior and the gain, on the
+    statistics handed on too."""
+    from kalmannorm.fused import KalmanStep, SampleGroups, TracedStep, with_affine
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 3, 3, dtype=torch.float64)
+    if case == "constant channel":
+        x[:2, 2] = 1.5
+    if case == "large offset":
+        x = x * 0.01 + 100.0
+    groups = 1 if case == "prior shared by the groups" else 4
+    prior_mean = torch.randn(groups, 5, dtype=torch.float64) + (100.0 if "offset" in case else 0)
+    prior_var = torch.rand(groups, 5, dtype=torch.float64) + 0.5
+    if case == "large offset":
+        prior_var = prior_var * 1e-4
+    if case == "guard rejects a group":
+        prior_var[1] = 1e3
+    prior_mean.requires_grad_(), prior_var.requires_grad_()
+    gain = torch.rand(5, dtype=torch.float64).requires_grad_(case != "fixed gain")
+    affine = case != "no affine"
+    weight = torch.randn(5, dtype=torch.float64, requires_grad=True) if affine else None
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True) if affine else None
+    layout, guard = SampleGroups(4), 100.0
+    traced = TracedStep(with_affine(_paper_kalman_estimate(guard), layout, 1e-5), layout)
+    written = KalmanStep(layout, 1e-5, guard, None, None)
+    small = (prior_mean, prior_var, gain)
+    want = _step_outputs_and_gradients(traced, x, weight, bias, *small)
+    got = _step_outputs_and_gradients(written, x, weight, bias, *small)
+    assert len(got[1]) == len(want[1])
+    for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    if case == "guard rejects a group":
+        applied = written.extra[0]
+        assert (applied[1] == 1).all() and (applied[0] == gain.detach()).all()
 
 
 _HALF_NORMS = [

@@ -166,6 +166,18 @@ def predict_prior_full(
     return prior_mean, prior_cov
 
 
+def guard_gain(
+    gain: Tensor, prior_var: Tensor, batch_var: Tensor, limit: float
+) -> tuple[Tensor, Tensor]:
+    """The authors' guard: q where mean_c(sigma^2_{k|k-1} / S) < ``limit`` in a statistics
+    group, else 1 (the batch statistics alone); and whether each group kept its prior (G, 1).
+
+    Variances are diagonal (G, C); a prior variance (1, C) broadcasts over the groups.
+    """
+    accepted = (prior_var / batch_var).mean(-1, keepdim=True) < limit
+    return torch.where(accepted, gain, 1.0), accepted
+
+
 def kalman_update(
     batch_mean: Tensor,
     batch_var: Tensor,

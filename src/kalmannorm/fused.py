@@ -42,7 +42,12 @@ from torch.autograd.function import once_differentiable
 
 from kalmannorm import _torch_private
 from kalmannorm.compiled_step import compiled_call
-from kalmannorm.functional import affine_from_statistics, autocast_off
+from kalmannorm.functional import (
+    affine_from_statistics,
+    autocast_off,
+    guard_gain,
+    kalman_update,
+)
 
 #: Above this mean^2 / var ratio, E[x^2] - xbar^2 loses too many digits: a layer's next forward
 #: takes the two-pass variance (:class:`VarianceGuard`).
@@ -416,44 +421,208 @@ class BatchStatisticsStep:
     def forward(
         self, constants: tuple, inputs: tuple[Tensor | None, ...]
     ) -> tuple[tuple[Tensor, ...], Tensor]:
-        count, rest = constants
         total, total_square, offset, weight, bias = inputs
         with autocast_off(total):
-            centre, spread, mean = _centred_moments(
-                BatchSums(RowSums(total, total_square, rest), offset), count
-            )
-            var = spread.clamp_min(0.0)
-            rstd = torch.rsqrt(var + self.eps)
-            scale = rstd if weight is None else rstd * weight
-            shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
-        affine = (weight, bias is not None)
-        self._saved = (count, total.shape, centre, mean, rstd, scale, *affine, spread < 0)
-        layout = self.layout
-        outputs = (layout.broadcast(scale), layout.broadcast(shift), mean, var, mean, var)
-        return outputs, _cancels(mean, spread)
+            moments = _WrittenMoments.of(constants, total, total_square, offset)
+            affine = _WrittenAffine.of(moments.mean, moments.var, weight, bias, self.eps)
+        self._saved = (moments, affine)
+        mean, var = moments.mean, moments.var
+        return (*affine.outputs(self.layout), mean, var, mean, var), moments.cancels()
 
     def backward(
         self,
         grad_affine: tuple[RowSums, tuple[int, ...], tuple[int, ...]],
         grad_outputs: tuple[Tensor | None, ...],
     ) -> tuple[Tensor | None, ...]:
-        count, shape, centre, mean, rstd, scale, weight, has_bias, negative = self._saved
+        moments, affine = self._saved
+        grad_mean, grad_var = (_summed(grad_outputs[i::2], moments.mean) for i in (0, 1))
+        grad_mean, grad_var, grad_weight, grad_bias = affine.backward(
+            grad_affine, grad_mean, grad_var
+        )
+        return (*moments.backward(grad_mean, grad_var), None, grad_weight, grad_bias)
+
+
+class KalmanStep:
+    """The small step of Batch Kalman Normalization (diagonal, per-channel statistics groups)
+    with its backward written out (:class:`TracedStep` differentiates the same formula through
+    a kept graph). The prior is computed before the fused node, by ordinary autograd; this step
+    takes it as the inputs (mu^{k|k-1}, sigma^2_{k|k-1}, q) after the row sums, the offset,
+    gamma and beta (none: the batch statistics, q = 1). Forward: the batch moments xbar, S
+    (:class:`BatchStatisticsStep`), the guard (q = 1 for a group whose mean prior/batch variance
+    ratio reaches ``guard``: :func:`kalmannorm.functional.guard_gain`), Eq. (5)
+    (:func:`kalmannorm.functional.kalman_update`), the affine, then ``after``. Backward, with
+    d = xbar - mu^{k|k-1} and p = 1 - q:
+
+        dmu = g_mu - g_shift scale,  dsigma^2 = g_sigma^2 - dscale gamma r^3 / 2 (as ghost BN's),
+        dd = q dmu + 2 q p d dsigma^2,  dxbar = dd + g_xbar,  dS = q dsigma^2 + g_S,
+        dmu^{k|k-1} = dmu - dd,  dsigma^2_{k|k-1} = p dsigma^2,
+        dq = d dmu + (S - sigma^2_{k|k-1} + (p - q) d^2) dsigma^2 (0 where the guard took q = 1),
+
+    summed over the groups a prior or q broadcasts along; then dxbar, dS to the row sums as
+    ghost BN's. ``predicted_var`` is the prior variance before any calibration (diagnostics)."""
+
+    def __init__(
+        self,
+        layout: SampleGroups,
+        eps: float,
+        guard: float | None,
+        after: AfterStep | None,
+        predicted_var: Tensor | None,
+    ) -> None:
+        self.layout, self.eps, self.guard, self.after = layout, eps, guard, after
+        self.predicted_var = predicted_var
+        self.extra: tuple = ()
+
+    def forward(
+        self, constants: tuple, inputs: tuple[Tensor | None, ...]
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        total, total_square, offset, weight, bias, *prior = inputs
+        with autocast_off(total):
+            moments = _WrittenMoments.of(constants, total, total_square, offset)
+            batch_mean, batch_var = moments.mean, moments.var
+            if prior:
+                prior_mean, prior_var, gain = prior
+                gain = gain.to(batch_mean.dtype).expand_as(batch_mean)
+                accepted = None
+                if self.guard is not None:
+                    gain, accepted = guard_gain(gain, prior_var, batch_var, self.guard)
+                mean, var = kalman_update(batch_mean, batch_var, prior_mean, prior_var, gain)
+                wants = tuple(t.requires_grad for t in prior)
+                self._prior = (prior_mean, prior_var, gain, accepted, wants)
+                extra = (gain, prior_mean.expand_as(batch_mean), prior_var, self.predicted_var)
+            else:
+                mean, var, self._prior = batch_mean, batch_var, None
+                extra = (torch.ones_like(batch_mean), None, None, None)
+            affine = _WrittenAffine.of(mean, var, weight, bias, self.eps)
+        self._saved = (moments, affine)
+        outputs = (*affine.outputs(self.layout), mean, var, batch_mean, batch_var)
+        if self.after is not None:
+            self.after(moments.count, outputs, extra)
+        self.extra = extra
+        return outputs, moments.cancels()
+
+    def backward(
+        self,
+        grad_affine: tuple[RowSums, tuple[int, ...], tuple[int, ...]],
+        grad_outputs: tuple[Tensor | None, ...],
+    ) -> tuple[Tensor | None, ...]:
+        moments, affine = self._saved
+        like = moments.mean
+        grad_mean, grad_var, grad_batch_mean, grad_batch_var = grad_outputs
+        grad_mean, grad_var, grad_weight, grad_bias = affine.backward(
+            grad_affine, _summed((grad_mean,), like), _summed((grad_var,), like)
+        )
+        if self._prior is None:
+            grad_batch_mean = _summed((grad_mean, grad_batch_mean), like)
+            grad_batch_var = _summed((grad_var, grad_batch_var), like)
+            return (*moments.backward(grad_batch_mean, grad_batch_var), None, grad_weight,
+                    grad_bias)  # fmt: skip
+        prior_mean, prior_var, gain, accepted, wants = self._prior
+        innovation = moments.mean - prior_mean
+        keep = 1.0 - gain
+        gained_var = gain * grad_var
+        grad_innovation = torch.addcmul(gain * grad_mean, keep * gained_var, innovation, value=2.0)
+        grad_batch_mean = _summed((grad_innovation, grad_batch_mean), like)
+        grad_batch_var = _summed((gained_var, grad_batch_var), like)
+        grads: list[Tensor | None] = [None, None, None]
+        if wants[0]:
+            grads[0] = _sum_to(grad_mean - grad_innovation, prior_mean)
+        if wants[1]:
+            grads[1] = _sum_to(grad_var - gained_var, prior_var)
+        if wants[2]:
+            # S - sigma^2_{k|k-1} + (p - q) d^2, the derivative of sigma^2_{k|k} in q
+            spread = torch.addcmul(moments.var - prior_var, keep - gain, innovation.square())
+            grad_gain = torch.addcmul(innovation * grad_mean, spread, grad_var)
+            if accepted is not None:
+                grad_gain = grad_gain.masked_fill_(~accepted, 0.0)
+            grads[2] = grad_gain.sum(0)
+        return (*moments.backward(grad_batch_mean, grad_batch_var), None, grad_weight, grad_bias,
+                *grads)  # fmt: skip
+
+
+class _WrittenMoments(NamedTuple):
+    """Batch mean xbar = offset + c and variance S = max(Sigma d^2 / m - c^2, 0) (A, D) of
+    m = ``count`` values each, c = Sigma d / m (d = x - offset), kept for their written
+    backward."""
+
+    count: int
+    shape: torch.Size
+    centre: Tensor
+    spread: Tensor  # Sigma d^2 / m - c^2, not clamped
+    mean: Tensor
+    var: Tensor
+
+    @classmethod
+    def of(
+        cls, constants: tuple, total: Tensor, total_square: Tensor, offset: Tensor | None
+    ) -> _WrittenMoments:
+        count, rest = constants
+        found = BatchSums(RowSums(total, total_square, rest), offset)
+        centre, spread, mean = _centred_moments(found, count)
+        return cls(count, total.shape, centre, spread, mean, spread.clamp_min(0.0))
+
+    def cancels(self) -> Tensor:
+        return _cancels(self.mean, self.spread)
+
+    def backward(self, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor, Tensor]:
+        """dSigma d = (dxbar - 2 c dS) / m and dSigma d^2 = dS / m (dS = 0 where S < 0: clamp_min
+        passes none), broadcast to the row sums' shape."""
+        grad_var = grad_var.masked_fill(self.spread < 0, 0.0)
+        grad_total = torch.addcmul(grad_mean, self.centre, grad_var, value=-2.0).div_(self.count)
+        grad_square = grad_var.div_(self.count)
+        shape = self.shape
+        full = (shape[0], 1, shape[2], 1)
+        return tuple(g.view(full).expand(shape) for g in (grad_total, grad_square))
+
+
+class _WrittenAffine(NamedTuple):
+    """r = 1 / sqrt(var + eps), scale = gamma r and shift = beta - mean scale (G, C), kept for
+    their written backward."""
+
+    mean: Tensor
+    rstd: Tensor
+    scale: Tensor
+    shift: Tensor
+    weight: Tensor | None
+    has_bias: bool
+
+    @classmethod
+    def of(
+        cls, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> _WrittenAffine:
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if weight is None else rstd * weight
+        shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
+        return cls(mean, rstd, scale, shift, weight, bias is not None)
+
+    def outputs(self, layout: SampleGroups) -> tuple[Tensor, Tensor]:
+        return layout.broadcast(self.scale), layout.broadcast(self.shift)
+
+    def backward(
+        self,
+        grad_affine: tuple[RowSums, tuple[int, ...], tuple[int, ...]],
+        grad_mean: Tensor,
+        grad_var: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """dmean = g_mean - g_shift scale, dvar = g_var - dscale gamma r^3 / 2 with
+        dscale = g_scale - g_shift mean, dgamma = sum_G dscale r, dbeta = sum_G g_shift, from
+        dL/dscale = Sigma g x and dL/dshift = Sigma g (``grad_affine``)."""
         rows, shift_rest, scale_rest = grad_affine
         grad_scale = _rows(_sum(rows.product, scale_rest))
         grad_shift = _rows(_sum(rows.total, shift_rest))
-        grad_mean = torch.addcmul(_summed(grad_outputs[0::2], mean), grad_shift, scale, value=-1)
-        grad_scale = torch.addcmul(grad_scale, grad_shift, mean, value=-1)
+        grad_mean = torch.addcmul(grad_mean, grad_shift, self.scale, value=-1)
+        grad_scale = torch.addcmul(grad_scale, grad_shift, self.mean, value=-1)
+        weight = self.weight
         grad_rstd = grad_scale if weight is None else grad_scale * weight
-        grad_var = _summed(grad_outputs[1::2], mean)
-        grad_var = torch.addcmul(grad_var, grad_rstd, rstd.pow(3), value=-0.5)
-        grad_var = grad_var.masked_fill_(negative, 0.0)  # clamp_min passes none where S < 0
-        grad_total = torch.addcmul(grad_mean, centre, grad_var, value=-2.0).div_(count)
-        grad_square = grad_var.div_(count)
-        grad_weight = None if weight is None else (grad_scale * rstd).sum(0)
-        grad_bias = grad_shift.sum(0) if has_bias else None
-        full = (shape[0], 1, shape[2], 1)
-        grad_total, grad_square = (g.view(full).expand(shape) for g in (grad_total, grad_square))
-        return grad_total, grad_square, None, grad_weight, grad_bias
+        grad_var = torch.addcmul(grad_var, grad_rstd, self.rstd.pow(3), value=-0.5)
+        grad_weight = None if weight is None else (grad_scale * self.rstd).sum(0)
+        grad_bias = grad_shift.sum(0) if self.has_bias else None
+        return grad_mean, grad_var, grad_weight, grad_bias
+
+
+def _sum_to(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` (G, C) summed over the groups ``like`` (1, C) broadcasts along."""
+    return grad.sum(0, keepdim=True) if like.shape[0] != grad.shape[0] else grad
 
 
 def _summed(grads: Sequence[Tensor | None], like: Tensor) -> Tensor:
@@ -509,7 +678,7 @@ class CompiledStep:
         )  # fmt: skip
 
 
-SmallStep = TracedStep | CompiledStep | BatchStatisticsStep
+SmallStep = TracedStep | CompiledStep | BatchStatisticsStep | KalmanStep
 
 
 class FusedGroupNorm(torch.autograd.Function):

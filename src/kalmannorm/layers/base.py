@@ -40,7 +40,9 @@ from kalmannorm.fused import (
     AfterStep,
     CompiledStep,
     FusedGroupNorm,
+    KalmanStep,
     Layout,
+    SampleGroups,
     SmallStep,
     TracedStep,
     detached_leaf,
@@ -355,9 +357,27 @@ class KalmanNormBase(nn.Module):
         if not inputs:
             return KalmanEstimate(batch_mean, batch_second, torch.ones_like(batch_mean), None, None)
         up_mean, up_var, gain_param, *prior_params = inputs
-        if up_mean.shape[0] not in (1, batch_mean.shape[0]):
+        prior_mean, prior_var, predicted_var = self._prior(
+            batch_mean.shape[0], up_mean, up_var, *prior_params
+        )
+        gain = self._gain(gain_param).to(batch_mean.dtype).expand_as(batch_mean)
+        if self.guard is not None:
+            prior_diag, batch_diag = (_diagonal(v, batch_mean) for v in (prior_var, batch_second))
+            gain, _ = kf.guard_gain(gain, prior_diag, batch_diag, self.guard)
+        update = kf.kalman_update_full if self.covariance == "full" else kf.kalman_update
+        mean, var = update(batch_mean, batch_second, prior_mean, prior_var, gain)
+        prior_mean = prior_mean.expand_as(batch_mean)
+        return KalmanEstimate(mean, var, gain, prior_mean, prior_var, predicted_var)
+
+    def _prior(
+        self, groups: int, up_mean: Tensor, up_var: Tensor, *prior_params: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The prior mu^{k|k-1}, sigma^2_{k|k-1} (or Sigma^{k|k-1}) of ``groups`` statistics
+        groups from :meth:`estimate_inputs`' upstream statistics and prior parameters: its
+        variance as the update uses it (calibrated) and as predicted."""
+        if up_mean.shape[0] not in (1, groups):
             raise ValueError(
-                f"{self.display_name} has {batch_mean.shape[0]} statistics groups but the layers "
+                f"{self.display_name} has {groups} statistics groups but the layers "
                 f"that feed it had {up_mean.shape[0]}: layers linked in a chain must see the "
                 f"same batch split into the same statistics groups."
             )
@@ -385,16 +405,11 @@ class KalmanNormBase(nn.Module):
         predicted_var = prior_var
         if self.covariance == "diag":
             prior_var = self.calibrated_prior_var(prior_var)
-        gain = torch.sigmoid(gain_param) if self.gain_logit is not None else gain_param
-        gain = gain.to(batch_mean.dtype).expand_as(batch_mean)
-        if self.guard is not None:
-            prior_diag = _diagonal(prior_var, batch_mean)
-            ratio = (prior_diag / _diagonal(batch_second, batch_mean)).mean(-1, keepdim=True)
-            gain = torch.where(ratio < self.guard, gain, torch.ones_like(gain))
-        update = kf.kalman_update_full if self.covariance == "full" else kf.kalman_update
-        mean, var = update(batch_mean, batch_second, prior_mean, prior_var, gain)
-        prior_mean = prior_mean.expand_as(batch_mean)
-        return KalmanEstimate(mean, var, gain, prior_mean, prior_var, predicted_var)
+        return prior_mean, prior_var, predicted_var
+
+    def _gain(self, gain_param: Tensor) -> Tensor:
+        """q from its parameter (sigmoid of ``gain_logit``) or buffer (``gain_value``)."""
+        return torch.sigmoid(gain_param) if self.gain_logit is not None else gain_param
 
     def calibrated_prior_var(self, prior_var: Tensor) -> Tensor:
         """The prior variance the update uses; a layer with a calibration overrides this."""
@@ -421,6 +436,8 @@ class KalmanNormBase(nn.Module):
         if self._compiles(inputs) and not self.estimate_reads_updated_state:
             what = f"the estimate of {self.display_name}"
             step: SmallStep = CompiledStep(self, estimate, layout, what, after)
+        elif isinstance(layout, SampleGroups) and self.covariance == "diag":
+            step, inputs = self._written_step(layout, inputs, after)
         else:
             step = TracedStep(estimate, layout, after)
         y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
@@ -429,6 +446,21 @@ class KalmanNormBase(nn.Module):
         result = KalmanEstimate(mean, var, *step.extra)
         self.record(batch_mean, batch_var, result)
         return y, result, batch_var
+
+    def _written_step(
+        self, layout: SampleGroups, inputs: tuple[Tensor | None, ...], after: AfterStep | None
+    ) -> tuple[KalmanStep, tuple[Tensor, ...]]:
+        """The :class:`kalmannorm.fused.KalmanStep` of this layer and its inputs: the prior
+        (mu^{k|k-1}, sigma^2_{k|k-1}, q), predicted here by ordinary autograd (none without
+        upstream)."""
+        if not inputs:
+            return KalmanStep(layout, self.eps, None, after, None), ()
+        up_mean, up_var, gain_param, *prior_params = inputs
+        prior_mean, prior_var, predicted_var = self._prior(
+            layout.groups, up_mean, up_var, *prior_params
+        )
+        step = KalmanStep(layout, self.eps, self.guard, after, _detached(predicted_var))
+        return step, (prior_mean, prior_var, self._gain(gain_param))
 
     def _affine_estimate(
         self,

@@ -20,6 +20,7 @@ Kalman parameters it lacks keep their initial values.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -182,7 +183,7 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
     def _forward_fused(self, x: Tensor, inputs: tuple[Tensor | None, ...]) -> Tensor:
         """The same computation through :class:`kalmannorm.fused.FusedGroupNorm`."""
         groups = kf.num_stat_groups(x.shape[0], self.stat_batch_size)
-        count = (x.shape[0] // groups) * x[0, 0].numel()
+        count = (x.shape[0] // groups) * math.prod(x.shape[2:])
         after = self._after_step if self._updates_running_stats() else None
         y, _, _ = self.fused_step(x, SampleGroups(groups), count, inputs, after)
         return y
