@@ -203,11 +203,11 @@ def test_fused_and_composite_paths_agree_for_every_input_rank(monkeypatch, dims,
 def _step_outputs_and_gradients(step, x, weight, bias, *small):
     """The fused node's five outputs and the gradients of x, gamma, beta and the ``small``
     tensors that require them, under fixed weights."""
-    from kalmannorm.fused import FusedGroupNorm, SampleGroups, VarianceGuard
+    from kalmannorm.fused import FusedGroupNorm, VarianceGuard
 
     x = x.clone().requires_grad_()
     outputs = FusedGroupNorm.apply(
-        x, SampleGroups(4), VarianceGuard(), step, lambda *sums: None, weight, bias, *small
+        x, step.layout, VarianceGuard(), step, lambda *sums: None, weight, bias, *small
     )
     generator = torch.Generator().manual_seed(1)
     weights = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outputs]
@@ -258,36 +258,42 @@ def _paper_kalman_estimate(guard):
     return estimate
 
 
+@pytest.mark.parametrize("layout", ["bkn", "gkn"])
 @pytest.mark.parametrize(
     "case",
-    ["plain", "prior shared by the groups", "guard rejects a group", "constant channel",
+    ["plain", "prior shared by the rows", "guard rejects a row", "constant statistic",
      "no affine", "fixed gain", "large offset"],
 )  # fmt: skip
-def test_the_written_kalman_step_equals_the_traced_one(case):
-    """BKN's written-out small step (Eq. 5, guard, affine) against autograd through the paper's
-    formula: outputs and the gradients of x, gamma, beta, the prior and the gain, on the
-    statistics handed on too."""
-    from kalmannorm.fused import KalmanStep, SampleGroups, TracedStep, with_affine
+def test_the_written_kalman_step_equals_the_traced_one(case, layout):
+    """The Kalman norms' written-out small step (Eq. 5, guard, affine) against autograd through
+    the paper's formula, for BKN's statistics (4 groups of samples, per channel) and GKN's (per
+    sample, 2 groups of channels): outputs and the gradients of x, gamma, beta, the prior and the
+    gain, on the statistics handed on too."""
+    from kalmannorm.fused import ChannelGroups, KalmanStep, SampleGroups, TracedStep, with_affine
 
     torch.manual_seed(0)
-    x = torch.randn(8, 5, 3, 3, dtype=torch.float64)
-    if case == "constant channel":
+    channels = 6
+    x = torch.randn(8, channels, 3, 3, dtype=torch.float64)
+    if case == "constant statistic":  # one group's channel (bkn), one sample's group (gkn)
         x[:2, 2] = 1.5
+        x[3, 3:] = -0.5
     if case == "large offset":
         x = x * 0.01 + 100.0
-    groups = 1 if case == "prior shared by the groups" else 4
-    prior_mean = torch.randn(groups, 5, dtype=torch.float64) + (100.0 if "offset" in case else 0)
-    prior_var = torch.rand(groups, 5, dtype=torch.float64) + 0.5
+    layout = SampleGroups(4) if layout == "bkn" else ChannelGroups(2)
+    rows, width = (4, channels) if isinstance(layout, SampleGroups) else (8, 2)
+    rows = 1 if case == "prior shared by the rows" else rows
+    prior_mean = torch.randn(rows, width, dtype=torch.float64) + (100.0 if "offset" in case else 0)
+    prior_var = torch.rand(rows, width, dtype=torch.float64) + 0.5
     if case == "large offset":
         prior_var = prior_var * 1e-4
-    if case == "guard rejects a group":
+    if case == "guard rejects a row":
         prior_var[1] = 1e3
     prior_mean.requires_grad_(), prior_var.requires_grad_()
-    gain = torch.rand(5, dtype=torch.float64).requires_grad_(case != "fixed gain")
+    gain = torch.rand(width, dtype=torch.float64).requires_grad_(case != "fixed gain")
     affine = case != "no affine"
-    weight = torch.randn(5, dtype=torch.float64, requires_grad=True) if affine else None
-    bias = torch.randn(5, dtype=torch.float64, requires_grad=True) if affine else None
-    layout, guard = SampleGroups(4), 100.0
+    weight = torch.randn(channels, dtype=torch.float64, requires_grad=True) if affine else None
+    bias = torch.randn(channels, dtype=torch.float64, requires_grad=True) if affine else None
+    guard = 100.0
     traced = TracedStep(with_affine(_paper_kalman_estimate(guard), layout, 1e-5), layout)
     written = KalmanStep(layout, 1e-5, guard, None, None)
     small = (prior_mean, prior_var, gain)
@@ -296,7 +302,7 @@ def test_the_written_kalman_step_equals_the_traced_one(case):
     assert len(got[1]) == len(want[1])
     for a, b in zip([*got[0], *got[1]], [*want[0], *want[1]]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    if case == "guard rejects a group":
+    if case == "guard rejects a row":
         applied = written.extra[0]
         assert (applied[1] == 1).all() and (applied[0] == gain.detach()).all()
 

@@ -77,6 +77,10 @@ class SampleGroups(NamedTuple):
         """(A, D) moments in the shape the estimate takes: (G, C)."""
         return moment
 
+    def rows(self, x: Tensor) -> int:
+        """The rows of the estimate's statistics for input ``x``: G."""
+        return self.groups
+
     def broadcast(self, stat: Tensor) -> Tensor:
         """A (G, C) tensor as (G, 1, C, 1), broadcasting along the view (one view, one call
         forward and backward)."""
@@ -104,6 +108,10 @@ class ChannelGroups(NamedTuple):
     def statistics(self, moment: Tensor) -> Tensor:
         """(N G, 1) moments in the shape the estimate takes: (N, G)."""
         return moment.view(-1, self.groups)
+
+    def rows(self, x: Tensor) -> int:
+        """The rows of the estimate's statistics for input ``x``: N."""
+        return x.shape[0]
 
     def broadcast(self, stat: Tensor) -> Tensor:
         """A (N, G) tensor as (N G, 1, 1, 1)."""
@@ -424,7 +432,7 @@ class BatchStatisticsStep:
         total, total_square, offset, weight, bias = inputs
         with autocast_off(total):
             moments = _WrittenMoments.of(constants, total, total_square, offset)
-            affine = _WrittenAffine.of(moments.mean, moments.var, weight, bias, self.eps)
+            affine = _ChannelAffine.of(moments.mean, moments.var, weight, bias, self.eps)
         self._saved = (moments, affine)
         mean, var = moments.mean, moments.var
         return (*affine.outputs(self.layout), mean, var, mean, var), moments.cancels()
@@ -443,27 +451,28 @@ class BatchStatisticsStep:
 
 
 class KalmanStep:
-    """The small step of Batch Kalman Normalization (diagonal, per-channel statistics groups)
-    with its backward written out (:class:`TracedStep` differentiates the same formula through
-    a kept graph). The prior is computed before the fused node, by ordinary autograd; this step
-    takes it as the inputs (mu^{k|k-1}, sigma^2_{k|k-1}, q) after the row sums, the offset,
-    gamma and beta (none: the batch statistics, q = 1). Forward: the batch moments xbar, S
-    (:class:`BatchStatisticsStep`), the guard (q = 1 for a group whose mean prior/batch variance
-    ratio reaches ``guard``: :func:`kalmannorm.functional.guard_gain`), Eq. (5)
-    (:func:`kalmannorm.functional.kalman_update`), the affine, then ``after``. Backward, with
-    d = xbar - mu^{k|k-1} and p = 1 - q:
+    """The small step of a Kalman norm with diagonal covariances (BKN's statistics per group of
+    samples and channel, GKN's per sample and group of channels) with its backward written out
+    (:class:`TracedStep` differentiates the same formula through a kept graph). The prior is
+    computed before the fused node, by ordinary autograd; this step takes it as the inputs
+    (mu^{k|k-1}, sigma^2_{k|k-1}, q) after the row sums, the offset, gamma and beta (none: the
+    batch statistics, q = 1). Forward: the batch moments xbar, S (:class:`BatchStatisticsStep`),
+    the guard (q = 1 for a row whose mean prior/batch variance ratio reaches ``guard``:
+    :func:`kalmannorm.functional.guard_gain`), Eq. (5) (:func:`kalmannorm.functional.
+    kalman_update`), the affine, then ``after``. Backward, with d = xbar - mu^{k|k-1} and
+    p = 1 - q:
 
         dmu = g_mu - g_shift scale,  dsigma^2 = g_sigma^2 - dscale gamma r^3 / 2 (as ghost BN's),
         dd = q dmu + 2 q p d dsigma^2,  dxbar = dd + g_xbar,  dS = q dsigma^2 + g_S,
         dmu^{k|k-1} = dmu - dd,  dsigma^2_{k|k-1} = p dsigma^2,
         dq = d dmu + (S - sigma^2_{k|k-1} + (p - q) d^2) dsigma^2 (0 where the guard took q = 1),
 
-    summed over the groups a prior or q broadcasts along; then dxbar, dS to the row sums as
+    summed over the rows a prior or q broadcasts along; then dxbar, dS to the row sums as
     ghost BN's. ``predicted_var`` is the prior variance before any calibration (diagnostics)."""
 
     def __init__(
         self,
-        layout: SampleGroups,
+        layout: Layout,
         eps: float,
         guard: float | None,
         after: AfterStep | None,
@@ -471,6 +480,7 @@ class KalmanStep:
     ) -> None:
         self.layout, self.eps, self.guard, self.after = layout, eps, guard, after
         self.predicted_var = predicted_var
+        self.affine = _ChannelAffine if isinstance(layout, SampleGroups) else _GroupAffine
         self.extra: tuple = ()
 
     def forward(
@@ -479,7 +489,7 @@ class KalmanStep:
         total, total_square, offset, weight, bias, *prior = inputs
         with autocast_off(total):
             moments = _WrittenMoments.of(constants, total, total_square, offset)
-            batch_mean, batch_var = moments.mean, moments.var
+            batch_mean, batch_var = (self.layout.statistics(t) for t in (moments.mean, moments.var))
             if prior:
                 prior_mean, prior_var, gain = prior
                 gain = gain.to(batch_mean.dtype).expand_as(batch_mean)
@@ -493,7 +503,7 @@ class KalmanStep:
             else:
                 mean, var, self._prior = batch_mean, batch_var, None
                 extra = (torch.ones_like(batch_mean), None, None, None)
-            affine = _WrittenAffine.of(mean, var, weight, bias, self.eps)
+            affine = self.affine.of(mean, var, weight, bias, self.eps)
         self._saved = (moments, affine)
         outputs = (*affine.outputs(self.layout), mean, var, batch_mean, batch_var)
         if self.after is not None:
@@ -507,7 +517,7 @@ class KalmanStep:
         grad_outputs: tuple[Tensor | None, ...],
     ) -> tuple[Tensor | None, ...]:
         moments, affine = self._saved
-        like = moments.mean
+        like = affine.mean
         grad_mean, grad_var, grad_batch_mean, grad_batch_var = grad_outputs
         grad_mean, grad_var, grad_weight, grad_bias = affine.backward(
             grad_affine, _summed((grad_mean,), like), _summed((grad_var,), like)
@@ -518,7 +528,8 @@ class KalmanStep:
             return (*moments.backward(grad_batch_mean, grad_batch_var), None, grad_weight,
                     grad_bias)  # fmt: skip
         prior_mean, prior_var, gain, accepted, wants = self._prior
-        innovation = moments.mean - prior_mean
+        batch_mean, batch_var = (self.layout.statistics(t) for t in (moments.mean, moments.var))
+        innovation = batch_mean - prior_mean
         keep = 1.0 - gain
         gained_var = gain * grad_var
         grad_innovation = torch.addcmul(gain * grad_mean, keep * gained_var, innovation, value=2.0)
@@ -531,7 +542,7 @@ class KalmanStep:
             grads[1] = _sum_to(grad_var - gained_var, prior_var)
         if wants[2]:
             # S - sigma^2_{k|k-1} + (p - q) d^2, the derivative of sigma^2_{k|k} in q
-            spread = torch.addcmul(moments.var - prior_var, keep - gain, innovation.square())
+            spread = torch.addcmul(batch_var - prior_var, keep - gain, innovation.square())
             grad_gain = torch.addcmul(innovation * grad_mean, spread, grad_var)
             if accepted is not None:
                 grad_gain = grad_gain.masked_fill_(~accepted, 0.0)
@@ -566,7 +577,10 @@ class _WrittenMoments(NamedTuple):
 
     def backward(self, grad_mean: Tensor, grad_var: Tensor) -> tuple[Tensor, Tensor]:
         """dSigma d = (dxbar - 2 c dS) / m and dSigma d^2 = dS / m (dS = 0 where S < 0: clamp_min
-        passes none), broadcast to the row sums' shape."""
+        passes none), broadcast to the row sums' shape; the gradients in the moments' shape or
+        the estimate's (:meth:`SampleGroups.statistics`, :meth:`ChannelGroups.statistics`)."""
+        shape = self.mean.shape
+        grad_mean, grad_var = grad_mean.view(shape), grad_var.view(shape)
         grad_var = grad_var.masked_fill(self.spread < 0, 0.0)
         grad_total = torch.addcmul(grad_mean, self.centre, grad_var, value=-2.0).div_(self.count)
         grad_square = grad_var.div_(self.count)
@@ -575,9 +589,9 @@ class _WrittenMoments(NamedTuple):
         return tuple(g.view(full).expand(shape) for g in (grad_total, grad_square))
 
 
-class _WrittenAffine(NamedTuple):
-    """r = 1 / sqrt(var + eps), scale = gamma r and shift = beta - mean scale (G, C), kept for
-    their written backward."""
+class _ChannelAffine(NamedTuple):
+    """BatchNorm's affine (:class:`SampleGroups`): r = 1 / sqrt(var + eps), scale = gamma r and
+    shift = beta - mean scale (G, C), kept for their written backward."""
 
     mean: Tensor
     rstd: Tensor
@@ -589,13 +603,13 @@ class _WrittenAffine(NamedTuple):
     @classmethod
     def of(
         cls, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> _WrittenAffine:
+    ) -> _ChannelAffine:
         rstd = torch.rsqrt(var + eps)
         scale = rstd if weight is None else rstd * weight
         shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
         return cls(mean, rstd, scale, shift, weight, bias is not None)
 
-    def outputs(self, layout: SampleGroups) -> tuple[Tensor, Tensor]:
+    def outputs(self, layout: Layout) -> tuple[Tensor, Tensor]:
         return layout.broadcast(self.scale), layout.broadcast(self.shift)
 
     def backward(
@@ -617,6 +631,65 @@ class _WrittenAffine(NamedTuple):
         grad_var = torch.addcmul(grad_var, grad_rstd, self.rstd.pow(3), value=-0.5)
         grad_weight = None if weight is None else (grad_scale * self.rstd).sum(0)
         grad_bias = grad_shift.sum(0) if self.has_bias else None
+        return grad_mean, grad_var, grad_weight, grad_bias
+
+
+class _GroupAffine(NamedTuple):
+    """GroupNorm's affine (:class:`ChannelGroups`): r = 1 / sqrt(var + eps) (N, G) and, for the
+    channels c = (g, j) of group g, scale_{n,c} = gamma_c r_{n,g}, shift_{n,c} = beta_c -
+    mean_{n,g} scale_{n,c} (N, G, C/G; 1 along the channels without gamma or beta), kept for
+    their written backward."""
+
+    mean: Tensor
+    rstd: Tensor
+    scale: Tensor
+    shift: Tensor
+    weight: Tensor | None
+    has_bias: bool
+
+    @classmethod
+    def of(
+        cls, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> _GroupAffine:
+        groups = mean.shape[1]
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd.unsqueeze(-1)
+        if weight is not None:
+            weight = weight.view(groups, -1)
+            scale = scale * weight
+        centre = mean.unsqueeze(-1)
+        if bias is None:
+            shift = -centre * scale
+        else:
+            shift = torch.addcmul(bias.view(groups, -1), centre, scale, value=-1)
+        return cls(mean, rstd, scale, shift, weight, bias is not None)
+
+    def outputs(self, layout: Layout) -> tuple[Tensor, Tensor]:
+        return tuple(t.flatten(0, 1)[..., None, None] for t in (self.scale, self.shift))
+
+    def backward(
+        self,
+        grad_affine: tuple[RowSums, tuple[int, ...], tuple[int, ...]],
+        grad_mean: Tensor,
+        grad_var: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """dmean = g_mean - sum_j g_shift scale, dscale = g_scale - g_shift mean,
+        dvar = g_var - (sum_j dscale gamma) r^3 / 2, dgamma = sum_N dscale r,
+        dbeta = sum_N g_shift."""
+        rows, shift_rest, scale_rest = grad_affine
+        shape = self.mean.shape
+        grad_scale = _sum(rows.product, scale_rest).view(*shape, -1)
+        grad_shift = _sum(rows.total, shift_rest).view(*shape, -1)
+        grad_mean = grad_mean - (grad_shift * self.scale).sum(-1)
+        moved = (grad_shift * self.mean.unsqueeze(-1)).sum_to_size(self.scale.shape)
+        grad_scale = grad_scale - moved
+        weight = self.weight
+        grad_rstd = (grad_scale if weight is None else grad_scale * weight).sum(-1)
+        grad_var = torch.addcmul(grad_var, grad_rstd, self.rstd.pow(3), value=-0.5)
+        grad_weight = None
+        if weight is not None:
+            grad_weight = (grad_scale * self.rstd.unsqueeze(-1)).sum(0).flatten()
+        grad_bias = grad_shift.sum(0).flatten() if self.has_bias else None
         return grad_mean, grad_var, grad_weight, grad_bias
 
 

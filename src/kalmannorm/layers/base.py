@@ -42,7 +42,6 @@ from kalmannorm.fused import (
     FusedGroupNorm,
     KalmanStep,
     Layout,
-    SampleGroups,
     SmallStep,
     TracedStep,
     detached_leaf,
@@ -436,8 +435,8 @@ class KalmanNormBase(nn.Module):
         if self._compiles(inputs) and not self.estimate_reads_updated_state:
             what = f"the estimate of {self.display_name}"
             step: SmallStep = CompiledStep(self, estimate, layout, what, after)
-        elif isinstance(layout, SampleGroups) and self.covariance == "diag":
-            step, inputs = self._written_step(layout, inputs, after)
+        elif self.covariance == "diag":
+            step, inputs = self._written_step(layout, layout.rows(x), inputs, after)
         else:
             step = TracedStep(estimate, layout, after)
         y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
@@ -448,17 +447,19 @@ class KalmanNormBase(nn.Module):
         return y, result, batch_var
 
     def _written_step(
-        self, layout: SampleGroups, inputs: tuple[Tensor | None, ...], after: AfterStep | None
+        self,
+        layout: Layout,
+        rows: int,
+        inputs: tuple[Tensor | None, ...],
+        after: AfterStep | None,
     ) -> tuple[KalmanStep, tuple[Tensor, ...]]:
         """The :class:`kalmannorm.fused.KalmanStep` of this layer and its inputs: the prior
-        (mu^{k|k-1}, sigma^2_{k|k-1}, q), predicted here by ordinary autograd (none without
-        upstream)."""
+        (mu^{k|k-1}, sigma^2_{k|k-1}, q) of the estimate's ``rows``, predicted here by ordinary
+        autograd (none without upstream)."""
         if not inputs:
             return KalmanStep(layout, self.eps, None, after, None), ()
         up_mean, up_var, gain_param, *prior_params = inputs
-        prior_mean, prior_var, predicted_var = self._prior(
-            layout.groups, up_mean, up_var, *prior_params
-        )
+        prior_mean, prior_var, predicted_var = self._prior(rows, up_mean, up_var, *prior_params)
         step = KalmanStep(layout, self.eps, self.guard, after, _detached(predicted_var))
         return step, (prior_mean, prior_var, self._gain(gain_param))
 
