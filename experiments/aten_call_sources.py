@@ -165,9 +165,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(weights=None).train()
     if args.norm != "torch_bn":
-        model = kalmannorm.convert_norm(
-            model, args.norm, stat_batch_size=args.stat_batch, example_input=x
-        )
+        # a norm with per-sample statistics (gn, gkn, ...) takes no statistics batch
+        grouped = kalmannorm.norm_spec(args.norm).batch_statistics
+        options = {"stat_batch_size": args.stat_batch} if grouped else {}
+        model = kalmannorm.convert_norm(model, args.norm, example_input=x, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
 
     def forward_backward() -> None:
