@@ -20,10 +20,11 @@ backward
     statistics, gamma, beta); then dL/dx = g * scale + dL/dSigma x + 2 x dL/dSigma x^2, written
     once.
 
-The small step runs as written (:class:`TracedStep`: its autograd graph, kept from the forward),
-compiled (:class:`CompiledStep`, :func:`kalmannorm.compile_kalman_steps`: one compiled call
-forward, one backward that recomputes the small step inside its vector-Jacobian product), or, for
-plain batch statistics (ghost BN), with its backward written out (:class:`BatchStatisticsStep`).
+The small step runs with its backward written out (:class:`KalmanStep` for the Kalman norms,
+:class:`BatchStatisticsStep` for plain batch statistics: ghost BN), as written for any other
+estimate (:class:`TracedStep`: its autograd graph, kept from the forward), or compiled
+(:class:`CompiledStep`, :func:`kalmannorm.compile_kalman_steps`: one compiled call forward, one
+backward that recomputes the small step inside its vector-Jacobian product).
 Nothing activation-sized is saved beyond the input, and nothing activation-sized is recomputed.
 Used for contiguous CPU/GPU tensors in eager mode; under ``torch.compile`` the layers use the
 composite path, which the compiler fuses itself.
@@ -759,10 +760,11 @@ class FusedGroupNorm(torch.autograd.Function):
 
     Arguments of :meth:`apply`: x (N, C, *spatial) contiguous; the :class:`SampleGroups` or
     :class:`ChannelGroups` layout; the layer's :class:`VarianceGuard` (:func:`variance_guard`);
-    the small step (:class:`TracedStep` or :class:`CompiledStep` of an :data:`AffineEstimate`,
-    which maps the batch statistics, gamma, beta and the small tensors to the statistics to
-    normalise with and their scale and shift; a plain estimate of the statistics becomes one
-    through :func:`with_affine`); ``inspect(sum_x, sum_x2)``, called once in the forward on the
+    the small step (written out: :class:`KalmanStep`, :class:`BatchStatisticsStep`; or
+    :class:`TracedStep` or :class:`CompiledStep` of an :data:`AffineEstimate`, which maps the
+    batch statistics, gamma, beta and the small tensors to the statistics to normalise with and
+    their scale and shift; a plain estimate of the statistics becomes one through
+    :func:`with_affine`); ``inspect(sum_x, sum_x2)``, called once in the forward on the
     batch's row sums before the small step (checks); gamma; beta; the small tensors. The
     estimate's extra outputs are left on the step (``step.extra``).
     Returns y, the estimate's mean and var and the batch mean and var (all differentiable: the

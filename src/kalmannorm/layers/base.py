@@ -43,7 +43,6 @@ from kalmannorm.fused import (
     KalmanStep,
     Layout,
     SmallStep,
-    TracedStep,
     detached_leaf,
     variance_guard,
 )
@@ -342,7 +341,8 @@ class KalmanNormBase(nn.Module):
     @property
     def estimate_reads_updated_state(self) -> bool:
         """Whether :meth:`_estimate` reads state the forward updates before the backward (a
-        calibration's averages): the fused node then differentiates the graph it kept."""
+        calibration's averages): its small step is then not compiled, whose backward would
+        recompute the estimate from the updated state."""
         return False
 
     def _compiles(self, inputs: tuple[Tensor | None, ...]) -> bool:
@@ -422,23 +422,22 @@ class KalmanNormBase(nn.Module):
         inputs: tuple[Tensor | None, ...],
         after: AfterStep | None = None,
     ) -> tuple[Tensor, KalmanEstimate, Tensor]:
-        """One Kalman step through :class:`kalmannorm.fused.FusedGroupNorm` (one autograd node):
-        check, estimate, normalise, ``after`` (inside the small step: the moving averages) and
-        :meth:`record`. Returns y, the estimate whose posterior is the node's differentiable
-        output, and the batch variance (detached)."""
+        """One Kalman step (diagonal covariances) through :class:`kalmannorm.fused.FusedGroupNorm`
+        (one autograd node; its small step :class:`kalmannorm.fused.KalmanStep`, or compiled with
+        ``compile_step``): check, estimate, normalise, ``after`` (inside the small step: the
+        moving averages) and :meth:`record`. Returns y, the estimate whose posterior is the
+        node's differentiable output, and the batch variance (detached)."""
 
         def inspect(total: Tensor, total_square: Tensor) -> None:
             self.check_statistics(total, total_square, count)  # finite sums: finite statistics
 
-        estimate = functools.partial(self._affine_estimate, layout)
         # the compiled backward recomputes the estimate: only from its inputs alone
         if self._compiles(inputs) and not self.estimate_reads_updated_state:
+            estimate = functools.partial(self._affine_estimate, layout)
             what = f"the estimate of {self.display_name}"
             step: SmallStep = CompiledStep(self, estimate, layout, what, after)
-        elif self.covariance == "diag":
-            step, inputs = self._written_step(layout, layout.rows(x), inputs, after)
         else:
-            step = TracedStep(estimate, layout, after)
+            step, inputs = self._written_step(layout, layout.rows(x), inputs, after)
         y, mean, var, batch_mean, batch_var = FusedGroupNorm.apply(
             x, layout, variance_guard(self), step, inspect, self.weight, self.bias, *inputs
         )
