@@ -234,9 +234,7 @@ def test_statistics_batch_size_override_and_layer_selection():
     assert list(stats) == ["0.4"]
     assert stats["0.4"].groups == 2 and stats["0.4"].group_size == 4
     assert stats["0.4"].count == 4 * 16
-    assert all(
-        m.stat_batch_size == 2 for m in model.modules() if isinstance(m, BatchKalmanNorm)
-    )
+    assert all(m.stat_batch_size == 2 for m in model.modules() if isinstance(m, BatchKalmanNorm))
 
 
 def test_group_kalman_statistics_per_sample_and_channel_group():
@@ -329,9 +327,7 @@ def test_eval_mode_accuracy_of_a_bkn_classifier_matches_set_eval_statistics():
     assert result.batch == pytest.approx(float((batch == y).double().mean()))
     assert result.stat_batch_size is None and result.batch_samples == 12
     assert all(
-        m.eval_statistics == "auto"
-        for m in model.modules()
-        if isinstance(m, BatchKalmanNorm)
+        m.eval_statistics == "auto" for m in model.modules() if isinstance(m, BatchKalmanNorm)
     )
 
 

@@ -248,9 +248,7 @@ def test_quick_benchmark_counts_beside_the_times(quick_results: dict) -> None:
     kalman = [r for r in rows if r["norm"] != "second-bn"]
     kalman.append(quick_results["step_eager_resnet20"])
     assert quick_results["aten_calls_ratio_max"] == max(r["aten_calls_ratio"] for r in kalman)
-    assert quick_results["host_syncs_per_step_max"] == max(
-        r["host_syncs_per_step"] for r in kalman
-    )
+    assert quick_results["host_syncs_per_step_max"] == max(r["host_syncs_per_step"] for r in kalman)
     # the classic step rows carry them too
     step = quick_results["step_eager_resnet20"]
     assert step["aten_calls_ratio"] == step["bkn_aten_calls"] / step["bn_aten_calls"] > 1
@@ -304,7 +302,6 @@ def test_micro_rows_report_a_failing_norm(monkeypatch) -> None:
     assert rows["bkn"]["error"] == "RuntimeError: no such luck"
     assert rows["second-bn"]["aten_calls_ratio"] == 1.0
     assert "RuntimeError: no such luck" in bench_micro.format_micro_table(section)
-
 
 
 def test_micro_rows_measure_baselines_beside_the_kalman_norms() -> None:

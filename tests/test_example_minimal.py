@@ -40,9 +40,7 @@ def test_the_example_uses_the_library_alone() -> None:
 def test_the_example_trains_on_digits_when_fashion_mnist_is_missing(tmp_path) -> None:
     out = _run(DATA_DIR=str(tmp_path), SUBSET="256")
     assert "bkn-flow, statistics groups of 2 in batches of 128: 3 steps on 256 digits" in out
-    steps = re.findall(
-        r"step +(\d+) +train loss ([\d.]+) +test accuracy \(eval mode\)", out
-    )
+    steps = re.findall(r"step +(\d+) +train loss ([\d.]+) +test accuracy \(eval mode\)", out)
     assert [s for s, _ in steps] == ["2", "3"] and all(0 < float(v) < 10 for _, v in steps)
 
 

@@ -343,9 +343,7 @@ def _build_in(source: SourceNorm) -> nn.Module:
     )
 
 
-@register_norm(
-    "frn", "Filter Response Normalization + TLU (Singh & Krishnan 2020)", own_eps=True
-)
+@register_norm("frn", "Filter Response Normalization + TLU (Singh & Krishnan 2020)", own_eps=True)
 def _build_frn(source: SourceNorm, eps: float = FRN_DEFAULT_EPS, **options) -> nn.Module:
     # The paper's eps (1e-6), not the replaced BatchNorm's; convert_norm(..., eps=) overrides it.
     return FilterResponseNorm(

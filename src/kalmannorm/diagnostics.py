@@ -132,7 +132,8 @@ def summarize_by_category(rows: Iterable[PriorError]) -> dict[str, tuple[float, 
         if not math.isnan(row.mean_vs_batch):
             grouped.setdefault(row.category, []).append(row)
     return {
-        category: tuple(statistics.fmean(getattr(r, f) for r in members)
-                        for f in PriorError._fields[2:])
+        category: tuple(
+            statistics.fmean(getattr(r, f) for r in members) for f in PriorError._fields[2:]
+        )
         for category, members in grouped.items()
     }

@@ -865,5 +865,3 @@ def fused_applicable(x: Tensor, tensors: Sequence[Tensor | None]) -> bool:
     return x.dtype in HALF_DTYPES and all(
         t is None or t.dtype in (x.dtype, torch.float32) for t in tensors
     )
-
-

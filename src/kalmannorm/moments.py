@@ -457,9 +457,7 @@ def max_constants(taps: int) -> tuple[float, float]:
     return first, second - first * first
 
 
-def max_pool(
-    moments: Moments, taps: int, constants: tuple[float, float] | None = None
-) -> Moments:
+def max_pool(moments: Moments, taps: int, constants: tuple[float, float] | None = None) -> Moments:
     """Approximate moments of a maximum over ``taps`` i.i.d. Gaussian values (padding ignored):
     mean m + sqrt(v) e_K, var v s_K, with e_K, s_K the moments of the max of K standard normals
     (``constants``, as :func:`max_constants` gives them; a program computes them when it is built,

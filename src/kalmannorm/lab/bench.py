@@ -414,9 +414,7 @@ def run_benchmark(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(
-            config, quick, compile and not quick, device, sections, micro_config, progress
-        )
+        return _run(config, quick, compile and not quick, device, sections, micro_config, progress)
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -177,8 +177,6 @@ def _data(kind: str, batch: int, size: int, device: torch.device) -> tuple[Tenso
     return x.to(device), y.to(device)
 
 
-
-
 def _dense_labels(model: nn.Module, x: Tensor) -> Tensor:
     with torch.no_grad():
         positions = model.eval()(x[:1]).shape[2]
@@ -349,9 +347,7 @@ def _eager_rows(
             errors[name] = _short_error(error)
             workloads.pop(name, None)
     # a dispatch mode runs compiled steps as written: no dispatch counts for those rows
-    counts = {
-        name: step_counts(w) for name, w in workloads.items() if COMPILED_STEPS not in name
-    }
+    counts = {name: step_counts(w) for name, w in workloads.items() if COMPILED_STEPS not in name}
     for name, workload in workloads.items():
         counts.setdefault(name, {})["kernel_calls"] = kernel_calls(workload)
         counts[name]["first_step_s"] = first_step_s[name]

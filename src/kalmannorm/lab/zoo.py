@@ -274,8 +274,12 @@ def families() -> list[Family]:
                         _timm("test_efficientnet", frozen=True), tiny, tiny,
                         _classification_loss, quick=True))  # fmt: skip
     # (timm's MobileNetV3 builders set norm_layer themselves: convert those, as above)
-    for name, quick in (("test_efficientnet", True), ("test_resnet", False),
-                        ("efficientnet_b0", False), ("regnety_008", False)):
+    for name, quick in (
+        ("test_efficientnet", True),
+        ("test_resnet", False),
+        ("efficientnet_b0", False),
+        ("regnety_008", False),
+    ):
         inputs = tiny if quick else small
         found.append(Family(f"timm:{name} norm_layer=", "timm factories", _timm(name), inputs,
                             inputs, _classification_loss, factory=_timm_factory(name),
@@ -627,7 +631,8 @@ COST_FORMULA = {
 
 @functools.cache
 def parameter_costs(
-    models: tuple[str, ...] = COST_MODELS, norms: tuple[str, ...] | None = None,
+    models: tuple[str, ...] = COST_MODELS,
+    norms: tuple[str, ...] | None = None,
     variants: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Converted / BatchNorm parameter count, per norm and torchvision model (the chain traced
@@ -706,8 +711,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kalmannorm.lab.zoo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m kalmannorm.lab.zoo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
