@@ -90,6 +90,28 @@ def test_the_sentence_places_the_best_norm_against_the_baseline(best, where) -> 
     assert sentence.endswith("bn-plain with the whole batch (83.57 %); then gn 79.81 %.")
 
 
+def test_the_sentence_with_one_norm_besides_the_baseline_names_no_others() -> None:
+    from kalmannorm.lab.train.compare import Row, conclusion
+
+    rows = [
+        Row(
+            "bn (baseline)",
+            "bn",
+            "128",
+            3,
+            [0.9125],
+            [0.9097],
+            [0.9125],
+            [0.9097],
+            [None],
+            [1.0],
+            [],
+        ),
+        Row("gn", "gn", "any", 3, [0.9116], [0.9116], [0.9116], [0.9116], [None], [1.0], []),
+    ]
+    assert conclusion(rows).endswith("0.09 points below bn with the whole batch (91.25 %).")
+
+
 def test_grid_variants_and_bad_norms(tmp_path: Path) -> None:
     cfg = compare_config_from_dict(
         {
