@@ -367,3 +367,42 @@ def test_a_kalman_prior_propagates_through_the_centred_weight(options):
     assert got["4"].prior_var is not None
     torch.testing.assert_close(got["4"].prior_mean, want["4"].prior_mean)
     torch.testing.assert_close(got["4"].prior_var, want["4"].prior_var)
+
+
+def test_the_prior_reuses_the_forward_centring_with_the_same_gradients(monkeypatch):
+    """A training step centres each convolution's weight once (the data-flow prior reads the
+    forward's centred weight); the gradients equal those of a prior that centres again, and an
+    optimizer step (a new weight version) gets a fresh centring."""
+    import kalmannorm.layers.moving_average_batch as mabn_module
+
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5),
+    ).double()  # fmt: skip
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    model = kalmannorm.convert_norm(model, "bkn-flow", stat_batch_size=2, example_input=x)
+    center_conv_weights(model, "all")
+    again = copy.deepcopy(model)
+    calls = []
+    centre = mabn_module.centered_weight
+    monkeypatch.setattr(mabn_module, "centered_weight", lambda w: calls.append(w) or centre(w))
+
+    def gradients(net: nn.Module) -> list[torch.Tensor]:
+        net.zero_grad()
+        net(x).square().sum().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    shared = gradients(model)
+    assert len(calls) == 3  # one per convolution: the priors of layers 4 and 7 read no other
+    monkeypatch.setattr(
+        mabn_module._CenteredWeight, "convolved_weight", lambda self: centre(self.weight)
+    )
+    for got, want in zip(shared, gradients(again), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    monkeypatch.undo()
+    conv = model[3]
+    with torch.no_grad():
+        conv.weight.add_(1.0)  # an optimizer step: the stored weight's version moves
+    torch.testing.assert_close(conv.convolved_weight(), centered_weight(conv.weight))

@@ -64,7 +64,9 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -542,16 +544,56 @@ def centered_weight(weight: Tensor) -> Tensor:
 
 
 class _CenteredWeight:
-    """Mixin of the centring layers: they apply :func:`centered_weight` of their stored weight."""
+    """Mixin of the centring layers: they apply :func:`centered_weight` of their stored weight.
+
+    The centred weight a forward computes is shared with the Kalman prior that reads it in the
+    same pass (:meth:`convolved_weight`): one centring and one centring backward per step, where
+    computing it twice made two weight-sized passes forward and three backward more. It is held
+    by a weak reference, alive while the convolution's backward keeps it, so no weight-sized
+    tensor outlives the step; it is reused only while the stored weight is the same tensor at
+    the same version and grad mode is the same.
+    """
 
     weight: Tensor
 
     def convolved_weight(self) -> Tensor:
         """The weight the forward uses (what a data-flow prior propagates through)."""
-        return centered_weight(self.weight)
+        shared = self.__dict__.get("_centred_in_forward")
+        found = None if shared is None else shared.of(self.weight)
+        return centered_weight(self.weight) if found is None else found
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return super()._conv_forward(input, centered_weight(weight), bias)  # type: ignore[misc]
+        centred = centered_weight(weight)
+        if weight is self.weight and not torch.compiler.is_compiling():
+            self.__dict__["_centred_in_forward"] = _SharedCentring.keep(centred, weight)
+        return super()._conv_forward(input, centred, bias)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict:
+        # a copy (deepcopy, pickle) computes its own centred weight
+        state = super().__getstate__()  # type: ignore[misc]
+        state.pop("_centred_in_forward", None)
+        return state
+
+
+class _SharedCentring(NamedTuple):
+    """A forward's centred weight, weakly held, and what it was centred from."""
+
+    centred: weakref.ref
+    weight: weakref.ref
+    version: int
+    grad_mode: bool
+
+    @classmethod
+    def keep(cls, centred: Tensor, weight: Tensor) -> _SharedCentring:
+        return cls(
+            weakref.ref(centred), weakref.ref(weight), weight._version, torch.is_grad_enabled()
+        )
+
+    def of(self, weight: Tensor) -> Tensor | None:
+        """The centred weight, if it is still alive and centred from ``weight`` as it is now
+        (same tensor, same version) in the current grad mode."""
+        same = self.weight() is weight and self.version == weight._version
+        return self.centred() if same and self.grad_mode == torch.is_grad_enabled() else None
 
 
 class CenteredConv1d(_CenteredWeight, nn.Conv1d):
