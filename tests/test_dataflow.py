@@ -509,3 +509,60 @@ def test_posterior_output_is_normalized_output_of_the_posterior(affine):
 
     assert torch.autograd.gradcheck(variance, inputs)
     assert torch.autograd.gradgradcheck(variance, inputs)
+
+
+@pytest.mark.parametrize(
+    "options", [{"name": "bkn-flow"}, {"name": "bkn", "prior": "propagate", "flow": "execution"}],
+    ids=["data-flow", "execution"],
+)  # fmt: skip
+def test_detach_prior_weights_drops_only_the_priors_gradient_into_the_weights(options):
+    """With ``detach_prior_weights`` the forward is unchanged and every gradient equals that of
+    a model whose priors read copies of the convolutions' weights (leaves of their own; the bias
+    is shared): the weights get the convolutions' own gradient only, every other parameter
+    (biases included) the full one."""
+    torch.manual_seed(5)
+    plain = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5),
+    ).double()  # fmt: skip
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    options = dict(options)
+    name = options.pop("name")
+
+    def converted(**more) -> nn.Module:
+        model = copy.deepcopy(plain)
+        return kalmannorm.convert_norm(
+            model, name, stat_batch_size=2, example_input=x, **options, **more
+        )
+
+    detached, reference = converted(detach_prior_weights=True), converted()
+    copies = {}  # the reference's priors read copies of its convolutions' weights (bias shared)
+    for conv in (reference[3], reference[6]):
+        copies[conv] = copy.deepcopy(conv)
+        copies[conv].bias = conv.bias
+    chain = kalmannorm.convert.find_chain(reference)
+    if chain.flow == "data":
+        stack = [p for p in chain.programs if p is not None]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if getattr(node, "info", {}).get("module") in copies:
+                node.info["module"] = copies[node.info["module"]]
+    else:
+        for layer in (reference[4], reference[7]):
+            prior_copy = copies[layer._propagation_source()]
+            layer._propagation_source = lambda prior_copy=prior_copy: prior_copy
+    assert "detach_prior_weights=True" in repr(detached[4])
+    outputs = []
+    for model in (detached, reference):
+        y = model(x)
+        y.square().sum().backward()
+        outputs.append(y)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    full = converted()
+    full(x).square().sum().backward()
+    for (name_, got), want in zip(detached.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-14, msg=name_)
+    for index in (3, 6):  # the prior's share of the weight's gradient is gone
+        assert not torch.allclose(detached[index].weight.grad, full[index].weight.grad)

@@ -74,6 +74,7 @@ class ChainMember(Protocol):
     stat_width: int
     num_features: int
     training: bool
+    detach_prior_weights: bool
 
     def join_chain(self, chain: KalmanChain, index: int, name: str) -> None: ...
 
@@ -217,13 +218,15 @@ class KalmanChain:
             return None
         if state.memo is None:
             state.memo = {}
+        detach = self.layers[index].detach_prior_weights
         ctx = dataflow.Context(
             state.published,
             self.names,
             raw=self.flow == "authors",
             source=self.source,
             training=self.layers[index].training,
-            memo=state.memo,
+            memo=state.memo.setdefault(detach, {}),  # sub-expressions shared by equal readers
+            detach_weights=detach,
         )
         if torch.compiler.is_compiling():
             predicted = program.evaluate(ctx, self.names[index])
@@ -253,8 +256,9 @@ class KalmanChain:
     def _program_moments(self, index: int, published: list, training: bool) -> Moments:
         """Layer ``index``'s program on the statistics ``published`` in this pass."""
         ctx = dataflow.Context(
-            published, self.names, self.flow == "authors", self.source, training, memo={}
-        )
+            published, self.names, self.flow == "authors", self.source, training, memo={},
+            detach_weights=self.layers[index].detach_prior_weights,
+        )  # fmt: skip
         return self.programs[index].evaluate(ctx, self.names[index])
 
     def publish(

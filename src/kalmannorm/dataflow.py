@@ -416,12 +416,16 @@ def run_passing_through(
 
 
 class Context:
-    """What a program reads while it is evaluated: the statistics published in this pass."""
+    """What a program reads while it is evaluated: the statistics published in this pass, and
+    whether the convolutions' weights enter as constants (``detach_weights``: the reading
+    layer's ``detach_prior_weights``)."""
 
     def __init__(self, published: Sequence[Published | None], names: Sequence[str], raw: bool,
-                 source: str, training: bool, memo: dict) -> None:  # fmt: skip
+                 source: str, training: bool, memo: dict,
+                 detach_weights: bool = False) -> None:  # fmt: skip
         self.published, self.names, self.raw = published, names, raw
         self.source, self.training, self.memo = source, training, memo
+        self.detach_weights = detach_weights
 
     def entry(self, index: int, reader: str) -> Published:
         from kalmannorm.chain import ChainOrderError
@@ -513,7 +517,7 @@ class Operation(Node):
             return mo.activation(info["kind"], parts[0], info.get("slope", 0.0))
         if op == "conv":
             geometry = info["raw_geometry"] if ctx.raw else info["geometry"]
-            return _conv_moments(info["module"], geometry, parts[0])
+            return _conv_moments(info["module"], geometry, parts[0], ctx.detach_weights)
         if op == "sum":
             return mo.add(parts, info["scales"])
         if op == "affine":
@@ -561,8 +565,12 @@ def convolved_weight(module: nn.Module) -> Tensor:
     return module.weight if transformed is None else transformed()
 
 
-def _conv_moments(module: nn.Module, geometry: mo.TapGeometry, x: Moments) -> Moments:
+def _conv_moments(
+    module: nn.Module, geometry: mo.TapGeometry, x: Moments, detach_weight: bool
+) -> Moments:
     weight = convolved_weight(module).to(x.mean.dtype)
+    if detach_weight:  # the weight as a constant: no weight-sized backward
+        weight = weight.detach()
     bias = None if module.bias is None else module.bias.to(x.mean.dtype)
     if isinstance(module, nn.Linear):
         return mo.convolution(x, weight.unsqueeze(-1), bias, 1, geometry)

@@ -123,6 +123,8 @@ class KalmanNormBase(nn.Module):
     per_channel_statistics: bool = False
     #: Run the small step compiled in eager mode (:func:`kalmannorm.compile_kalman_steps`).
     compile_step: bool = False
+    #: The prior reads the feeding convolutions' weights as constants (BKN's option).
+    detach_prior_weights: bool = False
 
     def _init_kalman(
         self,
@@ -319,7 +321,10 @@ class KalmanNormBase(nn.Module):
             feeding = self._propagation_source()
             if feeding is None:
                 return ()
-            return (upstream.mean, upstream.var, gain, convolved_weight(feeding), feeding.bias)
+            weight = convolved_weight(feeding)
+            if self.detach_prior_weights:
+                weight = weight.detach()
+            return (upstream.mean, upstream.var, gain, weight, feeding.bias)
         return (upstream.mean, upstream.var, gain, self.transition, self.noise_raw)
 
     def estimate(

@@ -73,6 +73,11 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
             (:func:`kalmannorm.functional.calibrate_prior_variance`; buffers
             ``calibration_batch_var`` and ``calibration_prior_var``, moving averages with
             ``momentum``). Corrects the independence assumption of the variance propagation.
+        detach_prior_weights: a prior propagated through convolutions (``prior="propagate"``,
+            or any data-flow chain) reads their weights as constants: no gradient reaches a
+            weight through the prior, which saves the weight-sized passes of the prior's
+            backward (a large share of a step on wide networks at small batches,
+            docs/performance.md). Off by default: the gradient of the norm as written.
     """
 
     _expected_dims: tuple[int, ...] = ()
@@ -98,6 +103,7 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
         eval_statistics: str = "auto",
         check_finite: bool = False,
         calibrate_prior: bool = False,
+        detach_prior_weights: bool = False,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **factory_kwargs)
@@ -108,6 +114,7 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
         if calibrate_prior and covariance == "full":
             raise ValueError("calibrate_prior scales variances only: use covariance='diag'")
         self.calibrate_prior = calibrate_prior
+        self.detach_prior_weights = detach_prior_weights
         if calibrate_prior:
             for name in ("batch_var", "prior_var"):
                 self.register_buffer(
@@ -142,9 +149,10 @@ class BatchKalmanNorm(KalmanNormBase, NormBase):
             )
 
     def extra_repr(self) -> str:
+        detached = ", detach_prior_weights=True" if self.detach_prior_weights else ""
         return (
             f"{super().extra_repr()}, stat_batch_size={self.stat_batch_size}, prior={self.prior}, "
-            f"covariance={self.covariance}"
+            f"covariance={self.covariance}{detached}"
         )
 
     def uses_batch_statistics(self) -> bool:
