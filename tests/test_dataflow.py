@@ -136,6 +136,60 @@ def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry):
     assert torch.autograd.gradgradcheck(moments, (mean, var, weight))
 
 
+def _block_diagonal(weight, groups):
+    """A grouped convolution's weight (C_out, C_in / groups, *kernel) as the dense convolution's
+    that it equals (C_out, C_in, *kernel), zero across groups."""
+    out_channels, per_group = weight.shape[:2]
+    dense = weight.new_zeros(out_channels, per_group * groups, *weight.shape[2:])
+    per_out = out_channels // groups
+    for g in range(groups):
+        rows, cols = (
+            slice(g * per_out, (g + 1) * per_out),
+            slice(g * per_group, (g + 1) * per_group),
+        )
+        dense[rows, cols] = weight[rows]
+    return dense
+
+
+@pytest.mark.parametrize(
+    ("channels", "out_channels", "geometry"),
+    [
+        (3, 3, mo.tap_geometry((4, 4), (3, 3), (1, 1), (1, 1), (1, 1))),
+        (3, 3, mo.tap_geometry((5, 5), (3, 3), (2, 2), (1, 1), (1, 1))),
+        (3, 3, mo.full_geometry(9)),
+        (3, 6, mo.tap_geometry((4, 4), (3, 3), (1, 1), (1, 1), (1, 1))),
+    ],
+    ids=["padded", "strided-padded", "no-border", "multiplier-2"],
+)
+def test_depthwise_convolution_moments_equal_the_dense_formula(channels, out_channels, geometry):
+    """A depthwise convolution's moments (closed form, backward written out) equal the dense
+    composite formula on the block-diagonal weight, in value and gradient; a double backward
+    works (gradgradcheck)."""
+    torch.manual_seed(4)
+    weight = torch.randn(out_channels, 1, 3, 3, dtype=DOUBLE, requires_grad=True)
+    mean = torch.randn(2, channels, dtype=DOUBLE, requires_grad=True)
+    var = torch.rand(2, channels, dtype=DOUBLE, requires_grad=True)
+    grads = torch.randn(2, out_channels, dtype=DOUBLE), torch.randn(2, out_channels, dtype=DOUBLE)
+    got = mo.convolution(mo.Moments(mean, var), weight, None, channels, geometry)
+    expected = _composite_convolution_moments(
+        mean, var, _block_diagonal(weight, channels), geometry
+    )
+
+    def pulled(outputs):
+        loss = sum((o * g).sum() for o, g in zip(outputs, grads, strict=True))
+        return torch.autograd.grad(loss, (mean, var, weight))
+
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    for g, e in zip(pulled(got), pulled(expected), strict=True):
+        torch.testing.assert_close(g, e)
+
+    def moments(m, v, w):
+        return tuple(mo.convolution(mo.Moments(m, v), w, None, channels, geometry))
+
+    assert torch.autograd.gradgradcheck(moments, (mean, var, weight))
+
+
 @pytest.mark.parametrize(
     "conv",
     [

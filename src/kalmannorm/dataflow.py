@@ -566,7 +566,7 @@ def convolved_weight(module: nn.Module) -> Tensor:
 
 
 def _conv_moments(
-    module: nn.Module, geometry: mo.TapGeometry, x: Moments, detach_weight: bool
+    module: nn.Module, geometry: mo.TapGeometry, x: Moments, detach_weight: bool = False
 ) -> Moments:
     weight = convolved_weight(module).to(x.mean.dtype)
     if detach_weight:  # the weight as a constant: no weight-sized backward
