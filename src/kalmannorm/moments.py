@@ -109,10 +109,11 @@ class _PosteriorOutputVariance(torch.autograd.Function):
         var, weight, denominator, ratio, square = ctx.saved_tensors
         need_var, need_weight, _ = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: the formula's own differentiable backward
-            wanted = [t for t, need in ((var, need_var), (weight, need_weight)) if need]
-            out = _posterior_output_variance(var, weight, ctx.eps)
-            found = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-            return (next(found) if need_var else None, next(found) if need_weight else None, None)
+            grads = _formula_gradients(
+                lambda v, w: (_posterior_output_variance(v, w, ctx.eps),),
+                (var, weight), (need_var, need_weight), (grad,),
+            )  # fmt: skip
+            return (*grads, None)
         grad_var = grad_weight = None
         if need_var:  # g gamma^2 eps / (sigma^2 + eps)^2
             scaled = grad if square is None else grad * square
@@ -325,6 +326,21 @@ def _grouped(
     return out_mean, out_var
 
 
+def _formula_gradients(
+    formula: Callable[..., tuple[Tensor, ...]],
+    inputs: tuple[Tensor, ...],
+    needs: Sequence[bool],
+    grads: tuple[Tensor, ...],
+) -> tuple[Tensor | None, ...]:
+    """A written backward under ``create_graph``: the vector-Jacobian product of the formula's
+    first ``len(grads)`` outputs, differentiable itself, for the inputs that ``needs`` a gradient
+    (``None`` for the others)."""
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+    outputs = formula(*inputs)[: len(grads)]
+    found = iter(torch.autograd.grad(outputs, wanted, grads, create_graph=True))
+    return tuple(next(found) if need else None for need in needs)
+
+
 class _DenseConvolutionMoments(torch.autograd.Function):
     """:func:`convolution`'s mean and variance for ``groups`` = 1 (:func:`_dense_moments`) from
     the input moments m, v (G, C_in) and the weight W (C_out, C_in, *kernel), with a backward
@@ -366,12 +382,11 @@ class _DenseConvolutionMoments(torch.autograd.Function):
         taps = weight.reshape(*weight.shape[:2], -1)
         with autocast_off(mean):
             if torch.is_grad_enabled():  # create_graph: the formula's own differentiable backward
-                wanted = [t for t, need in zip((mean, var, weight), needs, strict=True) if need]
-                outputs = _dense_moments(mean, var, taps, valid, spread)[:2]
-                found = iter(
-                    torch.autograd.grad(outputs, wanted, (grad_mean, grad_var), create_graph=True)
-                )
-                return (*(next(found) if need else None for need in needs), None, None)
+                grads = _formula_gradients(
+                    lambda m, v, w: _dense_moments(m, v, w.reshape(taps.shape), valid, spread),
+                    (mean, var, weight), needs, (grad_mean, grad_var),
+                )  # fmt: skip
+                return (*grads, None, None)
             need_mean, need_var, need_taps = needs
             d_mean = grad_mean @ m1 if need_mean else None
             d_var = grad_var @ m2 if need_var else None
@@ -476,12 +491,11 @@ class _DepthwiseConvolutionMoments(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         with autocast_off(mean):
             if torch.is_grad_enabled():  # create_graph: the formula's own differentiable backward
-                wanted = [t for t, need in zip((mean, var, taps), needs, strict=True) if need]
-                outputs = _depthwise_moments(mean, var, taps, valid, spread)[:2]
-                found = iter(
-                    torch.autograd.grad(outputs, wanted, (grad_mean, grad_var), create_graph=True)
-                )
-                return (*(next(found) if need else None for need in needs), None, None)
+                grads = _formula_gradients(
+                    lambda m, v, w: _depthwise_moments(m, v, w, valid, spread),
+                    (mean, var, taps), needs, (grad_mean, grad_var),
+                )  # fmt: skip
+                return (*grads, None, None)
             need_mean, need_var, need_taps = needs
             d_mean = d_var = d_taps = None
             if need_mean:  # g_mean s1 (+ 2 g_var m q)
