@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import conv_bn_stack
 from torch import nn
 from torch.nn import functional as torch_f
 
@@ -575,11 +576,7 @@ def test_detach_prior_weights_drops_only_the_priors_gradient_into_the_weights(op
     is shared): the weights get the convolutions' own gradient only, every other parameter
     (biases included) the full one."""
     torch.manual_seed(5)
-    plain = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-        nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5),
-    ).double()  # fmt: skip
+    plain = conv_bn_stack((3, 4, 5, 5))  # convolutions 0, 3, 6; norms 1, 4, 7
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
     options = dict(options)
     name = options.pop("name")

@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import conv_bn_stack
 from torch import nn
 
 import kalmannorm
@@ -376,11 +377,7 @@ def test_the_prior_reuses_the_forward_centring_with_the_same_gradients(monkeypat
     import kalmannorm.layers.moving_average_batch as mabn_module
 
     torch.manual_seed(3)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-        nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5),
-    ).double()  # fmt: skip
+    model = conv_bn_stack((3, 4, 5, 5))  # convolutions 0, 3, 6; norms 1, 4, 7
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
     model = kalmannorm.convert_norm(model, "bkn-flow", stat_batch_size=2, example_input=x)
     center_conv_weights(model, "all")
