@@ -557,20 +557,19 @@ class Operation(Node):
         )
 
 
-def convolved_weight(module: nn.Module) -> Tensor:
+def convolved_weight(module: nn.Module, detach: bool = False) -> Tensor:
     """The weight a convolution or linear layer applies: ``module.weight``, or what the layer's
     ``convolved_weight()`` returns where it transforms its weight in the forward (MABN's
-    centred convolutions)."""
+    centred convolutions); ``detach``: as a constant (a prior's ``detach_prior_weights``)."""
     transformed = getattr(module, "convolved_weight", None)
-    return module.weight if transformed is None else transformed()
+    weight = module.weight if transformed is None else transformed()
+    return weight.detach() if detach else weight
 
 
 def _conv_moments(
     module: nn.Module, geometry: mo.TapGeometry, x: Moments, detach_weight: bool = False
 ) -> Moments:
-    weight = convolved_weight(module).to(x.mean.dtype)
-    if detach_weight:  # the weight as a constant: no weight-sized backward
-        weight = weight.detach()
+    weight = convolved_weight(module, detach_weight).to(x.mean.dtype)
     bias = None if module.bias is None else module.bias.to(x.mean.dtype)
     if isinstance(module, nn.Linear):
         return mo.convolution(x, weight.unsqueeze(-1), bias, 1, geometry)

@@ -532,9 +532,7 @@ def _depthwise_moments(
 
 def _channel_map(x: Tensor, weight: Tensor, groups: int) -> Tensor:
     """y_o = sum_i W_oi x_i over the input channels of output channel o's convolution group:
-    ``x`` (G, C_in), ``weight`` (C_out, C_in / groups)."""
-    if groups == 1:
-        return x @ weight.T
+    ``x`` (G, C_in), ``weight`` (C_out, C_in / groups), ``groups`` > 1."""
     stat_groups, out_channels = x.shape[0], weight.shape[0]
     grouped = x.reshape(stat_groups, groups, 1, -1)
     blocks = weight.reshape(groups, out_channels // groups, -1)

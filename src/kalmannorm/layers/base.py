@@ -321,9 +321,7 @@ class KalmanNormBase(nn.Module):
             feeding = self._propagation_source()
             if feeding is None:
                 return ()
-            weight = convolved_weight(feeding)
-            if self.detach_prior_weights:
-                weight = weight.detach()
+            weight = convolved_weight(feeding, self.detach_prior_weights)
             return (upstream.mean, upstream.var, gain, weight, feeding.bias)
         return (upstream.mean, upstream.var, gain, self.transition, self.noise_raw)
 

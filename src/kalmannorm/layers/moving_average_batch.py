@@ -562,11 +562,15 @@ class _CenteredWeight:
         found = None if shared is None else shared.of(self.weight)
         return centered_weight(self.weight) if found is None else found
 
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _centred_for_forward(self, weight: Tensor) -> Tensor:
+        """:func:`centered_weight` of ``weight``, kept for the prior when it is the stored one."""
         centred = centered_weight(weight)
         if weight is self.weight and not torch.compiler.is_compiling():
             self.__dict__["_centred_in_forward"] = _SharedCentring.keep(centred, weight)
-        return super()._conv_forward(input, centred, bias)  # type: ignore[misc]
+        return centred
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return super()._conv_forward(input, self._centred_for_forward(weight), bias)  # type: ignore[misc]
 
     def __getstate__(self) -> dict:
         # a copy (deepcopy, pickle) computes its own centred weight
@@ -612,7 +616,7 @@ class CenteredLinear(_CenteredWeight, nn.Linear):
     """nn.Linear with :func:`centered_weight` (each output's weights sum to zero)."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return torch_f.linear(input, self.convolved_weight(), self.bias)
+        return torch_f.linear(input, self._centred_for_forward(self.weight), self.bias)
 
 
 _CENTERED: dict[type[nn.Module], type[nn.Module]] = {

@@ -610,7 +610,11 @@ def conclusion(rows: list[Row]) -> str:
     top = statistics.fmean(baseline.final_moving)
     gap = round(100 * (top - statistics.fmean(best.final_moving)), 2)  # as the table rounds
     seeds = f"{best.seeds} seed{'s' if best.seeds > 1 else ''}"
-    behind = "; then " + ", ".join(f"{r.label} {_percent(r.final_moving)} %" for r in rest)
+    behind = (
+        "; then " + ", ".join(f"{r.label} {_percent(r.final_moving)} %" for r in rest)
+        if rest
+        else ""
+    )
     where = "level with"
     if gap:
         where = f"{abs(gap):.2f} points {'below' if gap > 0 else 'above'}"
@@ -623,7 +627,7 @@ def conclusion(rows: list[Row]) -> str:
         f"Meaning: with statistics groups of {best.stat_batch}, {best.label} trains best "
         f"({_percent(best.final_moving)} % with moving statistics, {seeds}), {where} "
         f"{baseline.label.removesuffix(' (baseline)')} with the whole batch "
-        f"({_percent(baseline.final_moving)} %){behind if rest else ''}{held_out}."
+        f"({_percent(baseline.final_moving)} %){behind}{held_out}."
     )
 
 
