@@ -120,12 +120,18 @@ def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry):
         return torch.autograd.grad(loss, (mean, var, weight))
 
     expected_grads = pulled(expected)
-    for g, e in zip(pulled(got), expected_grads, strict=True):
+    got_grads = pulled(got)
+    for g, e in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e)
+    # (G, C) moments and gradients as every other rule's (a transposed one leaks its layout into
+    # the fused node's activation gradient); the weight's gradient a tensor of its own, not a
+    # view, so that autograd adds the convolution's own gradient to it in place
+    assert all(t.is_contiguous() for t in (*got, *got_grads))
+    assert got_grads[2]._base is None
     # the formula torch.compile runs instead, called as written
     bordered = geometry.bordered
     valid, spread = (geometry.valid.to(mean), geometry.spread.to(mean)) if bordered else (None,) * 2
-    written = mo._compiled_dense_moments(mean, var, weight.reshape(*shape[:2], -1), valid, spread)
+    written = mo._dense_moments(mean, var, weight.reshape(*shape[:2], -1), valid, spread)[:2]
     torch.testing.assert_close(written[0], expected[0])
     torch.testing.assert_close(written[1].clamp_min(0.0), expected[1])  # (clamped by the caller)
     for g, e in zip(pulled(written), expected_grads, strict=True):

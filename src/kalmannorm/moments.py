@@ -267,11 +267,12 @@ def convolution(
 
         mean = sum_t f_t a_t + b,   var = sum_t f_t c_t + a^T D a.
 
-    The sums over taps are taken on the weight first (sum_t f_t W_t, sum_t f_t W_t o W_t), so
-    only the border term a^T D a, where some tap reads padding, needs the per-tap a_t. In eager
-    mode dense convolutions (``groups`` = 1) go through :class:`_DenseConvolutionMoments`, whose
-    backward forms the weight's gradient in two weight-sized passes, and depthwise ones (one
-    input channel per output channel) through :class:`_DepthwiseConvolutionMoments`.
+    The mean and the border term a^T D a (where some tap reads padding) come from the per-tap
+    means a_t, one product reading W as it lies; the variance's sum over taps is taken on the
+    weight first (sum_t f_t W_t o W_t). In eager mode dense convolutions (``groups`` = 1) go
+    through :class:`_DenseConvolutionMoments`, whose backward forms the weight's gradient in
+    W's own layout, and depthwise ones (one input channel per output channel) through
+    :class:`_DepthwiseConvolutionMoments`.
     """
     mean, var = moments
     taps = weight.reshape(*weight.shape[:2], -1)  # (C_out, C_in / groups, K); K = 1: linear
@@ -281,7 +282,7 @@ def convolution(
             valid, spread = geometry.valid.to(mean), geometry.spread.to(mean)
         if torch.compiler.is_compiling():  # the compiler fuses autograd's backward itself (and
             # a custom Function inside a compiled checkpoint breaks dynamo)
-            out_mean, out_var = _compiled_dense_moments(mean, var, taps, valid, spread)
+            out_mean, out_var = _dense_moments(mean, var, taps, valid, spread)[:2]
         else:
             out_mean, out_var = _DenseConvolutionMoments.apply(mean, var, weight, valid, spread)
     elif taps.shape[1] == 1 and not torch.compiler.is_compiling():  # depthwise
@@ -343,17 +344,20 @@ def _formula_gradients(
 
 class _DenseConvolutionMoments(torch.autograd.Function):
     """:func:`convolution`'s mean and variance for ``groups`` = 1 (:func:`_dense_moments`) from
-    the input moments m, v (G, C_in) and the weight W (C_out, C_in, *kernel), with a backward
-    that forms the weight's gradient dW_t = f_t (dM1 + 2 W_t o dM2) in one pass (a second for f
-    and the border term), where dM1 = g_mean^T m and dM2 = g_var^T v (C_out, C_in). It returns
-    that gradient as a tensor of its own in W's shape, so that autograd adds the convolution's
-    own weight gradient to it in place (a view made it allocate the sum: 3.9 ms per 512x512x3x3
-    weight on one CPU core).
+    the input moments m, v (G, C_in) and the weight W (C_out, C_in, K), with a backward written
+    out. With a_t = W_t m, f = ``valid``, D = ``spread`` and M2 = sum_t f_t W_t o W_t, per output
+    channel o and tap t:
 
-    Autograd through the formula makes a weight-sized pass per use of W instead (the outer
-    products f dM, the square's derivative, their sums, the einsum's transposes): about 18 ms per
-    step for a 512x512x3x3 convolution on one CPU core, whatever the batch. A double backward
-    (``create_graph=True``) differentiates the formula itself.
+        E_ot = f_t g_mean_o + 2 g_var_o (D a_o)_t                      (C_out, G, K)
+        dm = sum_{o,t} E_ot W_ot,   dv = g_var M2,   dW_t = 2 f_t W_t o (g_var^T v) + m^T E_t.
+
+    W is read as it lies (no transposed copy) and its gradient is formed in its own layout in
+    three passes (a product, f, and the batched m^T E), as a tensor of its own that autograd adds
+    the convolution's own weight gradient to in place. A 1x1 convolution or linear layer without
+    border (K = 1) takes one allocation: dW = 2 W o (g_var^T v) + g_mean^T m. Weight-sized
+    temporaries are what a training step at micro-batch sizes spends its time on beside the
+    convolutions (each a fresh allocation the CPU allocator may take from the system again). A
+    double backward (``create_graph=True``) differentiates the formula itself.
     """
 
     @staticmethod
@@ -367,98 +371,120 @@ class _DenseConvolutionMoments(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         taps = weight.reshape(*weight.shape[:2], -1)
         with autocast_off(mean):  # the moments in their own dtype, as the backward's
-            out_mean, out_var, m1, m2, by_tap, spread_means = _dense_moments(
+            out_mean, out_var, squares, spread_means = _dense_moments(
                 mean, var, taps, valid, spread
             )
-        ctx.save_for_backward(mean, var, weight, valid, spread, m1, m2, by_tap, spread_means)
+        ctx.save_for_backward(mean, var, weight, valid, spread, squares, spread_means)
         return out_mean, out_var
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_mean: Tensor, grad_var: Tensor
     ) -> tuple[Tensor | None, ...]:
-        mean, var, weight, valid, spread, m1, m2, by_tap, spread_means = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
+        mean, var, weight, valid, spread, squares, spread_means = ctx.saved_tensors
+        need_mean, need_var, need_weight = ctx.needs_input_grad[:3]
         taps = weight.reshape(*weight.shape[:2], -1)
         with autocast_off(mean):
             if torch.is_grad_enabled():  # create_graph: the formula's own differentiable backward
                 grads = _formula_gradients(
                     lambda m, v, w: _dense_moments(m, v, w.reshape(taps.shape), valid, spread),
-                    (mean, var, weight), needs, (grad_mean, grad_var),
+                    (mean, var, weight), (need_mean, need_var, need_weight), (grad_mean, grad_var),
                 )  # fmt: skip
                 return (*grads, None, None)
-            need_mean, need_var, need_taps = needs
-            d_mean = grad_mean @ m1 if need_mean else None
-            d_var = grad_var @ m2 if need_var else None
-            d_border = None
-            if spread_means is not None:  # d(a^T D a)/da = 2 D a
-                d_border = (2.0 * grad_var.unsqueeze(-1) * spread_means).flatten(1)
-                if need_mean:
-                    d_mean = d_mean + d_border @ by_tap
+            d_var = grad_var @ squares if need_var else None
+            # the weight's gradient as a tensor of its own in W's shape (not a view), which
+            # autograd adds W's other gradient to in place
             d_weight = None
-            if need_taps:
-                # dW_t = f_t (g_mean^T m + 2 W_t o g_var^T v), written into a tensor of W's own
-                # shape (not a view), which autograd can add W's other gradient to in place
+            if need_weight:
                 d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
-                d_taps = d_weight.view(taps.shape)
-                torch.addcmul(
-                    (grad_mean.T @ mean).unsqueeze(-1), taps, (grad_var.T @ var).unsqueeze(-1),
-                    value=2.0, out=d_taps,
-                )  # fmt: skip
-                if valid is not None:
-                    d_taps.mul_(valid)
-                if d_border is not None:  # + sum_g (da_t)_g m_g^T, back from (C_out, K, C_in)
-                    by_tap_shape = (taps.shape[0], taps.shape[2], taps.shape[1])
-                    d_taps.add_((d_border.T @ mean).view(by_tap_shape).transpose(1, 2))
+            if valid is None and taps.shape[-1] == 1:
+                d_mean = _single_tap_gradients(
+                    mean, var, taps[..., 0], grad_mean, grad_var, need_mean, d_weight
+                )
+            else:
+                d_mean = _tap_gradients(
+                    mean, var, taps, valid, spread_means, grad_mean, grad_var, need_mean, d_weight
+                )
         return d_mean, d_var, d_weight, None, None
+
+
+def _single_tap_gradients(
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor,
+    grad_mean: Tensor,
+    grad_var: Tensor,
+    need_mean: bool,
+    d_weight: Tensor | None,
+) -> Tensor | None:
+    """dm = g_mean W for W (C_out, C_in) (one tap, no border), and, into ``d_weight`` where it
+    is given, dW = 2 W o (g_var^T v) + g_mean^T m: the product, scaled in place, then the rank-G
+    update."""
+    if d_weight is not None:
+        into = d_weight.view(weight.shape)
+        torch.mm(grad_var.T, var, out=into).mul_(weight).mul_(2.0)
+        into.addmm_(grad_mean.T, mean)
+    return grad_mean @ weight if need_mean else None
+
+
+def _tap_gradients(
+    mean: Tensor,
+    var: Tensor,
+    taps: Tensor,
+    valid: Tensor | None,
+    spread_means: Tensor | None,
+    grad_mean: Tensor,
+    grad_var: Tensor,
+    need_mean: bool,
+    d_weight: Tensor | None,
+) -> Tensor | None:
+    """dm = sum_{o,t} E_ot W_ot for taps (C_out, C_in, K), and, into ``d_weight`` where it is
+    given, dW_t = 2 f_t W_t o (g_var^T v) + m^T E_t, with E_ot = f_t g_mean_o + 2 g_var_o
+    (D a_o)_t (:class:`_DenseConvolutionMoments`)."""
+    out_channels, _, k = taps.shape
+    by_tap = grad_mean.T.unsqueeze(-1)  # (C_out, G, 1)
+    by_tap = by_tap * valid if valid is not None else by_tap.expand(-1, -1, k)
+    if spread_means is not None:  # d(a^T D a)/da = 2 D a
+        by_tap = torch.addcmul(by_tap, grad_var.T.unsqueeze(-1), spread_means, value=2.0)
+    if d_weight is not None:
+        d_taps = d_weight.view(taps.shape)
+        scale = torch.mm(grad_var.T, var).mul_(2.0).unsqueeze(-1)  # 2 g_var^T v (C_out, C_in, 1)
+        torch.mul(taps, scale, out=d_taps)
+        if valid is not None:
+            d_taps.mul_(valid)
+        d_taps.baddbmm_(mean.T.expand(out_channels, -1, -1), by_tap)  # + m^T E_t
+    if not need_mean:
+        return None
+    # sum_o W_o E_o^T (C_in, G): W read as it lies, the small E transposed
+    return torch.bmm(taps, by_tap.transpose(1, 2)).sum(0).T.contiguous()
 
 
 def _dense_moments(
     mean: Tensor, var: Tensor, taps: Tensor, valid: Tensor | None, spread: Tensor | None
-) -> tuple[Tensor, ...]:
-    """Mean m M1^T and variance v M2^T (+ a^T D a) (G, C_out) of a dense convolution, and what
-    their backward reuses: M1 = sum_t f_t W_t, M2 = sum_t f_t W_t o W_t (C_out, C_in), W by
-    tap as a (C_out K, C_in) matrix and D a (G, C_out, K) (both ``None`` without border term).
-    ``valid`` and ``spread`` ``None``: every tap reads a real input (f = 1, D = 0)."""
-    m1, m2 = _tap_sums(taps, valid)
-    out_mean = mean @ m1.T
-    out_var = var @ m2.T
-    by_tap = spread_means = None
-    if spread is not None:
-        out_channels, in_channels, k = taps.shape
-        # (C_out, K, C_in): each channel's small transpose (a copy of W in cache-sized blocks)
-        by_tap = taps.transpose(1, 2).reshape(out_channels * k, in_channels)
-        tap_means = (mean @ by_tap.T).view(-1, out_channels, k)  # a_t = W_t m (G, C_out, K)
-        spread_means = tap_means @ spread  # D a (D symmetric)
-        out_var = out_var + (spread_means * tap_means).sum(-1)  # + a^T D a
-    return out_mean, out_var, m1, m2, by_tap, spread_means
-
-
-def _tap_sums(taps: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-    """M1 = sum_t f_t W_t and M2 = sum_t f_t W_t o W_t (C_out, C_in); ``valid`` ``None``: f = 1."""
-    squares = taps.square()
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Mean sum_t f_t a_t and variance v M2^T (+ a^T D a) (G, C_out) of a dense convolution,
+    and what its backward reuses: M2 = sum_t f_t W_t o W_t (C_out, C_in) and D a (C_out, G, K)
+    (``None`` without border term). The per-tap means a_t = W_t m (C_out, G, K) are one product
+    batched over the output channels, m (G, C_in) times each channel's (C_in, K) block of W as
+    it lies. ``valid`` and ``spread`` ``None``: every tap reads a real input (f = 1, D = 0).
+    Also the formula ``torch.compile`` differentiates itself."""
+    if valid is None and taps.shape[-1] == 1:  # a linear layer or 1x1 convolution
+        weight = taps[..., 0]
+        squares = weight.square()
+        return mean @ weight.T, var @ squares.T, squares, None
+    # a_t = W_t m (C_out, G, K); bmm, not matmul, which copies W transposed when both need grad
+    tap_means = torch.bmm(mean.expand(taps.shape[0], -1, -1), taps)
     if valid is None:
-        single = taps.shape[-1] == 1  # a linear layer or 1x1 convolution: nothing to sum
-        return (taps[..., 0], squares[..., 0]) if single else (taps.sum(-1), squares.sum(-1))
-    return taps @ valid, squares @ valid
-
-
-def _compiled_dense_moments(
-    mean: Tensor, var: Tensor, taps: Tensor, valid: Tensor | None, spread: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """:func:`_dense_moments`' mean and variance as written for ``torch.compile``: the per-tap
-    means a_t = W_t m as one product batched over the output channels, m (G, C_in) times each
-    channel's (C_in, K) block of W as it lies, where the eager rule copies W into a (C_out K,
-    C_in) matrix for its backward. The backward the compiler derives then forms the border
-    term's weight gradient m^T (D a) in W's own layout, batched the same way. On one CPU core
-    this takes one forward + backward of a 512x512x3x3 rule (2x2 map, G = 2) from 33.4 to 17.3
-    ms (``python experiments/conv_moments_backward.py``)."""
-    m1, m2 = _tap_sums(taps, valid)
-    out_mean, out_var = mean @ m1.T, var @ m2.T
+        out_mean, squares = tap_means.sum(-1), taps.square().sum(-1)
+    else:
+        out_mean, squares = tap_means @ valid, taps.square() @ valid
+    out_mean = out_mean.T.contiguous()  # (G, C_out), as every moment
+    out_var = var @ squares.T
+    spread_means = None
     if spread is not None:
-        tap_means = torch.matmul(mean, taps).transpose(0, 1)  # a_t = W_t m (G, C_out, K)
-        out_var = out_var + ((tap_means @ spread) * tap_means).sum(-1)  # + a^T D a
-    return out_mean, out_var
+        spread_means = tap_means @ spread  # D a (D symmetric)
+        out_var = out_var + (spread_means * tap_means).sum(-1).T  # + a^T D a
+    return out_mean, out_var, squares, spread_means
 
 
 class _DepthwiseConvolutionMoments(torch.autograd.Function):
