@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 
 import pytest
 import torch
 
 from kalmannorm._torch_private import OBSERVING_MODE
+from kalmannorm.lab import bench_micro
 from kalmannorm.lab.bench import _saved_bytes, format_table, run_benchmark
 
 
@@ -236,6 +238,8 @@ def test_quick_benchmark_counts_beside_the_times(quick_results: dict) -> None:
         assert row["bn_host_syncs_per_step"] == 0
         assert row["host_syncs_per_step"] == sum(row["host_sync_ops"].values())
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0 and row["bn_ms"] > 0
+        if bench_micro.minor_page_faults() is not None:
+            assert row["page_faults_per_step"] >= 0 and row["bn_page_faults_per_step"] >= 0
         if row["norm"] == "second-bn":  # a second BatchNorm model: the same operations
             assert row["aten_calls_ratio"] == 1.0 and row["host_syncs_per_step"] == 0
         else:
@@ -361,3 +365,19 @@ def test_micro_command_line_chooses_models_batches_and_norms() -> None:
         _chosen_config(FULL_MICRO, argparse.Namespace(models="vgg:64", batches=None, norms=None))
     with pytest.raises(SystemExit, match=r"--norms takes registered norms \(bkn, .*got 'bkm'"):
         _chosen_config(FULL_MICRO, argparse.Namespace(models=None, batches=None, norms="bn,bkm"))
+
+
+def test_minor_page_faults_count_fresh_memory_touched() -> None:
+    """The bench's page-fault count rises by about one per 4 KiB page of new memory written."""
+    if bench_micro.minor_page_faults() is None:
+        pytest.skip("this OS does not count page faults")
+    pages = 4096
+    before = bench_micro.minor_page_faults()
+    fresh = mmap.mmap(-1, pages * 4096)  # anonymous: no page mapped until written
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # 4 KiB pages even where huge pages are the default
+        fresh.madvise(mmap.MADV_NOHUGEPAGE)
+    for page in range(pages):
+        fresh[page * 4096] = 1
+    touched = bench_micro.minor_page_faults() - before
+    fresh.close()
+    assert pages // 2 <= touched <= pages * 2

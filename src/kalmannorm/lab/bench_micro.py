@@ -25,6 +25,13 @@ chain traced on the input at conversion), measured three ways:
 ``host_syncs_per_step``
     device-to-host reads (``item``/``_local_scalar_dense``, ``equal``, ``nonzero``, a copy to
     the CPU, ...) in one forward + backward + optimizer step: each stalls a GPU's stream.
+``page_faults_per_step`` (eager rows, where the OS counts them)
+    the process's minor page faults per timed step (median over rounds): memory the allocator
+    took from the system again. On a CPU each costs the step time (about 4 us on this project's
+    VM, where glibc's allocator gave a ResNet-50 ``bkn-flow`` step at batch 4 some 20,000 and
+    BatchNorm's none); a GPU's caching allocator has no such cost, so a CPU ratio with many
+    faults overstates what a GPU would see (``LD_PRELOAD`` a caching allocator such as
+    tcmalloc to time without them).
 
 The optimizer is SGD with momentum at learning rate 0: it runs all its operations, and every
 timed step does the same work on the same weights (no run can diverge midway; the bkn-flow
@@ -282,15 +289,27 @@ def step_counts(workload: Workload) -> dict:
 # -- timing -----------------------------------------------------------------------------------
 
 
+def minor_page_faults() -> int | None:
+    """This process's minor page faults so far (pages the kernel mapped on first touch: fresh
+    memory from the system), or ``None`` where the OS does not count them."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed_rounds(
     calls: dict[str, Callable[[], None]],
     warmup: int,
     repeats: int,
     iters: int,
     sync: Callable[[], None],
+    faults: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Per-round mean ms per call of each callable (after ``warmup`` calls of each); the order
-    rotates from round to round, so that no callable always runs first or after the same one."""
+    rotates from round to round, so that no callable always runs first or after the same one.
+    ``faults``, where given, receives each round's minor page faults per call of each."""
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -304,11 +323,14 @@ def timed_rounds(
             order.reverse()
         for name in order:
             sync()
+            first_fault = minor_page_faults()
             start = time.perf_counter()
             for _ in range(iters):
                 calls[name]()
             sync()
             samples[name].append((time.perf_counter() - start) * 1e3 / iters)
+            if faults is not None and first_fault is not None:
+                faults.setdefault(name, []).append((minor_page_faults() - first_fault) / iters)
     return samples
 
 
@@ -355,10 +377,13 @@ def _eager_rows(
     if large:
         repeats, iters = (config.large_repeats, config.large_iters)
     calls = {name: w.step for name, w in workloads.items()}
+    faults: dict[str, list[float]] = {}
     try:
-        samples = timed_rounds(calls, config.warmup, repeats, iters, synchronizer(device))
+        samples = timed_rounds(calls, config.warmup, repeats, iters, synchronizer(device), faults)
     except Exception as error:  # reported on every row of this (model, batch)
         samples, errors = {}, dict.fromkeys(names, _short_error(error))
+    for name, per_round in faults.items():
+        counts.setdefault(name, {})["page_faults_per_step"] = statistics.median(per_round)
     return _rows(model_name, size, batch, config, "eager", samples, counts, errors)
 
 
@@ -483,6 +508,11 @@ def _rows(
                 kernel_calls_ratio=mine["kernel_calls"] / bn_counts["kernel_calls"],
                 first_step_s=mine["first_step_s"],
             )
+        if "page_faults_per_step" in mine and "page_faults_per_step" in bn_counts:
+            row.update(
+                bn_page_faults_per_step=bn_counts["page_faults_per_step"],
+                page_faults_per_step=mine["page_faults_per_step"],
+            )
         if "aten_calls" in mine and bn_counts:
             row.update(
                 bn_aten_calls=bn_counts["aten_calls"],
@@ -576,15 +606,18 @@ def format_micro_table(section: dict) -> str:
         return f"micro-batch rows skipped: {section['skipped']}"
     lines = [
         "| model (px) | batch | mode | norm | BN ms | norm ms | time / BN | ATen calls (BN) "
-        "| calls / BN | kernel calls (BN) | kernels / BN | host syncs / step (BN) |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| calls / BN | kernel calls (BN) | kernels / BN | host syncs / step (BN) "
+        "| page faults / step (BN) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in section["rows"]:
         head = f"| {r['model']} ({r['image_size']}) | {r['batch']} | {r['mode']} | {r['norm']} |"
         if "error" in r:
-            lines.append(f"{head} - | - | {r['error']} | - | - | - | - | - |")
+            lines.append(f"{head} - | - | {r['error']} | - | - | - | - | - | - |")
             continue
-        calls = ratio = syncs = kernels = kernel_ratio = "-"
+        calls = ratio = syncs = kernels = kernel_ratio = faults = "-"
+        if "page_faults_per_step" in r:
+            faults = f"{r['page_faults_per_step']:,.0f} ({r['bn_page_faults_per_step']:,.0f})"
         if "kernel_calls" in r:
             kernels = f"{r['kernel_calls']:,} ({r['bn_kernel_calls']:,})"
             kernel_ratio = f"{r['kernel_calls_ratio']:.2f}x"
@@ -596,7 +629,7 @@ def format_micro_table(section: dict) -> str:
             syncs = f"{r['graph_breaks']} graph breaks"
         lines.append(
             f"{head} {r['bn_ms']:.1f} | {r['ms']:.1f} | {r['ratio']:.2f}x | {calls} | {ratio} "
-            f"| {kernels} | {kernel_ratio} | {syncs} |"
+            f"| {kernels} | {kernel_ratio} | {syncs} | {faults} |"
         )
     s = section["config"]["stat_batch_size"]
     compiled = [r for r in section["rows"] if r.get("compile_s") is not None]
