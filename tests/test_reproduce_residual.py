@@ -16,6 +16,8 @@ from kalmannorm.lab.train.compare import make_grid, run_status
 #: Final accuracies (moving, batch) per (label, s) and seed; s None: batch-independent.
 ACCURACY = {
     ("none", None): [(0.87, 0.86), (0.88, 0.87), (0.86, 0.86)],
+    ("bn128-centred", None): [(0.89, 0.88), (0.895, 0.885), (0.885, 0.88)],
+    ("gn-groups-centred", None): [(0.76, 0.76), (0.77, 0.77), (0.75, 0.75)],
     ("gn", None): [(0.78, 0.78), (0.77, 0.77), (0.79, 0.79)],
     ("frn", None): [(0.70, 0.70), (0.71, 0.71), (0.69, 0.69)],
     ("bkn-flow-temporal", 2): [(0.82, 0.80), (0.83, 0.81), (0.81, 0.79)],  # a retired grid's
@@ -49,7 +51,7 @@ def report(tmp_path):
 def _row(report: str, s: str, norm: str) -> list[str]:
     for line in report.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 9 and cells[0] == s and cells[1] == norm:
+        if len(cells) == 10 and cells[0] == s and cells[1] == norm:
             return cells
     raise AssertionError(f"no row s={s} {norm} in the report")
 
@@ -75,6 +77,27 @@ def test_every_batch_free_norm_has_a_row_against_gn(report):
     # 70 vs 78 %, each +- 1 point over 3 seeds: worse beyond 2 standard errors
     assert row[8].startswith("-8.00 ± 0.82 pt (worse)")
     assert _row(report, "any", "GN")[8] == ""
+
+
+def _call(a, b) -> str:
+    """``+d.dd ± e.ee pt (verdict)`` of moving accuracies ``a`` against ``b``, computed here."""
+    a, b = [100 * m for m, _ in a], [100 * m for m, _ in b]
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se = math.hypot(statistics.stdev(a) / len(a) ** 0.5, statistics.stdev(b) / len(b) ** 0.5)
+    verdict = "tie" if abs(diff) <= 2 * se else ("better" if diff > 0 else "worse")
+    return f"{diff:+.2f} ± {se:.2f} pt ({verdict})"
+
+
+def test_every_row_is_compared_with_the_strongest_whole_batch_bn(report):
+    """The centred BN@128 (the higher mean here) is what every *vs BN@128* is against; the
+    centred GN (the lower mean here) is not what *vs GN* is against."""
+    centred = ACCURACY[("bn128-centred", None)]
+    assert _row(report, "2", "bkn-flow")[9] == _call(ACCURACY[(FLOW.label, 2)], centred)
+    assert _row(report, "128", "BN@128")[9] == _call(ACCURACY[("none", None)], centred)
+    assert _row(report, "128", "BN@128, centred")[9] == ""  # not against itself
+    gn_centred = _row(report, "any", "GN, 2 per group, centred")
+    assert gn_centred[8] == _call(ACCURACY[("gn-groups-centred", None)], ACCURACY[("gn", None)])
+    assert gn_centred[9] == _call(ACCURACY[("gn-groups-centred", None)], centred)
 
 
 def test_a_retired_grid_is_reported_and_never_trained(report, tmp_path):

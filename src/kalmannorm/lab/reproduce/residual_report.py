@@ -81,6 +81,13 @@ def strongest_gn(cells: Cells) -> Cell | None:
     return max(found, key=lambda c: c.mean(), default=None)
 
 
+def strongest_bn128(cells: Cells) -> Cell | None:
+    """The whole-batch BatchNorm cell (plain or centred convolutions) with the highest mean
+    accuracy: the one every *vs BN@128* verdict is against, by the rule of :func:`strongest_gn`."""
+    found = [c for (_, s), c in cells.items() if s is None and c.norm == "none" and c.seeds]
+    return max(found, key=lambda c: c.mean(), default=None)
+
+
 def best_mode(cell: Cell) -> str:
     """The evaluation with the highest mean accuracy (chosen on the test results: a guide)."""
     return max((m for m in MODES if getattr(cell, m)), key=cell.mean)
@@ -88,38 +95,47 @@ def best_mode(cell: Cell) -> str:
 
 def table(cells: Cells) -> list[str]:
     lines = [
-        "| s | norm | seeds | moving | batch | precise | gap closed | vs ghost BN | vs GN |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| s | norm | seeds | moving | batch | precise | gap closed | vs ghost BN | vs GN "
+        "| vs BN@128 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    top = cells.get(("none", None))
-    if top is not None:
+    gn, top = strongest_gn(cells), strongest_bn128(cells)
+
+    def against(cell: Cell, other: Cell | None) -> str:
+        return difference(cell, other).text() if other and cell is not other else ""
+
+    # BatchNorm over the whole batch (plain first), then the norms that do not depend on the
+    # statistics batch: one row each, GN first
+    whole = sorted(
+        (c for (_, size), c in cells.items() if size is None and c.norm == "none"),
+        key=lambda c: (c.label != "none", c.label),
+    )
+    for cell in whole:
+        closed = "100 %" if cell.label == "none" else ""
         lines.append(
-            f"| 128 | {name('none')} | {top.seeds} | {accuracy(top, 'moving')} | "
-            f"{accuracy(top, 'batch')} | {accuracy(top, 'precise')} | 100 % | | |"
+            f"| 128 | {name(cell.label)} | {cell.seeds} | {accuracy(cell, 'moving')} | "
+            f"{accuracy(cell, 'batch')} | {accuracy(cell, 'precise')} | {closed} | | "
+            f"{against(cell, gn)} | {against(cell, top)} |"
         )
-    gn = strongest_gn(cells)
-    # the norms that do not depend on the statistics batch: one row each, GN first
     free = sorted(
-        (c for (label, size), c in cells.items() if size is None and label != "none"),
+        (c for (_, size), c in cells.items() if size is None and c.norm != "none"),
         key=lambda c: (c.label != "gn", c.label),
     )
     for cell in free:
-        vs_gn = difference(cell, gn).text() if gn and cell is not gn else ""
         lines.append(
             f"| any | {name(cell.label)} | {cell.seeds} | {accuracy(cell, 'moving')} | "
-            f"{accuracy(cell, 'batch')} | - | | | {vs_gn} |"
+            f"{accuracy(cell, 'batch')} | - | | | {against(cell, gn)} | {against(cell, top)} |"
         )
     for s in sizes(cells):
         ghost = cells.get(("bn", s))
         rows = sorted((c for (_, size), c in cells.items() if size == s), key=_row_order)
         for cell in rows:
             closed = gap_closed(cells, cell, s)
-            vs_ghost = difference(cell, ghost).text() if ghost and cell is not ghost else ""
-            vs_gn = difference(cell, gn).text() if gn else ""
             lines.append(
                 f"| {s} | {name(cell.label)} | {cell.seeds} | {accuracy(cell, 'moving')} | "
                 f"{accuracy(cell, 'batch')} | {accuracy(cell, 'precise')} | "
-                f"{'' if closed is None else f'{closed:.0%}'} | {vs_ghost} | {vs_gn} |"
+                f"{'' if closed is None else f'{closed:.0%}'} | {against(cell, ghost)} | "
+                f"{against(cell, gn)} | {against(cell, top)} |"
             )
     return lines
 
@@ -129,24 +145,30 @@ def _row_order(cell: Cell) -> tuple[int, str]:
     return (rank.get(cell.label, 2), cell.label)
 
 
+#: The BKN rows the verdict lines are about: the registry's ``bkn-flow`` and the same with
+#: centred convolutions.
+VERDICT_LABELS = (FLOW.label, "bkn-flow-centred")
+
+
 def verdicts(cells: Cells) -> list[str]:
-    """One line per claim and statistics batch, for the recommended BKN."""
+    """One line per claim and statistics batch, for the recommended BKN (plain and centred)."""
     lines = []
-    gn = strongest_gn(cells)
-    for s in sizes(cells):
-        flow, ghost = cells.get((FLOW.label, s)), cells.get(("bn", s))
-        if flow is None:
-            continue
-        parts = []
-        for mode in ("moving", "batch"):
-            if ghost is not None:
-                parts.append(f"vs ghost BN {difference(flow, ghost, mode).text()} ({mode})")
-            if gn is not None:
-                parts.append(f"vs {name(gn.label)} {difference(flow, gn, mode).text()} ({mode})")
-        closed = gap_closed(cells, flow, s)
-        if closed is not None:
-            parts.append(f"closes {closed:.0%} of ghost BN's gap to BN@128")
-        lines.append(f"- s = {s}, {name(FLOW.label)} ({seeds(flow)}): " + "; ".join(parts))
+    gn, top = strongest_gn(cells), strongest_bn128(cells)
+    for label in VERDICT_LABELS:
+        for s in sizes(cells):
+            flow, ghost = cells.get((label, s)), cells.get(("bn", s))
+            if flow is None:
+                continue
+            parts = []
+            for mode in ("moving", "batch"):
+                for other in (ghost, gn, top):
+                    if other is not None:
+                        what = difference(flow, other, mode).text()
+                        parts.append(f"vs {name(other.label)} {what} ({mode})")
+            closed = gap_closed(cells, flow, s)
+            if closed is not None:
+                parts.append(f"closes {closed:.0%} of ghost BN's gap to BN@128")
+            lines.append(f"- s = {s}, {name(label)} ({seeds(flow)}): " + "; ".join(parts))
     return lines
 
 
@@ -230,7 +252,8 @@ def write_residual_report(findings: ResidualFindings, path: str | Path) -> Path:
         "## Accuracy",
         "",
         "Final test accuracy (%), mean ± std over seeds, every norm with the one recipe (lr 0.1); "
-        "verdicts against ghost BN at the same s and against the GN row with the highest mean, "
+        "verdicts against ghost BN at the same s and against the GN and the BN@128 rows with the "
+        "highest mean, "
         "moving statistics; the gap "
         "closed is left blank where BN@128's lead over ghost BN is within noise.",
         "",
