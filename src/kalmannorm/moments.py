@@ -354,10 +354,10 @@ class _DenseConvolutionMoments(torch.autograd.Function):
     W is read as it lies (no transposed copy) and its gradient is formed in its own layout in
     three passes (a product, f, and the batched m^T E), as a tensor of its own that autograd adds
     the convolution's own weight gradient to in place. A 1x1 convolution or linear layer without
-    border (K = 1) takes one allocation: dW = 2 W o (g_var^T v) + g_mean^T m. Weight-sized
-    temporaries are what a training step at micro-batch sizes spends its time on beside the
-    convolutions (each a fresh allocation the CPU allocator may take from the system again). A
-    double backward (``create_graph=True``) differentiates the formula itself.
+    border (K = 1) takes one allocation: dW = 2 W o (g_var^T v) + g_mean^T m. (At micro-batch
+    sizes these weight-sized passes are much of a Kalman step's cost, and on a CPU each fresh
+    weight-sized allocation can cost page faults too: docs/performance.md.) A double backward
+    (``create_graph=True``) differentiates the formula itself.
     """
 
     @staticmethod
