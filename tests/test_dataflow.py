@@ -99,8 +99,9 @@ def _composite_convolution_moments(mean, var, weight, geometry):
         ((5, 3, 3, 3), mo.full_geometry(9)),
         ((5, 3, 1, 1), mo.full_geometry(1)),
         ((5, 3, 1, 1), mo.tap_geometry((3, 3), (1, 1), (1, 1), (1, 1), (1, 1))),
+        ((5, 3, 2, 2), mo.tap_geometry((3, 3), (2, 2), (1, 1), (1, 1), (1, 1))),
     ],
-    ids=["padded", "strided-padded", "no-border", "1x1", "1x1-padded"],
+    ids=["padded", "strided-padded", "no-border", "1x1", "1x1-padded", "2x2-padded"],
 )
 def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry):
     """The hand-written backward of a dense convolution's moments gives autograd's gradients

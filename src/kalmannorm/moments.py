@@ -455,8 +455,13 @@ def _tap_gradients(
         d_taps.baddbmm_(mean.T.expand(out_channels, -1, -1), by_tap)  # + m^T E_t
     if not need_mean:
         return None
-    # sum_o W_o E_o^T (C_in, G): W read as it lies, the small E transposed
-    return torch.bmm(taps, by_tap.transpose(1, 2)).sum(0).T.contiguous()
+    groups = by_tap.shape[1]
+    if groups < k:  # sum_o W_o E_o^T (C_in, G): W read as it lies, products G / K of W's size
+        return torch.bmm(taps, by_tap.transpose(1, 2)).sum(0).T.contiguous()
+    # E (G, C_out K) times W copied tap-major (C_out K, C_in): one weight-sized copy where the
+    # per-channel products would be G / K times larger than W (batch 128: 7x)
+    rows = taps.transpose(1, 2).reshape(out_channels * k, -1)
+    return by_tap.transpose(0, 1).reshape(groups, out_channels * k) @ rows
 
 
 def _dense_moments(
