@@ -28,7 +28,7 @@ chain traced on the input at conversion), measured three ways:
 ``page_faults_per_step`` (eager rows, where the OS counts them)
     the process's minor page faults per timed step (median over rounds): memory the allocator
     took from the system again. On a CPU each costs the step time (about 4 us on this project's
-    VM, where glibc's allocator gave a ResNet-50 ``bkn-flow`` step at batch 4 some 20,000 and
+    VM, where glibc's allocator gave a ResNet-50 ``bkn-flow`` step at batch 4 thousands and
     BatchNorm's none); a GPU's caching allocator has no such cost, so a CPU ratio with many
     faults overstates what a GPU would see (``LD_PRELOAD`` a caching allocator such as
     tcmalloc to time without them).
