@@ -74,17 +74,12 @@ def gap_closed(cells: Cells, cell: Cell, s: int) -> float | None:
     return None if span <= noise else (cell.mean() - bottom.mean()) / span
 
 
-def strongest_gn(cells: Cells) -> Cell | None:
-    """The GroupNorm cell (any group setting) with the highest mean accuracy: the one every
-    *vs GN* verdict is against (chosen on test results, which can only favour GN)."""
-    found = [c for (_, s), c in cells.items() if s is None and c.norm == "gn" and c.seeds]
-    return max(found, key=lambda c: c.mean(), default=None)
-
-
-def strongest_bn128(cells: Cells) -> Cell | None:
-    """The whole-batch BatchNorm cell (plain or centred convolutions) with the highest mean
-    accuracy: the one every *vs BN@128* verdict is against, by the rule of :func:`strongest_gn`."""
-    found = [c for (_, s), c in cells.items() if s is None and c.norm == "none" and c.seeds]
+def strongest(cells: Cells, norm: str) -> Cell | None:
+    """The batch-independent cell of ``norm`` (any setting: GN's groups, BN@128 plain or with
+    centred convolutions; ``"none"`` is BN over the whole batch) with the highest mean accuracy:
+    the one every *vs GN* / *vs BN@128* verdict is against (chosen on test results, which can
+    only favour the baseline)."""
+    found = [c for (_, s), c in cells.items() if s is None and c.norm == norm and c.seeds]
     return max(found, key=lambda c: c.mean(), default=None)
 
 
@@ -99,7 +94,7 @@ def table(cells: Cells) -> list[str]:
         "| vs BN@128 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    gn, top = strongest_gn(cells), strongest_bn128(cells)
+    gn, top = strongest(cells, "gn"), strongest(cells, "none")
 
     def against(cell: Cell, other: Cell | None) -> str:
         return difference(cell, other).text() if other and cell is not other else ""
@@ -153,7 +148,7 @@ VERDICT_LABELS = (FLOW.label, "bkn-flow-centred")
 def verdicts(cells: Cells) -> list[str]:
     """One line per claim and statistics batch, for the recommended BKN (plain and centred)."""
     lines = []
-    gn, top = strongest_gn(cells), strongest_bn128(cells)
+    gn, top = strongest(cells, "gn"), strongest(cells, "none")
     for label in VERDICT_LABELS:
         for s in sizes(cells):
             flow, ghost = cells.get((label, s)), cells.get(("bn", s))
