@@ -418,11 +418,11 @@ def _single_tap_gradients(
     d_weight: Tensor | None,
 ) -> Tensor | None:
     """dm = g_mean W for W (C_out, C_in) (one tap, no border), and, into ``d_weight`` where it
-    is given, dW = 2 W o (g_var^T v) + g_mean^T m: the product, scaled in place, then the rank-G
-    update."""
+    is given, dW = 2 W o (g_var^T v) + g_mean^T m: the product (the factor 2 taken on g_var, not
+    on W's size), times W in place, then the rank-G update: three weight-sized passes."""
     if d_weight is not None:
         into = d_weight.view(weight.shape)
-        torch.mm(grad_var.T, var, out=into).mul_(weight).mul_(2.0)
+        torch.mm(grad_var.T * 2.0, var, out=into).mul_(weight)
         into.addmm_(grad_mean.T, mean)
     return grad_mean @ weight if need_mean else None
 
@@ -448,7 +448,7 @@ def _tap_gradients(
         by_tap = torch.addcmul(by_tap, grad_var.T.unsqueeze(-1), spread_means, value=2.0)
     if d_weight is not None:
         d_taps = d_weight.view(taps.shape)
-        scale = torch.mm(grad_var.T, var).mul_(2.0).unsqueeze(-1)  # 2 g_var^T v (C_out, C_in, 1)
+        scale = torch.mm(grad_var.T * 2.0, var).unsqueeze(-1)  # 2 g_var^T v (C_out, C_in, 1)
         torch.mul(taps, scale, out=d_taps)
         if valid is not None:
             d_taps.mul_(valid)
