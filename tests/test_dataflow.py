@@ -103,15 +103,17 @@ def _composite_convolution_moments(mean, var, weight, geometry):
     ],
     ids=["padded", "strided-padded", "no-border", "1x1", "1x1-padded", "2x2-padded"],
 )
-def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry):
+@pytest.mark.parametrize("stat_groups", [4, 12], ids=["G<K", "G>=K"])
+def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry, stat_groups):
     """The hand-written backward of a dense convolution's moments gives autograd's gradients
     of the composite formula, and a double backward works (gradgradcheck); the formula written
-    for torch.compile gives the same values and gradients."""
+    for torch.compile gives the same values and gradients. Fewer statistics groups than taps
+    and as many or more (the products take another form)."""
     torch.manual_seed(3)
     weight = torch.randn(*shape, dtype=DOUBLE, requires_grad=True)
-    mean = torch.randn(4, 3, dtype=DOUBLE, requires_grad=True)
-    var = torch.rand(4, 3, dtype=DOUBLE, requires_grad=True)
-    grads = torch.randn(4, 5, dtype=DOUBLE), torch.randn(4, 5, dtype=DOUBLE)
+    mean = torch.randn(stat_groups, 3, dtype=DOUBLE, requires_grad=True)
+    var = torch.rand(stat_groups, 3, dtype=DOUBLE, requires_grad=True)
+    grads = (torch.randn(stat_groups, 5, dtype=DOUBLE), torch.randn(stat_groups, 5, dtype=DOUBLE))
     got = mo.convolution(mo.Moments(mean, var), weight, None, 1, geometry)
     expected = _composite_convolution_moments(mean, var, weight, geometry)
     for g, e in zip(got, expected, strict=True):
