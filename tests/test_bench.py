@@ -386,3 +386,18 @@ def test_timed_rounds_count_the_page_faults_of_each_call() -> None:
     bench_micro.timed_rounds(calls, warmup=1, repeats=2, iters=2, sync=lambda: None, faults=faults)
     assert all(2048 <= f <= 8192 for f in faults["fresh"]), faults
     assert all(f < 256 for f in faults["none"]), faults
+
+
+def test_micro_rows_give_the_median_and_the_range_of_the_per_round_ratios() -> None:
+    from kalmannorm.lab import bench_micro
+
+    config = bench_micro.MicroConfig(norms=(), compiled_steps=())
+    # three rounds: BN 10, 20, 40 ms; the second BN model 11, 18, 44 ms (ratios 1.1, 0.9, 1.1)
+    samples = {"torch_bn": [10.0, 20.0, 40.0], bench_micro.SECOND_BN: [11.0, 18.0, 44.0]}
+    (row,) = bench_micro._rows("resnet50", 64, 4, config, "eager", samples, {}, {})
+    assert row["bn_ms"] == 20.0 and row["ms"] == 18.0  # medians of the times
+    assert row["ratio"] == pytest.approx(1.1)  # the median of the per-round ratios, not 18 / 20
+    assert row["ratio_range"] == pytest.approx([0.9, 1.1])
+    section = {"rows": [row], "config": {"stat_batch_size": 2}, "total_s": 1.0}
+    table = bench_micro.format_micro_table(section)
+    assert "| 1.10x (0.90-1.10) |" in table

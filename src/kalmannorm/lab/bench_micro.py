@@ -11,6 +11,9 @@ chain traced on the input at conversion), measured three ways:
     the order rotating between rounds; the median over rounds of the per-round ratio (> 1:
     slower). The ``second-bn`` row is a second, identical BatchNorm model: its ratio is this
     machine's noise floor.
+``ratio_range``
+    the smallest and largest per-round ratio: how far one round's ratio moved from the median
+    (with three rounds at batch 128, the run's own spread).
 ``aten_calls`` and ``aten_calls_ratio``
     ATen operations dispatched in one forward + backward (loss included), counted below autograd
     with a ``TorchDispatchMode`` (:mod:`kalmannorm._dispatch_count`), and that count over
@@ -495,10 +498,12 @@ def _rows(
             rows.append(row)
             continue
         times = samples[name]
+        ratios = [t / r for t, r in zip(times, reference)]
         row.update(
             bn_ms=statistics.median(reference),
             ms=statistics.median(times),
-            ratio=statistics.median(t / r for t, r in zip(times, reference)),
+            ratio=statistics.median(ratios),
+            ratio_range=[min(ratios), max(ratios)],
         )
         mine = counts.get(name, {})
         if "kernel_calls" in mine and "kernel_calls" in bn_counts:
@@ -605,9 +610,9 @@ def format_micro_table(section: dict) -> str:
     if "skipped" in section:
         return f"micro-batch rows skipped: {section['skipped']}"
     lines = [
-        "| model (px) | batch | mode | norm | BN ms | norm ms | time / BN | ATen calls (BN) "
-        "| calls / BN | kernel calls (BN) | kernels / BN | host syncs / step (BN) "
-        "| page faults / step (BN) |",
+        "| model (px) | batch | mode | norm | BN ms | norm ms | time / BN (rounds' range) "
+        "| ATen calls (BN) | calls / BN | kernel calls (BN) | kernels / BN "
+        "| host syncs / step (BN) | page faults / step (BN) |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in section["rows"]:
@@ -627,9 +632,12 @@ def format_micro_table(section: dict) -> str:
             syncs = f"{r['host_syncs_per_step']} ({r['bn_host_syncs_per_step']})"
         elif r.get("graph_breaks"):
             syncs = f"{r['graph_breaks']} graph breaks"
+        spread = ""  # (rows saved before the range was recorded have none)
+        if "ratio_range" in r:
+            spread = " ({:.2f}-{:.2f})".format(*r["ratio_range"])
         lines.append(
-            f"{head} {r['bn_ms']:.1f} | {r['ms']:.1f} | {r['ratio']:.2f}x | {calls} | {ratio} "
-            f"| {kernels} | {kernel_ratio} | {syncs} | {faults} |"
+            f"{head} {r['bn_ms']:.1f} | {r['ms']:.1f} | {r['ratio']:.2f}x{spread} | {calls} "
+            f"| {ratio} | {kernels} | {kernel_ratio} | {syncs} | {faults} |"
         )
     s = section["config"]["stat_batch_size"]
     compiled = [r for r in section["rows"] if r.get("compile_s") is not None]
