@@ -481,11 +481,10 @@ def _dense_moments(
         weight = taps[..., 0]
         squares = weight.square()
         return mean @ weight.T, var @ squares.T, squares, None
-    if mean.shape[0] < k:
-        # a_t = W_t m (C_out, G, K); bmm, not matmul, which copies W transposed when both need
-        # grad
+    # a_t = W_t m (C_out, G, K)
+    if mean.shape[0] < k:  # bmm, not matmul, which copies W transposed when both need grad
         tap_means = torch.bmm(mean.expand(out_channels, -1, -1), taps)
-    else:  # (G, C_in) @ (C_in, C_out K), as (C_out, G, K)
+    else:  # (G, C_in) @ (C_in, C_out K), viewed as (C_out, G, K)
         tap_major = taps.permute(1, 0, 2).reshape(in_channels, out_channels * k)
         tap_means = (mean @ tap_major).view(-1, out_channels, k).transpose(0, 1)
     if valid is None:
