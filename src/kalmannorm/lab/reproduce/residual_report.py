@@ -99,27 +99,20 @@ def table(cells: Cells) -> list[str]:
     def against(cell: Cell, other: Cell | None) -> str:
         return difference(cell, other).text() if other and cell is not other else ""
 
-    # BatchNorm over the whole batch (plain first), then the norms that do not depend on the
-    # statistics batch: one row each, GN first
-    whole = sorted(
-        (c for (_, size), c in cells.items() if size is None and c.norm == "none"),
-        key=lambda c: (c.label != "none", c.label),
-    )
-    for cell in whole:
-        closed = "100 %" if cell.label == "none" else ""
-        lines.append(
-            f"| 128 | {name(cell.label)} | {cell.seeds} | {accuracy(cell, 'moving')} | "
-            f"{accuracy(cell, 'batch')} | {accuracy(cell, 'precise')} | {closed} | | "
-            f"{against(cell, gn)} | {against(cell, top)} |"
-        )
+    # the cells that do not depend on the statistics batch, one row each: BatchNorm over the
+    # whole batch first (plain, then the others), then GN, then the other batch-free norms
     free = sorted(
-        (c for (_, size), c in cells.items() if size is None and c.norm != "none"),
-        key=lambda c: (c.label != "gn", c.label),
+        (c for (_, size), c in cells.items() if size is None),
+        key=lambda c: (c.norm != "none", c.label not in ("none", "gn"), c.label),
     )
     for cell in free:
+        whole = cell.norm == "none"
+        precise = accuracy(cell, "precise") if whole else "-"
+        closed = "100 %" if cell.label == "none" else ""
         lines.append(
-            f"| any | {name(cell.label)} | {cell.seeds} | {accuracy(cell, 'moving')} | "
-            f"{accuracy(cell, 'batch')} | - | | | {against(cell, gn)} | {against(cell, top)} |"
+            f"| {'128' if whole else 'any'} | {name(cell.label)} | {cell.seeds} | "
+            f"{accuracy(cell, 'moving')} | {accuracy(cell, 'batch')} | {precise} | {closed} | | "
+            f"{against(cell, gn)} | {against(cell, top)} |"
         )
     for s in sizes(cells):
         ghost = cells.get(("bn", s))
