@@ -83,6 +83,38 @@ def test_nothing_outlives_a_pass():
     assert chain._state.posterior is None
 
 
+def test_a_data_flow_drops_its_hand_over_when_its_last_layer_has_run():
+    # Dropped inside the forward, not in the root's forward hook: under torch.compile(model) a
+    # hand-over alive at the frame's end becomes graph outputs with zero-filled gradients.
+    x = torch.randn(4, 3, 3, 3)
+    model = kalmannorm.convert_norm(
+        conv_bn_stack(dtype=torch.float32), "bkn-flow", stat_batch_size=2, example_input=x
+    )
+    chain = kalmannorm.find_chain(model)
+    seen = []
+
+    def before_the_chains_hook(*_):
+        seen.append((chain._state.published, chain._state.memo, chain._state.complete))
+
+    model.register_forward_hook(before_the_chains_hook, prepend=True)
+    model(x)
+    assert seen == [(None, None, True)]
+    model(x)  # the next pass starts clean
+    assert seen[-1] == (None, None, True) and not chain._state.complete
+
+
+def test_a_data_flow_layer_run_after_the_whole_pass_is_refused():
+    x = torch.randn(4, 3, 3, 3)
+    model = kalmannorm.convert_norm(
+        conv_bn_stack(dtype=torch.float32), "bkn-flow", stat_batch_size=2, example_input=x
+    )
+    hidden = model[3:6](model[:3](x))  # a pass in parts: its layer 0 starts it
+    model[6:](hidden)  # its last layer completes it
+    with pytest.raises(ChainOrderError, match="ran after every Kalman layer of the chain"):
+        model[6:](hidden)
+    model(x)  # a whole pass starts afresh
+
+
 def test_two_models_have_separate_chains_and_do_not_interfere():
     first = kalmannorm.convert_norm(conv_bn_stack(), "bkn", flow="execution", stat_batch_size=2)
     second = copy.deepcopy(first)

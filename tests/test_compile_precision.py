@@ -79,3 +79,27 @@ def test_compiled_data_flow_with_max_pool_and_addition_has_no_graph_breaks():
     torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
     layer = model.branch[1]
     assert layer.last_statistics.prior_mean is not None  # the pool's moments fed a prior
+
+
+def test_compiled_data_flow_returns_no_graph_output_but_the_model_s_that_needs_a_gradient():
+    # A tensor the frame leaves alive (say the chain's hand-over, if dropped only by the root's
+    # forward hook, which runs after the frame) is a graph output; one that needs a gradient
+    # and is not used gets a zero-filled gradient in every backward (a kernel launch each).
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 12, 12)
+    model = kalmannorm.convert_norm(_Stem(), "bkn-flow", stat_batch_size=2, example_input=x)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=capture, fullgraph=True)(x)
+    (graph,) = graphs
+    (output,) = [node for node in graph.graph.nodes if node.op == "output"]
+    nodes: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(output.args, nodes.append)
+    values = [node.meta["example_value"] for node in nodes]
+    assert len(values) > 1  # the layers' detached diagnostics are outputs too
+    assert [v.requires_grad for v in values].count(True) == 1

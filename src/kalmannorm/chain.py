@@ -95,6 +95,10 @@ class _PassState(threading.local):
     posterior: Posterior | None = None
     published: list[Published | None] | None = None
     memo: dict | None = None
+    #: layers that have published in this pass (a data flow's; frozen layers do not run)
+    ran: int = 0
+    #: every layer has run: the hand-over was dropped (no reader is left in this pass)
+    complete: bool = False
 
 
 class KalmanChain:
@@ -180,6 +184,8 @@ class KalmanChain:
         self._state.posterior = None
         self._state.published = None
         self._state.memo = None
+        self._state.ran = 0
+        self._state.complete = False
 
     def upstream(self, index: int) -> Posterior | None:
         """This pass's upstream of layer ``index``: the posterior of layer ``index - 1``
@@ -212,6 +218,13 @@ class KalmanChain:
     def _predicted_input(self, index: int) -> Posterior | None:
         program = self.programs[index]
         state = self._state
+        if state.complete:
+            raise ChainOrderError(
+                f"Kalman layer '{self.names[index]}' ran after every Kalman layer of the chain "
+                f"had run in this forward pass (a part of the model called on its own after a "
+                f"whole pass, or a layer used twice), so the statistics it predicts from are gone. "
+                f"Run the whole model (model(x)) for each pass."
+            )
         if state.published is None and self.frozen:
             state.published = [self.frozen.get(i) for i in range(len(self.layers))]
         if program is None or state.published is None:
@@ -277,7 +290,16 @@ class KalmanChain:
             var = posterior.var
             if var.dim() == posterior.mean.dim() + 1:
                 var = var.diagonal(dim1=-2, dim2=-1)
+            state.ran += state.published[index] is None
             state.published[index] = Published(batch_mean, batch_var, posterior.mean, var)
+            if state.ran == len(self.layers) - len(self.frozen):
+                # The last layer has run, so no layer reads this pass's statistics again: drop
+                # them now, inside the forward, rather than in the root's forward hook. (Under
+                # torch.compile(model) the hook runs after the compiled frame, which then returns
+                # every published and memoised tensor as an output whose gradient autograd fills
+                # with zeros: ResNet-50, 492 zero-filled gradients per backward.)
+                self.reset()
+                state.complete = True
 
     # -- attaching to a model -----------------------------------------------------------------
 
