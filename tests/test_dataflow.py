@@ -222,7 +222,7 @@ def test_convolution_moments_match_monte_carlo(conv):
     with torch.no_grad():
         em, ev = _channel_moments(conv(x))
     record = dataflow.TensorRecord("conv", [], {"module": conv, "sizes": spatial})
-    info = {**record.info, **dataflow._geometries("conv", record.info)}
+    info = {**record.info, **dataflow._constants("conv", record.info)}
     m, v = dataflow._conv_moments(conv, info["geometry"], mo.Moments(mean[None], var[None]))
     torch.testing.assert_close(m[0], em, atol=0.03, rtol=0.02)
     torch.testing.assert_close(v[0], ev, atol=0.03, rtol=0.03)
@@ -277,7 +277,7 @@ def test_max_pool_after_a_monotone_activation_pools_the_pre_activation(kind):
     act = dataflow.Operation("activation", [_Given(mo.Moments(mean[None], var[None]))],
                              {"kind": kind})  # fmt: skip
     info = {"kind": "max", "taps": 9}
-    pool = dataflow.Operation("pool", [act], {**info, **dataflow._geometries("pool", info)})
+    pool = dataflow.Operation("pool", [act], {**info, **dataflow._constants("pool", info)})
     ctx = dataflow.Context([], [], raw=False, source="batch", training=True, memo={})
     m, v = pool.evaluate(ctx, "reader")
     torch.testing.assert_close(m[0], em, atol=0.03, rtol=0.03)

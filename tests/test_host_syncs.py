@@ -9,6 +9,7 @@ zero here is zero on a GPU: torch's BatchNorm makes none, and neither do the lib
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -17,7 +18,7 @@ from conftest import conv_bn_stack
 from torch import nn
 
 import kalmannorm
-from kalmannorm._dispatch_count import count_dispatch
+from kalmannorm._dispatch_count import _is_blocking_transfer, count_dispatch
 
 #: norms with statistics groups (the rest normalise per sample)
 _STAT_BATCH = {"bkn", "bkn-flow", "bn", "brn", "cbn", "mabn"}
@@ -60,6 +61,18 @@ def test_the_counter_sees_each_kind_of_host_read() -> None:
     assert counts.host_syncs == 7, counts.syncs
     assert counts.syncs["equal"] == counts.syncs["nonzero"] == counts.syncs["index"] == 1
     assert counts.aten_calls > counts.host_syncs
+
+
+def test_blocking_copies_between_host_and_device_are_syncs() -> None:
+    # (no device here: the predicate is given the arguments a copy to or from one has)
+    cpu, pinned = torch.randn(3), torch.randn(3)
+    pinned.is_pinned = lambda: True
+    cuda = torch.device("cuda")
+    assert _is_blocking_transfer("_to_copy", (cpu,), {"device": cuda})
+    assert not _is_blocking_transfer("_to_copy", (pinned,), {"device": cuda, "non_blocking": True})
+    assert not _is_blocking_transfer("_to_copy", (cpu,), {"device": torch.device("cpu")})
+    assert not _is_blocking_transfer("_to_copy", (cpu,), {"dtype": torch.float64})
+    assert not _is_blocking_transfer("_to_copy", (cpu,), {"device": torch.device("meta")})
 
 
 def test_torch_batchnorm_makes_no_sync() -> None:
@@ -137,3 +150,58 @@ def test_check_finite_is_the_opt_in_sync_one_per_layer() -> None:
     assert default(bad).isnan().any()
     with pytest.raises(FloatingPointError, match="BatchKalmanNorm2d '1'.*NaN or Inf"):
         model(bad)
+
+
+class _SmoothNet(nn.Module):
+    """Zero-padded convolutions, a padded average pool and smooth activations (quadrature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(),
+            nn.AvgPool2d(3, 1, 1), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+            nn.Hardswish(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_a_training_step_converts_no_constant(dtype) -> None:
+    """No ``_to_copy`` in a step: the data-flow prior's tap geometries and quadrature nodes lie
+    on the model's device in its statistics' dtype (on a GPU, a CPU constant converted in each
+    pass is a blocking host-to-device copy: one stream synchronisation each)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    model = kalmannorm.convert_norm(_SmoothNet(), "bkn-flow", stat_batch_size=2, example_input=x)
+    model.to(dtype)  # the constants follow the model
+    program = kalmannorm.find_chain(model).programs[2]
+    assert program is not None  # the last layer predicts through the pool and activations
+    counts = _counted_step(model, x.to(dtype))
+    assert counts.calls["_to_copy"] == 0, dict(counts.calls)
+
+
+def test_the_prior_s_constants_follow_the_model_to_empty_and_back() -> None:
+    x = torch.randn(4, 3, 8, 8)
+    model = kalmannorm.convert_norm(_SmoothNet(), "bkn-flow", stat_batch_size=2, example_input=x)
+    reference = copy.deepcopy(model)
+    expected = reference(x)
+    model.to("meta")
+    conv = _operations(model, "conv")[0]
+    assert conv.info["geometry"].valid.device.type == "meta"
+    model.to_empty(device="cpu").load_state_dict(reference.state_dict())
+    torch.testing.assert_close(model(x), expected)  # the constants are the built ones again
+    assert conv.info["geometry"].valid.dtype == torch.float32
+
+
+def _operations(model: nn.Module, op: str) -> list:
+    from kalmannorm.dataflow import Operation
+
+    found, pending = [], [p for p in kalmannorm.find_chain(model).programs if p is not None]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, Operation) and node.op == op:
+            found.append(node)
+        pending.extend(node.children)
+    return found

@@ -8,11 +8,14 @@ A *host sync* is an operation whose result the host must wait for: a Python scal
 tensor (``item()``, ``bool(tensor)``, ``float(tensor)``, ``if tensor``: all reach
 ``aten._local_scalar_dense``), a comparison returning a Python bool (``aten.equal``), an output
 whose shape depends on the values (``nonzero``, boolean-mask indexing, ``masked_select``,
-``unique``) and a copy to the CPU of a tensor that lives elsewhere (a non-blocking copy into
-pinned memory does not wait). On a CPU these cost
-nothing; on a GPU each stalls the stream until the queued kernels have run. The counts are those
-of the operations the dispatcher sees below autograd (forward and backward alike), so they are
-the same on any device: a count taken on the CPU holds on a GPU.
+``unique``) and a blocking copy between the host and a device, either way (torch
+synchronises the stream after it; a non-blocking copy with pinned host memory does not wait). On
+a CPU these cost nothing; on a GPU each stalls the stream until the queued kernels have run. The
+counts are those of the operations the dispatcher sees below autograd (forward and backward
+alike), so they are the same on any device, with one exception: a CPU tensor that meets a
+model on a GPU (a constant kept on the CPU and converted in every pass) is copied there only
+on the GPU. A CPU step that converts none (no ``_to_copy`` at all: the library's tests check
+it) makes none on a GPU either.
 
 Used by the tests (a training step of a converted model performs none) and by the lab's
 benchmark; not part of the public API.
@@ -68,23 +71,25 @@ def _is_mask_indexing(name: str, args) -> bool:
     )
 
 
-def _is_device_to_host_copy(name: str, args, kwargs) -> bool:
-    """``x.cpu()``, ``x.to("cpu")`` or ``cpu_tensor.copy_(x)`` of a tensor not on the CPU."""
+def _is_blocking_transfer(name: str, args, kwargs) -> bool:
+    """A copy between the host and a device that the host waits for: ``x.cpu()``,
+    ``x.to("cpu")`` or ``cpu_tensor.copy_(x)`` of a tensor on a device (unless non-blocking into
+    pinned memory), and ``x.to(device)`` or ``device_tensor.copy_(x)`` of a CPU tensor (unless
+    non-blocking from pinned memory): torch synchronises the stream after a blocking copy either
+    way. (The meta device holds no data: no copy.)"""
     if name == "_to_copy":
         device = kwargs.get("device")
-        source = args[0]
-        return (
-            device is not None
-            and torch.device(device).type == "cpu"
-            and (source.device.type != "cpu")
-        )
-    if name == "copy_":
-        target, source = args[0], args[1]
-        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
-        if non_blocking and target.is_pinned():
+        if device is None or (kwargs.get("non_blocking", False) and args[0].is_pinned()):
             return False
-        return target.device.type == "cpu" and source.device.type not in ("cpu", "meta")
-    return False
+        source, target = args[0].device.type, torch.device(device).type
+    elif name == "copy_":
+        non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+        if non_blocking and (args[0].is_pinned() or args[1].is_pinned()):
+            return False
+        source, target = args[1].device.type, args[0].device.type
+    else:
+        return False
+    return "meta" not in (source, target) and (source == "cpu") != (target == "cpu")
 
 
 @dataclass
@@ -118,7 +123,7 @@ class _CountingMode(TorchDispatchMode):
         if (
             name in SYNC_OPS
             or _is_mask_indexing(name, args)
-            or _is_device_to_host_copy(name, args, kwargs)
+            or _is_blocking_transfer(name, args, kwargs)
         ):
             self.counts.syncs[name] += 1
         return func(*args, **kwargs)

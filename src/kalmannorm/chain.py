@@ -187,6 +187,13 @@ class KalmanChain:
         self._state.ran = 0
         self._state.complete = False
 
+    def place_constants(self, index: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Layer ``index``'s program with its constant tensors on ``device`` in ``dtype``
+        (:func:`kalmannorm.dataflow.place_constants`)."""
+        program = self.programs[index]
+        if program is not None:
+            dataflow.place_constants(program, device, dtype)
+
     def upstream(self, index: int) -> Posterior | None:
         """This pass's upstream of layer ``index``: the posterior of layer ``index - 1``
         (execution flow; the order is checked) or the predicted moments of its input tensor

@@ -504,17 +504,33 @@ MONOTONE_ACTIVATIONS = frozenset(
 )
 
 
+#: The entries of an operation's ``info`` that hold constant tensors (:meth:`Operation.place`).
+PLACED_CONSTANTS = ("geometry", "raw_geometry", "quadrature")
+
+
 class Operation(Node):
     """An operation between layers, applied to its children's moments."""
 
     def __init__(self, op: str, children: Sequence[Node], info: dict) -> None:
         self.op, self.children, self.info = op, tuple(children), info
+        #: the constant tensors of ``info`` as built (float64, on the CPU), which
+        #: :meth:`place` copies onto a device
+        self.built_constants = {k: info[k] for k in PLACED_CONSTANTS if info.get(k) is not None}
+
+    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Keep this operation's constant tensors (tap geometries, quadrature nodes) on
+        ``device`` in ``dtype``, copied from the built ones. An evaluation reads them as they
+        lie: a CPU constant converted in every pass would be, on a GPU, a blocking copy from
+        the host (one stream synchronisation each) and, compiled, a CPU input that keeps CUDA
+        graphs off."""
+        for key, value in self.built_constants.items():
+            self.info[key] = _to(value, device, dtype)
 
     def compute(self, ctx: Context, reader: str) -> Moments:
         parts = [c.evaluate(ctx, reader) for c in self.children]
         info, op = self.info, self.op
         if op == "activation":
-            return mo.activation(info["kind"], parts[0], info.get("slope", 0.0))
+            return _activation(info, parts[0])
         if op == "conv":
             geometry = info["raw_geometry"] if ctx.raw else info["geometry"]
             return _conv_moments(info["module"], geometry, parts[0], ctx.detach_weights)
@@ -542,7 +558,7 @@ class Operation(Node):
             (act,) = self.children
             z = act.children[0].evaluate(ctx, reader)
             pooled = mo.max_pool(z, self.info["taps"], self.info["max_constants"])
-            ctx.memo[key] = mo.activation(act.info["kind"], pooled, act.info.get("slope", 0.0))
+            ctx.memo[key] = _activation(act.info, pooled)
         return super().evaluate(ctx, reader)
 
     def _is_max_after_monotone(self, ctx: Context) -> bool:
@@ -584,9 +600,42 @@ def _conv_padding(module: ConvNd) -> tuple[int, ...]:
     return tuple(module.padding)
 
 
-def _geometries(op: str, info: dict) -> dict:
-    """The tap geometries an operation needs, computed once when the program is built (the
-    evaluation, which may be compiled, only reads them): with the zero border and without."""
+def _activation(info: dict, x: Moments) -> Moments:
+    return mo.activation(
+        info["kind"], x, info.get("slope", 0.0), info.get("quadrature", mo.HERMITE)
+    )
+
+
+def _to(value: object, device: torch.device, dtype: torch.dtype) -> object:
+    """``value``'s tensors (a tensor, or a tuple or named tuple holding some) on ``device`` in
+    ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype)
+    moved = [_to(v, device, dtype) if isinstance(v, torch.Tensor) else v for v in value]
+    return type(value)(*moved) if hasattr(value, "_fields") else type(value)(moved)
+
+
+def place_constants(program: Node, device: torch.device, dtype: torch.dtype) -> None:
+    """Every operation of ``program`` with its constants on ``device`` in ``dtype``
+    (:meth:`Operation.place`)."""
+    seen: set[int] = set()
+    pending = [program]
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, Operation):
+            node.place(device, dtype)
+        pending.extend(node.children)
+
+
+def _constants(op: str, info: dict) -> dict:
+    """The constants an operation needs, computed once when the program is built (the
+    evaluation, which may be compiled, only reads them): the tap geometries with the zero
+    border and without, a max pool's moments, a smooth activation's quadrature."""
+    if op == "activation" and info["kind"] not in mo.CLOSED_FORM_ACTIVATIONS:
+        return {"quadrature": mo.HERMITE}
     if op == "conv":
         module = info["module"]
         if isinstance(module, nn.Linear):
@@ -660,7 +709,7 @@ def compile_programs(traced: Trace) -> tuple[list[Node | None], list[str | None]
         key = ("operation" if not root else "root", id(record), preceding)
         if key not in compiled:
             children = [build(r, reader) for r in record.inputs]
-            info = {**record.info, **_geometries(record.op, record.info)}
+            info = {**record.info, **_constants(record.op, record.info)}
             compiled[key] = Operation(record.op, children, info)
         return compiled[key]
 

@@ -143,18 +143,24 @@ def _hermite(nodes: int) -> tuple[Tensor, Tensor]:
 
 
 #: The nodes and weights :func:`gaussian_moments` uses, computed once at import (a compiled
-#: program reads them as constants instead of tracing the eigendecomposition).
-_HERMITE = _hermite(QUADRATURE_NODES)
+#: program reads them as constants instead of tracing the eigendecomposition; a program keeps
+#: its own copy on the model's device: :meth:`kalmannorm.dataflow.Operation.place`).
+HERMITE = _hermite(QUADRATURE_NODES)
 
 
-def gaussian_moments(fn: Callable[[Tensor], Tensor], mean: Tensor, var: Tensor) -> Moments:
-    """E f(z) and Var f(z) for z ~ N(mean, var), by Gauss-Hermite quadrature.
+def gaussian_moments(
+    fn: Callable[[Tensor], Tensor],
+    mean: Tensor,
+    var: Tensor,
+    quadrature: tuple[Tensor, Tensor] = HERMITE,
+) -> Moments:
+    """E f(z) and Var f(z) for z ~ N(mean, var), by Gauss-Hermite quadrature (nodes z_i and
+    weights w_i: E f ~ sum_i w_i f(mean + std z_i)).
 
     Exact for polynomials of degree < 2 * QUADRATURE_NODES; used for the smooth activations
     (SiLU, GELU, Hardswish, sigmoid, tanh, ...), whose Gaussian moments have no closed form.
     """
-    z, w = _HERMITE
-    z, w = z.to(mean), w.to(mean)
+    z, w = quadrature[0].to(mean), quadrature[1].to(mean)  # no copy where they already match
     std = safe_std(mean, var)
     values = fn(mean.unsqueeze(-1) + std.unsqueeze(-1) * z)
     first = (values * w).sum(-1)
@@ -176,15 +182,26 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def activation(kind: str, moments: Moments, negative_slope: float = 0.0) -> Moments:
-    """Moments of an elementwise activation ``kind`` of Gaussian inputs with ``moments``."""
+#: Activations whose Gaussian moments :func:`activation` has in closed form (no quadrature).
+CLOSED_FORM_ACTIVATIONS = frozenset({"relu", "relu6"})
+
+
+def activation(
+    kind: str,
+    moments: Moments,
+    negative_slope: float = 0.0,
+    quadrature: tuple[Tensor, Tensor] = HERMITE,
+) -> Moments:
+    """Moments of an elementwise activation ``kind`` of Gaussian inputs with ``moments``
+    (``quadrature``: :func:`gaussian_moments`' nodes and weights, for the smooth ones)."""
     if kind == "relu":
         return safe_relu_moments(*moments)
     if kind == "relu6":
         return Moments(*clipped_moments(*moments, 0.0, 6.0))
     if kind == "leaky_relu":
-        return gaussian_moments(lambda t: torch_f.leaky_relu(t, negative_slope), *moments)
-    return gaussian_moments(ACTIVATIONS[kind], *moments)
+        leaky = functools.partial(torch_f.leaky_relu, negative_slope=negative_slope)
+        return gaussian_moments(leaky, *moments, quadrature)
+    return gaussian_moments(ACTIVATIONS[kind], *moments, quadrature)
 
 
 # -- convolution, linear and pooling --------------------------------------------------------------

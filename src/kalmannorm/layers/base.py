@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -227,12 +228,35 @@ class KalmanNormBase(nn.Module):
 
     # -- chain membership ---------------------------------------------------------------------
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> KalmanNormBase:
+        """``nn.Module._apply`` (``.to()``, ``.cuda()``, ``.double()``, ``.to_empty()``, ...),
+        then the constants of this layer's prior follow the layer (as torch's RNNs re-flatten
+        their weights there)."""
+        super()._apply(fn, recurse)
+        self._place_prior_constants()
+        return self
+
+    def _place_prior_constants(self) -> None:
+        """The constant tensors of this layer's data-flow program (tap geometries, quadrature
+        nodes) on this layer's device, in its statistics' dtype (float64 for a float64 layer,
+        else float32): an evaluation then converts none of them."""
+        chain = getattr(self, "chain", None)
+        floating = [t for t in self._own_tensors() if t.is_floating_point()]
+        if chain is None or not floating:
+            return
+        dtype = torch.float64 if floating[0].dtype == torch.float64 else torch.float32
+        chain.place_constants(self.chain_index, floating[0].device, dtype)
+
+    def _own_tensors(self) -> list[Tensor]:
+        return [*self.parameters(recurse=False), *self.buffers(recurse=False)]
+
     def join_chain(self, chain: KalmanChain, index: int, name: str) -> None:
         """Become layer ``index`` of ``chain``, with Kalman parameters sized to its upstream.
 
         Relinking keeps the learned parameters when their shapes are unchanged.
         """
         self.chain, self.chain_index, self.chain_name = chain, index, name
+        self._place_prior_constants()
         if not chain.has_upstream(index) or self.is_batch_only():
             self._drop_kalman_parameters()
             return

@@ -394,11 +394,10 @@ class MovingAverageBatchNorm(NormBase):
             psi_past_sum = torch.einsum("r,rgc->gc", psi_weight, self.window_psi.to(dtype))
             psi_past_count = psi_weight.sum()
             if self.track_running_stats:
-                r_max = torch.where(
-                    self.mabn_step > self.renorm_start,
-                    torch.tensor(self.r_max, dtype=dtype, device=x.device),
-                    torch.tensor(1.0, dtype=dtype, device=x.device),
-                )
+                # (Python numbers, not tensors made from them: on a GPU each would be a blocking
+                # copy from the host)
+                renorming = self.mabn_step > self.renorm_start
+                r_max = torch.where(renorming, self.r_max, 1.0).to(dtype)
                 r = renorm_factor(second, self.moving_second_moment(), r_max, self.eps)
                 self._update_running_stats(batch_mean, second)
             else:
