@@ -75,8 +75,14 @@ def test_compiled_data_flow_with_max_pool_and_addition_has_no_graph_breaks():
     model = kalmannorm.convert_norm(_Stem(), "bkn-flow", stat_batch_size=2, example_input=x)
     twin = copy.deepcopy(model)
     expected = model(x)
+    expected.square().sum().backward()
     compiled = torch.compile(twin, fullgraph=True)  # raises on any graph break
-    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    # the compiled formulas' gradients (the 1x1 head's one batched product among them)
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
     layer = model.branch[1]
     assert layer.last_statistics.prior_mean is not None  # the pool's moments fed a prior
 

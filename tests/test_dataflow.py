@@ -140,6 +140,12 @@ def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry, st
     torch.testing.assert_close(written[1].clamp_min(0.0), expected[1])  # (clamped by the caller)
     for g, e in zip(pulled(written), expected_grads, strict=True):
         torch.testing.assert_close(g, e)
+    if not bordered and shape[2:] == (1, 1):  # and its one batched product for a 1x1
+        stacked = mo._stacked_linear_moments(mean, var, weight[..., 0, 0])
+        for g, e in zip(stacked, expected, strict=True):
+            torch.testing.assert_close(g, e)
+        for g, e in zip(pulled(stacked), expected_grads, strict=True):
+            torch.testing.assert_close(g, e)
 
     def moments(m, v, w):
         return tuple(mo.convolution(mo.Moments(m, v), w, None, 1, geometry))

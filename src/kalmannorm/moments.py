@@ -297,8 +297,10 @@ def convolution(
         valid = spread = None  # every tap reads a real input: f = 1, D = 0
         if geometry.bordered:
             valid, spread = geometry.valid.to(mean), geometry.spread.to(mean)
-        if torch.compiler.is_compiling():  # the compiler fuses autograd's backward itself (and
-            # a custom Function inside a compiled checkpoint breaks dynamo)
+        if torch.compiler.is_compiling() and valid is None and taps.shape[-1] == 1:
+            out_mean, out_var = _stacked_linear_moments(mean, var, taps[..., 0])
+        elif torch.compiler.is_compiling():  # the compiler fuses autograd's backward itself
+            # (and a custom Function inside a compiled checkpoint breaks dynamo)
             out_mean, out_var = _dense_moments(mean, var, taps, valid, spread)[:2]
         else:
             out_mean, out_var = _DenseConvolutionMoments.apply(mean, var, weight, valid, spread)
@@ -309,6 +311,15 @@ def convolution(
     if bias is not None:
         out_mean = out_mean + bias
     return Moments(out_mean, out_var.clamp_min(0.0))
+
+
+def _stacked_linear_moments(mean: Tensor, var: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A linear layer's (or 1x1 convolution's) mean m W^T and variance v (W o W)^T as one batched
+    product of [m; v] and [W; W o W] (the form ``torch.compile`` differentiates): its backward
+    is two batched products, where the two plain products' is four (kernel launches on a GPU;
+    the stacks fuse into the kernels that write them)."""
+    both = torch.bmm(torch.stack([mean, var]), torch.stack([weight, weight.square()]).mT)
+    return both[0], both[1]
 
 
 def _depthwise(
