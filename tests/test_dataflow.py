@@ -135,11 +135,13 @@ def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry, st
     # the formula torch.compile runs instead, called as written
     bordered = geometry.bordered
     valid, spread = (geometry.valid.to(mean), geometry.spread.to(mean)) if bordered else (None,) * 2
-    written = mo._dense_moments(mean, var, weight.reshape(*shape[:2], -1), valid, spread)[:2]
-    torch.testing.assert_close(written[0], expected[0])
-    torch.testing.assert_close(written[1].clamp_min(0.0), expected[1])  # (clamped by the caller)
-    for g, e in zip(pulled(written), expected_grads, strict=True):
-        torch.testing.assert_close(g, e)
+    taps = weight.reshape(*shape[:2], -1)
+    for tap_sums in (False, True):
+        written = mo._dense_moments(mean, var, taps, valid, spread, tap_sums=tap_sums)[:2]
+        torch.testing.assert_close(written[0], expected[0])
+        torch.testing.assert_close(written[1].clamp_min(0.0), expected[1])  # (clamped later)
+        for g, e in zip(pulled(written), expected_grads, strict=True):
+            torch.testing.assert_close(g, e)
     if not bordered and shape[2:] == (1, 1):  # and its one batched product for a 1x1
         stacked = mo._stacked_linear_moments(mean, var, weight[..., 0, 0])
         for g, e in zip(stacked, expected, strict=True):
@@ -196,10 +198,18 @@ def test_depthwise_convolution_moments_equal_the_dense_formula(channels, out_cha
         loss = sum((o * g).sum() for o, g in zip(outputs, grads, strict=True))
         return torch.autograd.grad(loss, (mean, var, weight))
 
+    expected_grads = pulled(expected)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
-    for g, e in zip(pulled(got), pulled(expected), strict=True):
+    for g, e in zip(pulled(got), expected_grads, strict=True):
         torch.testing.assert_close(g, e)
+    taps = weight.reshape(out_channels, 1, -1)
+    for tap_sums in (False, True):  # the grouped formula torch.compile runs, called as written
+        written = mo._grouped(mean, var, taps, channels, geometry, tap_sums)
+        torch.testing.assert_close(written[0], expected[0])
+        torch.testing.assert_close(written[1].clamp_min(0.0), expected[1])
+        for g, e in zip(pulled(written), expected_grads, strict=True):
+            torch.testing.assert_close(g, e)
 
     def moments(m, v, w):
         return tuple(mo.convolution(mo.Moments(m, v), w, None, channels, geometry))

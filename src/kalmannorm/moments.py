@@ -301,13 +301,14 @@ def convolution(
             out_mean, out_var = _stacked_linear_moments(mean, var, taps[..., 0])
         elif torch.compiler.is_compiling():  # the compiler fuses autograd's backward itself
             # (and a custom Function inside a compiled checkpoint breaks dynamo)
-            out_mean, out_var = _dense_moments(mean, var, taps, valid, spread)[:2]
+            out_mean, out_var = _dense_moments(mean, var, taps, valid, spread, tap_sums=True)[:2]
         else:
             out_mean, out_var = _DenseConvolutionMoments.apply(mean, var, weight, valid, spread)
     elif taps.shape[1] == 1 and not torch.compiler.is_compiling():  # depthwise
         out_mean, out_var = _depthwise(mean, var, taps, groups, geometry)
     else:
-        out_mean, out_var = _grouped(mean, var, taps, groups, geometry)
+        tap_sums = torch.compiler.is_compiling()
+        out_mean, out_var = _grouped(mean, var, taps, groups, geometry, tap_sums)
     if bias is not None:
         out_mean = out_mean + bias
     return Moments(out_mean, out_var.clamp_min(0.0))
@@ -337,21 +338,38 @@ def _depthwise(
 
 
 def _grouped(
-    mean: Tensor, var: Tensor, taps: Tensor, groups: int, geometry: TapGeometry
+    mean: Tensor,
+    var: Tensor,
+    taps: Tensor,
+    groups: int,
+    geometry: TapGeometry,
+    tap_sums: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """A grouped convolution's moments (taps (C_out, C_in / groups, K)) by autograd's operations:
     each output channel's sums over its group's input channels, and the border term from the
-    per-tap means."""
+    per-tap means. ``tap_sums`` (compiled): the products over the K taps and a depthwise
+    convolution's per-tap means as elementwise products and sums, which inductor fuses into its
+    kernels (each matrix product is a kernel of its own: a launch on a GPU)."""
     valid = geometry.valid.to(mean)
-    out_mean = _channel_map(mean, taps @ valid, groups)
-    out_var = _channel_map(var, taps.square() @ valid, groups)
+    if tap_sums:
+        out_mean = _channel_map(mean, (taps * valid).sum(-1), groups)
+        out_var = _channel_map(var, (taps.square() * valid).sum(-1), groups)
+    else:
+        out_mean = _channel_map(mean, taps @ valid, groups)
+        out_var = _channel_map(var, taps.square() @ valid, groups)
     if geometry.bordered:
         stat_groups = mean.shape[0]
         out_channels, per_group = taps.shape[:2]
         grouped_taps = taps.reshape(groups, out_channels // groups, per_group, -1)
         grouped_mean = mean.reshape(stat_groups, groups, per_group)
-        tap_means = torch.einsum("sgi,goik->sgok", grouped_mean, grouped_taps).flatten(1, 2)
-        out_var = out_var + ((tap_means @ geometry.spread.to(mean)) * tap_means).sum(-1)
+        spread = geometry.spread.to(mean)
+        if tap_sums and per_group == 1:  # depthwise: a_t = w_t m per channel
+            tap_means = (grouped_mean[:, :, None] * grouped_taps[..., 0, :]).flatten(1, 2)
+            spread_means = (tap_means.unsqueeze(-1) * spread).sum(-2)
+        else:
+            tap_means = torch.einsum("sgi,goik->sgok", grouped_mean, grouped_taps).flatten(1, 2)
+            spread_means = tap_means @ spread
+        out_var = out_var + (spread_means * tap_means).sum(-1)
     return out_mean, out_var
 
 
@@ -493,7 +511,12 @@ def _tap_gradients(
 
 
 def _dense_moments(
-    mean: Tensor, var: Tensor, taps: Tensor, valid: Tensor | None, spread: Tensor | None
+    mean: Tensor,
+    var: Tensor,
+    taps: Tensor,
+    valid: Tensor | None,
+    spread: Tensor | None,
+    tap_sums: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Mean sum_t f_t a_t and variance v M2^T (+ a^T D a) (G, C_out) of a dense convolution,
     and what its backward reuses: M2 = sum_t f_t W_t o W_t (C_out, C_in) and D a (C_out, G, K)
@@ -503,7 +526,9 @@ def _dense_moments(
     derivatives are plain matrix products too (differentiated by ``torch.compile``, the batched
     form's cost 3.6x as much at G = 64 for a 512x512x3x3 weight: docs/performance.md).
     ``valid`` and ``spread`` ``None``: every tap reads a real input (f = 1, D = 0). Also the
-    formula ``torch.compile`` differentiates itself."""
+    formula ``torch.compile`` differentiates itself, with ``tap_sums``: the products over the
+    K taps (by f and D) as elementwise products and sums, which inductor fuses into the kernels
+    around them, where a matrix product is a kernel of its own (a launch on a GPU)."""
     out_channels, in_channels, k = taps.shape
     if valid is None and k == 1:  # a linear layer or 1x1 convolution
         weight = taps[..., 0]
@@ -517,13 +542,18 @@ def _dense_moments(
         tap_means = (mean @ tap_major).view(-1, out_channels, k).transpose(0, 1)
     if valid is None:
         out_mean, squares = tap_means.sum(-1), taps.square().sum(-1)
+    elif tap_sums:
+        out_mean, squares = (tap_means * valid).sum(-1), (taps.square() * valid).sum(-1)
     else:
         out_mean, squares = tap_means @ valid, taps.square() @ valid
     out_mean = out_mean.T.contiguous()  # (G, C_out), as every moment
     out_var = var @ squares.T
     spread_means = None
-    if spread is not None:
-        spread_means = tap_means @ spread  # D a (D symmetric)
+    if spread is not None:  # D a (D symmetric)
+        if tap_sums:
+            spread_means = (tap_means.unsqueeze(-1) * spread).sum(-2)
+        else:
+            spread_means = tap_means @ spread
         out_var = out_var + (spread_means * tap_means).sum(-1).T  # + a^T D a
     return out_mean, out_var, squares, spread_means
 
