@@ -241,14 +241,12 @@ class KalmanNormBase(nn.Module):
         nodes) on this layer's device, in its statistics' dtype (float64 for a float64 layer,
         else float32): an evaluation then converts none of them."""
         chain = getattr(self, "chain", None)
-        floating = [t for t in self._own_tensors() if t.is_floating_point()]
+        own = [*self.parameters(recurse=False), *self.buffers(recurse=False)]
+        floating = [t for t in own if t.is_floating_point()]
         if chain is None or not floating:
             return
         dtype = torch.float64 if floating[0].dtype == torch.float64 else torch.float32
         chain.place_constants(self.chain_index, floating[0].device, dtype)
-
-    def _own_tensors(self) -> list[Tensor]:
-        return [*self.parameters(recurse=False), *self.buffers(recurse=False)]
 
     def join_chain(self, chain: KalmanChain, index: int, name: str) -> None:
         """Become layer ``index`` of ``chain``, with Kalman parameters sized to its upstream.
