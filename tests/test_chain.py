@@ -115,6 +115,22 @@ def test_a_data_flow_layer_run_after_the_whole_pass_is_refused():
     model(x)  # a whole pass starts afresh
 
 
+def test_a_data_flow_layer_called_on_its_own_in_a_fresh_pass_is_refused():
+    # (it had no producer's statistics to predict from and silently normalised without a prior)
+    x = torch.randn(4, 3, 3, 3)
+    model = kalmannorm.convert_norm(
+        conv_bn_stack(dtype=torch.float32), "bkn-flow", stat_batch_size=2, example_input=x
+    )
+    hidden = model[:3](x)
+    model(x)  # a whole pass: the root's hooks leave no pass open
+    with pytest.raises(ChainOrderError, match="which has not run in this forward pass. Run the"):
+        model[3:](hidden)
+    model.eval()
+    model[3:](hidden)  # evaluated with moving statistics, it needs no prior
+    model.train()
+    model(x)
+
+
 def test_two_models_have_separate_chains_and_do_not_interfere():
     first = kalmannorm.convert_norm(conv_bn_stack(), "bkn", flow="execution", stat_batch_size=2)
     second = copy.deepcopy(first)

@@ -232,10 +232,11 @@ class KalmanChain:
                 f"whole pass, or a layer used twice), so the statistics it predicts from are gone. "
                 f"Run the whole model (model(x)) for each pass."
             )
-        if state.published is None and self.frozen:
-            state.published = [self.frozen.get(i) for i in range(len(self.layers))]
-        if program is None or state.published is None:
+        if program is None:
             return None
+        if state.published is None:  # the first layer of the pass (or one called on its own,
+            # whose producers the program then reports as not run)
+            state.published = [self.frozen.get(i) for i in range(len(self.layers))]
         if state.memo is None:
             state.memo = {}
         detach = self.layers[index].detach_prior_weights

@@ -434,10 +434,10 @@ class Context:
         if entry is None:
             raise ChainOrderError(
                 f"Kalman layer '{reader}' predicts its statistics from '{self.names[index]}', "
-                f"which has not run in this forward pass. The model runs its layers in another "
-                f"order or on other data than the traced pass: relink with "
-                f"kalmannorm.link_chain(model, example_input=x) on an input that runs the model "
-                f"as in training."
+                f"which has not run in this forward pass. Run the whole model (model(x)), not a "
+                f"part of it on its own; if the model runs its layers in another order or on "
+                f"other data than the traced pass, relink with kalmannorm.link_chain(model, "
+                f"example_input=x) on an input that runs the model as in training."
             )
         return entry
 
