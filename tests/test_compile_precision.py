@@ -1,11 +1,13 @@
 """torch.compile with fullgraph=True, and low-precision autocast with float32 statistics."""
 
 import copy
+import operator
 
 import pytest
 import torch
 
 import kalmannorm
+from kalmannorm import moments as mo
 from kalmannorm.lab.models import SmallCNN
 
 
@@ -69,15 +71,33 @@ class _Stem(torch.nn.Module):
         return self.head(torch.relu(x + self.branch(x))).mean((2, 3))
 
 
-def test_compiled_data_flow_with_max_pool_and_addition_has_no_graph_breaks():
+_MATRIX_PRODUCTS = {torch.mm, torch.bmm, torch.matmul, torch.einsum, operator.matmul}
+
+
+@pytest.mark.parametrize("gpu_form", [False, True], ids=["cpu-form", "gpu-form"])
+def test_compiled_data_flow_with_max_pool_and_addition_has_no_graph_breaks(gpu_form, monkeypatch):
+    """Compiled against eager, in both forms of the dense moment rules: matrix products (the
+    CPU's) and, as on a GPU at few statistics groups, contractions by elementwise products and
+    sums, which leave no matrix product in the graph at all."""
+    if gpu_form:
+        monkeypatch.setattr(mo, "CONTRACTING_DEVICES", mo.CONTRACTING_DEVICES | {"cpu"})
     torch.manual_seed(0)
     x = torch.randn(4, 3, 12, 12)
     model = kalmannorm.convert_norm(_Stem(), "bkn-flow", stat_batch_size=2, example_input=x)
     twin = copy.deepcopy(model)
     expected = model(x)
     expected.square().sum().backward()
-    compiled = torch.compile(twin, fullgraph=True)  # raises on any graph break
+    graphs = []
+
+    def inductor_after_capture(gm, example_inputs):
+        graphs.append(gm)
+        return torch._inductor.compile(gm, example_inputs)
+
+    torch._dynamo.reset()  # the form is chosen when the graph is traced
+    compiled = torch.compile(twin, backend=inductor_after_capture, fullgraph=True)  # no breaks
     out = compiled(x)
+    called = {node.target for graph in graphs for node in graph.graph.nodes}
+    assert bool(called & _MATRIX_PRODUCTS) != gpu_form
     out.square().sum().backward()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     # the compiled formulas' gradients (the 1x1 head's one batched product among them)

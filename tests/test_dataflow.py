@@ -142,6 +142,11 @@ def test_dense_convolution_moments_gradients_equal_autograds(shape, geometry, st
         torch.testing.assert_close(written[1].clamp_min(0.0), expected[1])  # (clamped later)
         for g, e in zip(pulled(written), expected_grads, strict=True):
             torch.testing.assert_close(g, e)
+    contracted = mo._contracted_moments(mean, var, taps, valid, spread)  # few groups, compiled
+    torch.testing.assert_close(contracted[0], expected[0])
+    torch.testing.assert_close(contracted[1].clamp_min(0.0), expected[1])
+    for g, e in zip(pulled(contracted), expected_grads, strict=True):
+        torch.testing.assert_close(g, e)
     if not bordered and shape[2:] == (1, 1):  # and its one batched product for a 1x1
         stacked = mo._stacked_linear_moments(mean, var, weight[..., 0, 0])
         for g, e in zip(stacked, expected, strict=True):

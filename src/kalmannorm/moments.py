@@ -289,7 +289,8 @@ def convolution(
     weight first (sum_t f_t W_t o W_t). In eager mode dense convolutions (``groups`` = 1) go
     through :class:`_DenseConvolutionMoments`, whose backward forms the weight's gradient in
     W's own layout, and depthwise ones (one input channel per output channel) through
-    :class:`_DepthwiseConvolutionMoments`.
+    :class:`_DepthwiseConvolutionMoments`. Compiled, with few statistics groups on a GPU, dense
+    ones contract by elementwise products and sums (:func:`_contracted_moments`).
     """
     mean, var = moments
     taps = weight.reshape(*weight.shape[:2], -1)  # (C_out, C_in / groups, K); K = 1: linear
@@ -297,7 +298,9 @@ def convolution(
         valid = spread = None  # every tap reads a real input: f = 1, D = 0
         if geometry.bordered:
             valid, spread = geometry.valid.to(mean), geometry.spread.to(mean)
-        if torch.compiler.is_compiling() and valid is None and taps.shape[-1] == 1:
+        if torch.compiler.is_compiling() and contracts_channels(mean):
+            out_mean, out_var = _contracted_moments(mean, var, taps, valid, spread)
+        elif torch.compiler.is_compiling() and valid is None and taps.shape[-1] == 1:
             out_mean, out_var = _stacked_linear_moments(mean, var, taps[..., 0])
         elif torch.compiler.is_compiling():  # the compiler fuses autograd's backward itself
             # (and a custom Function inside a compiled checkpoint breaks dynamo)
@@ -312,6 +315,40 @@ def convolution(
     if bias is not None:
         out_mean = out_mean + bias
     return Moments(out_mean, out_var.clamp_min(0.0))
+
+
+#: Statistics groups up to which the compiled dense rule contracts the input channels by
+#: elementwise products and sums (:func:`_contracted_moments`) instead of matrix products.
+FEW_GROUPS = 8
+#: Devices on which it does: where inductor writes Triton reductions, which read W at memory
+#: speed, so that the rule's matrix products (a kernel launch each) go. Inductor's C++
+#: reductions on a CPU are much slower than the matrix products there (docs/performance.md).
+CONTRACTING_DEVICES = frozenset({"cuda", "xpu"})
+
+
+def contracts_channels(mean: Tensor) -> bool:
+    """Whether the compiled dense rule takes :func:`_contracted_moments` for moments ``mean``
+    (G, C_in): few statistics groups on a device in :data:`CONTRACTING_DEVICES`."""
+    return mean.shape[0] <= FEW_GROUPS and mean.device.type in CONTRACTING_DEVICES
+
+
+def _contracted_moments(
+    mean: Tensor, var: Tensor, taps: Tensor, valid: Tensor | None, spread: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """A dense convolution's (or linear layer's) mean sum_t f_t a_t and variance
+    sum_{i,t} v_i f_t W_it^2 (+ a^T D a) (G, C_out), for few statistics groups G, with every
+    contraction as an elementwise product and a sum (the form ``torch.compile`` fuses: each
+    output a reduction that reads W once per group, inside the kernels around it, and the
+    weight's gradient a reduction over the G groups; a matrix product is a kernel of its own, a
+    launch on a GPU). ``valid`` and ``spread`` ``None``: f = 1, D = 0."""
+    weighted = taps.square() if valid is None else taps.square() * valid
+    out_var = (var[:, None, :, None] * weighted).sum((-2, -1))
+    if spread is None:
+        lifted = taps if valid is None else taps * valid
+        return (mean[:, None, :, None] * lifted).sum((-2, -1)), out_var
+    tap_means = (mean[:, None, :, None] * taps).sum(-2)  # a_t = W_t m (G, C_out, K)
+    spread_means = (tap_means.unsqueeze(-1) * spread).sum(-2)  # D a
+    return (tap_means * valid).sum(-1), out_var + (spread_means * tap_means).sum(-1)
 
 
 def _stacked_linear_moments(mean: Tensor, var: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:

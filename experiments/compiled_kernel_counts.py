@@ -1,0 +1,106 @@
+"""Kernel calls of one forward + backward of a whole compiled, converted torchvision model, and
+what they are (issue 17: launches are what a GPU pays per small operation).
+
+Counted as ``kalmannorm bench``'s ``kernel_calls`` (``torch.profiler``, inductor's kernels named;
+views and detaches included, which launch nothing): BN against each norm, batch 4 (``--batch``),
+64 px, statistics groups of 2, one torch thread. ``--gpu-form`` compiles the moment rules as on
+a GPU (``moments.CONTRACTING_DEVICES`` takes the CPU too), so that a CPU counts the kernels a GPU
+would launch; its CPU times are not a GPU's (inductor's C++ reductions are slow). Prints per
+norm the count, the compile time and the kinds of calls (``fused``: inductor's kernels); with
+``--rounds N`` also each norm's step time against the first norm's (N rounds of 3 steps, the
+norms interleaved, the order alternating; the median).
+
+    python experiments/compiled_kernel_counts.py --model resnet50 --gpu-form --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kalmannorm import moments
+from kalmannorm.lab.bench_micro import _build, _inductor_kernels_named, _workload, kernel_calls
+
+
+def kinds(workload) -> collections.Counter:
+    """The top-level calls of one forward + backward by name (inductor's kernels as ``fused``),
+    as :func:`kernel_calls` counts them."""
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        workload.forward_backward()
+    found: collections.Counter = collections.Counter()
+    for event in trace.events():
+        if "cpp_fused" in event.name or "triton" in event.name:
+            found["fused"] += 1
+        elif event.name.startswith("aten::"):
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            found[event.name.removeprefix("aten::")] += parent is None
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--norms", default="torch_bn,bkn-flow")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--gpu-form", action="store_true")
+    parser.add_argument("--rounds", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.gpu_form:
+        moments.CONTRACTING_DEVICES = moments.CONTRACTING_DEVICES | {"cpu"}
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 1000, (args.batch,))
+    workloads = {}
+    for norm in args.norms.split(","):
+        model = _build(args.model, norm, x, 2, torch.device("cpu"))
+        workloads[norm] = workload = _workload(model, x, y, True)
+        start = time.perf_counter()
+        with _inductor_kernels_named():
+            for _ in range(2):
+                workload.step()
+        seconds = time.perf_counter() - start
+        found = kinds(workload)
+        listed = ", ".join(f"{name} {n}" for name, n in found.most_common() if n)
+        print(
+            f"{args.model} {norm}: {kernel_calls(workload)} kernel calls (compile + 2 steps "
+            f"{seconds:.0f} s): {listed}",
+            flush=True,
+        )
+    if args.rounds:
+        timed(workloads, args.rounds)
+
+
+def timed(workloads: dict, rounds: int) -> None:
+    """Each workload's step time (median over ``rounds``) and its ratio to the first one's."""
+    times: dict[str, list[float]] = {norm: [] for norm in workloads}
+    ratios: dict[str, list[float]] = {norm: [] for norm in workloads}
+    first = next(iter(workloads))
+    for r in range(rounds):
+        this: dict[str, float] = {}
+        for norm in list(workloads)[:: 1 if r % 2 == 0 else -1]:
+            start = time.perf_counter()
+            for _ in range(3):
+                workloads[norm].step()
+            this[norm] = (time.perf_counter() - start) / 3
+            times[norm].append(this[norm])
+        for norm in workloads:
+            ratios[norm].append(this[norm] / this[first])
+    for norm in workloads:
+        print(
+            f"{norm}: {statistics.median(times[norm]) * 1e3:.1f} ms per step, "
+            f"{statistics.median(ratios[norm]):.3f}x {first}'s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
