@@ -222,6 +222,33 @@ def test_depthwise_convolution_moments_equal_the_dense_formula(channels, out_cha
     assert torch.autograd.gradgradcheck(moments, (mean, var, weight))
 
 
+def test_grouped_convolution_moments_equal_the_dense_formula_in_every_form():
+    """A grouped convolution (two input channels per group) in the form eager mode
+    differentiates, the compiled one and the compiled one that contracts channels by fused sums
+    (a GPU's, few statistics groups) equal the dense composite formula on the block-diagonal
+    weight, in value and gradient."""
+    torch.manual_seed(5)
+    groups, geometry = 2, mo.tap_geometry((4, 4), (3, 3), (1, 1), (1, 1), (1, 1))
+    weight = torch.randn(6, 2, 3, 3, dtype=DOUBLE, requires_grad=True)
+    mean = torch.randn(3, 4, dtype=DOUBLE, requires_grad=True)
+    var = torch.rand(3, 4, dtype=DOUBLE, requires_grad=True)
+    grads = torch.randn(3, 6, dtype=DOUBLE), torch.randn(3, 6, dtype=DOUBLE)
+
+    def pulled(outputs):
+        loss = sum((o * g).sum() for o, g in zip(outputs, grads, strict=True))
+        return torch.autograd.grad(loss, (mean, var, weight))
+
+    expected = _composite_convolution_moments(mean, var, _block_diagonal(weight, groups), geometry)
+    expected_grads = pulled(expected)
+    taps = weight.reshape(6, 2, -1)
+    for tap_sums, contract in ((False, False), (True, False), (True, True)):
+        got = mo._grouped(mean, var, taps, groups, geometry, tap_sums, contract)
+        torch.testing.assert_close(got[0], expected[0])
+        torch.testing.assert_close(got[1].clamp_min(0.0), expected[1])
+        for g, e in zip(pulled(got), expected_grads, strict=True):
+            torch.testing.assert_close(g, e)
+
+
 @pytest.mark.parametrize(
     "conv",
     [

@@ -311,7 +311,8 @@ def convolution(
         out_mean, out_var = _depthwise(mean, var, taps, groups, geometry)
     else:
         tap_sums = torch.compiler.is_compiling()
-        out_mean, out_var = _grouped(mean, var, taps, groups, geometry, tap_sums)
+        contract = tap_sums and contracts_channels(mean)
+        out_mean, out_var = _grouped(mean, var, taps, groups, geometry, tap_sums, contract)
     if bias is not None:
         out_mean = out_mean + bias
     return Moments(out_mean, out_var.clamp_min(0.0))
@@ -381,12 +382,15 @@ def _grouped(
     groups: int,
     geometry: TapGeometry,
     tap_sums: bool = False,
+    contract: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """A grouped convolution's moments (taps (C_out, C_in / groups, K)) by autograd's operations:
     each output channel's sums over its group's input channels, and the border term from the
     per-tap means. ``tap_sums`` (compiled): the products over the K taps and a depthwise
     convolution's per-tap means as elementwise products and sums, which inductor fuses into its
-    kernels (each matrix product is a kernel of its own: a launch on a GPU)."""
+    kernels (each matrix product is a kernel of its own: a launch on a GPU); with ``contract``
+    (few statistics groups on a GPU: :func:`contracts_channels`) every convolution's per-tap
+    means so."""
     valid = geometry.valid.to(mean)
     if tap_sums:
         out_mean = _channel_map(mean, (taps * valid).sum(-1), groups)
@@ -400,8 +404,9 @@ def _grouped(
         grouped_taps = taps.reshape(groups, out_channels // groups, per_group, -1)
         grouped_mean = mean.reshape(stat_groups, groups, per_group)
         spread = geometry.spread.to(mean)
-        if tap_sums and per_group == 1:  # depthwise: a_t = w_t m per channel
-            tap_means = (grouped_mean[:, :, None] * grouped_taps[..., 0, :]).flatten(1, 2)
+        if tap_sums and (per_group == 1 or contract):  # a_t = W_t m as a fused sum
+            lifted = grouped_mean[:, :, None, :, None] * grouped_taps  # (S, g, C_out / g, i, K)
+            tap_means = lifted.sum(-2).flatten(1, 2)
             spread_means = (tap_means.unsqueeze(-1) * spread).sum(-2)
         else:
             tap_means = torch.einsum("sgi,goik->sgok", grouped_mean, grouped_taps).flatten(1, 2)
