@@ -71,6 +71,15 @@ class _Stem(torch.nn.Module):
         return self.head(torch.relu(x + self.branch(x))).mean((2, 3))
 
 
+def test_the_compiled_dense_rule_contracts_channels_on_a_gpu_with_few_statistics_groups():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # CUDA tensors without a GPU
+        assert mo.contracts_channels(torch.empty(mo.FEW_GROUPS, 4, device="cuda"))
+        assert not mo.contracts_channels(torch.empty(mo.FEW_GROUPS + 1, 4, device="cuda"))
+    assert not mo.contracts_channels(torch.empty(2, 4))  # a CPU keeps the matrix products
+
+
 _MATRIX_PRODUCTS = {torch.mm, torch.bmm, torch.matmul, torch.einsum, operator.matmul}
 
 
