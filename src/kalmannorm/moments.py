@@ -341,13 +341,12 @@ def _contracted_moments(
     contraction as an elementwise product and a sum (the form ``torch.compile`` fuses: each
     output a reduction that reads W once per group, inside the kernels around it, and the
     weight's gradient a reduction over the G groups; a matrix product is a kernel of its own, a
-    launch on a GPU). ``valid`` and ``spread`` ``None``: f = 1, D = 0."""
-    weighted = taps.square() if valid is None else taps.square() * valid
-    out_var = (var[:, None, :, None] * weighted).sum((-2, -1))
-    if spread is None:
-        lifted = taps if valid is None else taps * valid
-        return (mean[:, None, :, None] * lifted).sum((-2, -1)), out_var
-    tap_means = (mean[:, None, :, None] * taps).sum(-2)  # a_t = W_t m (G, C_out, K)
+    launch on a GPU). ``valid`` and ``spread`` both ``None``: every tap reads a real input."""
+    lifted_mean, lifted_var = mean[:, None, :, None], var[:, None, :, None]  # (G, 1, C_in, 1)
+    if spread is None:  # f = 1, D = 0
+        return (lifted_mean * taps).sum((-2, -1)), (lifted_var * taps.square()).sum((-2, -1))
+    out_var = (lifted_var * taps.square() * valid).sum((-2, -1))
+    tap_means = (lifted_mean * taps).sum(-2)  # a_t = W_t m (G, C_out, K)
     spread_means = (tap_means.unsqueeze(-1) * spread).sum(-2)  # D a
     return (tap_means * valid).sum(-1), out_var + (spread_means * tap_means).sum(-1)
 
