@@ -25,7 +25,6 @@ import statistics
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from kalmannorm import moments
 from kalmannorm.lab.bench_micro import (
@@ -33,25 +32,8 @@ from kalmannorm.lab.bench_micro import (
     _build,
     _inductor_kernels_named,
     _workload,
-    kernel_calls,
+    kernel_call_kinds,
 )
-
-
-def kinds(workload) -> collections.Counter:
-    """The top-level calls of one forward + backward by name (inductor's kernels as ``fused``),
-    as :func:`kernel_calls` counts them."""
-    with profile(activities=[ProfilerActivity.CPU]) as trace:
-        workload.forward_backward()
-    found: collections.Counter = collections.Counter()
-    for event in trace.events():
-        if "cpp_fused" in event.name or "triton" in event.name:
-            found["fused"] += 1
-        elif event.name.startswith("aten::"):
-            parent = event.cpu_parent
-            while parent is not None and not parent.name.startswith("aten::"):
-                parent = parent.cpu_parent
-            found[event.name.removeprefix("aten::")] += parent is None
-    return found
 
 
 def count_loop_nests() -> collections.Counter:
@@ -105,10 +87,10 @@ def main() -> None:
             for _ in range(2):
                 workload.step()
         seconds = time.perf_counter() - start
-        found = kinds(workload)
-        listed = ", ".join(f"{name} {n}" for name, n in found.most_common() if n)
+        found = kernel_call_kinds(workload)
+        listed = ", ".join(f"{name} {n}" for name, n in found.most_common())
         print(
-            f"{args.model} {norm}: {kernel_calls(workload)} kernel calls (compile + 2 steps "
+            f"{args.model} {norm}: {found.total()} kernel calls (compile + 2 steps "
             f"{seconds:.0f} s): {listed}",
             flush=True,
         )

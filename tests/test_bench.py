@@ -190,7 +190,12 @@ def test_step_counts_match_torchs_op_logger(norm) -> None:
 
 def test_kernel_calls_see_inside_compiled_small_steps() -> None:
     from kalmannorm import compile_kalman_steps
-    from kalmannorm.lab.bench_micro import _inductor_kernels_named, kernel_calls, step_counts
+    from kalmannorm.lab.bench_micro import (
+        _inductor_kernels_named,
+        kernel_call_kinds,
+        kernel_calls,
+        step_counts,
+    )
 
     eager = _small_workload("bkn-flow")
     compiled = _small_workload("bkn-flow")
@@ -199,6 +204,8 @@ def test_kernel_calls_see_inside_compiled_small_steps() -> None:
         compiled.step()  # compiles
     eager_calls, compiled_calls = kernel_calls(eager), kernel_calls(compiled)
     assert compiled_calls < eager_calls
+    kinds = kernel_call_kinds(compiled)  # the same calls by name: inductor's among them
+    assert kinds["fused"] > 0 and kinds.total() == compiled_calls
     # the dispatch-mode count runs the compiled steps as written: it cannot see the difference
     assert step_counts(compiled)["aten_calls"] == step_counts(eager)["aten_calls"]
     # and the same forward, profiled, shows the generated kernels themselves

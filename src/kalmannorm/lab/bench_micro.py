@@ -57,6 +57,7 @@ position): what a detection user converts.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import statistics
@@ -251,6 +252,12 @@ def kernel_calls(workload: Workload) -> int:
     the ones they call in turn) plus the kernels inductor generated (named in the trace where
     ``torch._inductor.config.cpp.enable_kernel_profile`` was on when they were compiled). Unlike
     :func:`step_counts`' dispatch-mode count, it sees inside compiled code."""
+    return sum(kernel_call_kinds(workload).values())
+
+
+def kernel_call_kinds(workload: Workload) -> collections.Counter:
+    """The calls :func:`kernel_calls` counts, by name: CUDA kernels where any ran, else
+    inductor's kernels (as ``fused``) and the top-level ATen operations (``aten::`` dropped)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -261,17 +268,18 @@ def kernel_calls(workload: Workload) -> int:
     events = trace.events()
     launched = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     if launched:
-        return len(launched)
-    count = 0
+        return collections.Counter(e.name for e in launched)
+    found: collections.Counter = collections.Counter()
     for event in events:
         if "cpp_fused" in event.name:
-            count += 1
+            found["fused"] += 1
         elif event.name.startswith("aten::"):
             parent = event.cpu_parent
             while parent is not None and not parent.name.startswith("aten::"):
                 parent = parent.cpu_parent
-            count += parent is None
-    return count
+            if parent is None:
+                found[event.name.removeprefix("aten::")] += 1
+    return found
 
 
 def step_counts(workload: Workload) -> dict:
